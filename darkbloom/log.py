@@ -1,0 +1,48 @@
+"""Logging set-up, done once per process: our loggers and libp2p's on one handler.
+
+`import libp2p` sets its logger's `propagate=False` and logs a WARNING on every normal DHT
+stream EOF; `configure` gives it our handler and lifts its threshold so that noise stays out
+unless -v is given. Prompts, outputs and keys never appear in logs at any level: log ids,
+model names, token counts and timings only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+__all__ = ["configure", "short_id"]
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_configured = False
+
+
+def configure(level: str | int = "INFO", *, stream=None) -> None:
+    """Install one stderr handler on the root logger and on `libp2p`. Idempotent."""
+    global _configured
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+        if not isinstance(level, int):
+            level = logging.INFO
+    root = logging.getLogger()
+    if not _configured:
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        lib = logging.getLogger("libp2p")
+        lib.propagate = False
+        lib.handlers[:] = [handler]
+        _configured = True
+    root.setLevel(level)
+    logging.getLogger("darkbloom").setLevel(level)
+    # libp2p is chatty at WARNING about normal events; show it only when debugging.
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+    for noisy in ("hypercorn.access", "httpx", "httpcore", "multiaddr", "quart"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def short_id(peer_id: str | bytes) -> str:
+    """The last 8 characters of a peer id (or 8 hex chars of a key), for log lines."""
+    if isinstance(peer_id, bytes):
+        return peer_id.hex()[:8]
+    return str(peer_id)[-8:]

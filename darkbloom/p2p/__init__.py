@@ -1,0 +1,3 @@
+"""p2p package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""relay package."""
+
+__all__: list[str] = []
