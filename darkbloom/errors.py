@@ -14,7 +14,8 @@
     │   ├── NoCapacity              queue full or no free slot
     │   ├── InvalidRequest          bad parameters; carries the offending `param`
     │   │   └── ContextLengthExceeded
-    │   └── EngineFailed            the engine thread died or a model failed to load
+    │   ├── EngineFailed            the engine thread died or a model failed to load
+    │   └── ModelUnavailable        a model's files are missing, corrupt or not prepared
     ├── LedgerError
     │   ├── InvalidSignature        a signature did not verify
     │   ├── ReceiptReplay           the same or an older voucher
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidRequest",
     "ContextLengthExceeded",
     "EngineFailed",
+    "ModelUnavailable",
     "LedgerError",
     "InvalidSignature",
     "ReceiptReplay",
@@ -179,6 +181,17 @@ class ContextLengthExceeded(InvalidRequest):
 
 class EngineFailed(InferenceError):
     """The engine thread died or a model failed to load."""
+
+
+class ModelUnavailable(InferenceError):
+    """A model cannot be used: its source is missing or corrupt, or it was never prepared."""
+
+    def __init__(self, model: str, reason: str, *, path: str = "", hint: str = "") -> None:
+        where = f" ({path})" if path else ""
+        super().__init__(f"model {model!r}{where}: {reason}", hint=hint)
+        self.model = model
+        self.reason = reason
+        self.path = path
 
 
 # --- ledger -----------------------------------------------------------------
