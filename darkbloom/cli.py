@@ -40,13 +40,24 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand.
+
+    After it, defaults are suppressed so that `darkbloom --config X up` keeps X.
+    """
+    unset = argparse.SUPPRESS if in_subcommand else None
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="darkbloom.toml to read (default: none, or $DARKBLOOM_CONFIG)")
-    common.add_argument("--data-dir", metavar="DIR", help="where identity, state and logs live (default: ~/.darkbloom)")
+    common.add_argument("--config", metavar="FILE", default=unset, help="darkbloom.toml to read (default: none, or $DARKBLOOM_CONFIG)")
+    common.add_argument("--data-dir", metavar="DIR", default=unset, help="where identity, state and logs live (default: ~/.darkbloom)")
     verbosity = common.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if in_subcommand else 0, help="more logging; tracebacks on errors")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if in_subcommand else False, help="warnings and errors only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(in_subcommand=False)
+    sub_common = _common_options(in_subcommand=True)
 
     parser = argparse.ArgumentParser(
         prog="darkbloom",
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"darkbloom {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[sub_common])
         p.set_defaults(_module=module_name)
         if _module_exists(module_name):
             importlib.import_module(module_name).add_arguments(p)
@@ -85,14 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     verbose = getattr(args, "verbose", 0)
-    if args._module is None:
-        print(f"darkbloom {args.command}: not built yet in this version", file=sys.stderr)
-        return 2
     from darkbloom import log
     from darkbloom.config import load_config
 
     try:
         config = load_config(args.config, overrides=_overrides(args))
+        if args._module is None:
+            print(f"darkbloom {args.command}: not built yet in this version", file=sys.stderr)
+            return 2
         level = "DEBUG" if verbose else ("WARNING" if args.quiet else config.log_level)
         log.configure(level)
         module = importlib.import_module(args._module)

@@ -145,7 +145,9 @@ class Config:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("data_dir", "log_level", "source")}
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)
+}
 
 
 def default_data_dir() -> Path:
