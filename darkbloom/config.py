@@ -30,6 +30,7 @@ __all__ = [
     "default_data_dir",
     "load_config",
     "bundled_bootstrap_file",
+    "load_bootstrap_file",
 ]
 
 ENV_PREFIX = "DARKBLOOM_"
@@ -47,8 +48,10 @@ class P2PConfig:
     reachability: Literal["auto", "public", "private"] = "auto"
     quic: bool = False  # QUIC transport (experimental in py-libp2p 0.8.1)
     max_frame_bytes: int = 1 << 20
-    record_ttl_s: int = 600  # capability record lifetime
-    announce_interval_s: int = 120  # re-provide and re-put the record this often
+    record_ttl_s: float = 600.0  # capability record lifetime
+    announce_interval_s: float = 120.0  # re-provide and re-put the record this often
+    providers_cache_s: float = 5.0  # find_providers answers from cache this long, then asks the DHT
+    dial_timeout_s: float = 10.0  # per connection attempt (direct or through a relay)
     bootstrap_retry_max_s: float = 60.0  # backoff ceiling while no bootstrap peer answers
     max_streams_per_peer: int = 64
     max_record_bytes: int = 16384
@@ -161,6 +164,28 @@ def bundled_bootstrap_file() -> Path:
         if candidate.exists():
             return candidate
     return here / "bootstrap-nodes.toml"
+
+
+def load_bootstrap_file(path: str | Path) -> tuple[str, ...]:
+    """The relay multiaddrs listed in a bootstrap-nodes.toml (`relays = [{name, addrs}]`)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("file not found", source=source, hint="check p2p.bootstrap_file") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", source=source) from None
+    relays = raw.get("relays", [])
+    if not isinstance(relays, list):
+        raise ConfigError("must be a list of tables", key="relays", source=source)
+    out: list[str] = []
+    for i, entry in enumerate(relays):
+        addrs = entry.get("addrs") if isinstance(entry, dict) else None
+        if not isinstance(addrs, list) or not all(isinstance(a, str) and "/p2p/" in a for a in addrs):
+            raise ConfigError("addrs must be a list of multiaddrs ending in /p2p/<peer-id>", key=f"relays[{i}]", source=source)
+        out.extend(addrs)
+    return tuple(out)
 
 
 def load_config(
