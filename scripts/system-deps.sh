@@ -3,7 +3,7 @@
 # Debian/Ubuntu as root: apt-get. macOS: nothing needed (Metal MLX, no OpenBLAS).
 # Elsewhere: one line saying what to install by hand. Never fails the build by itself.
 set -u
-packages=(libopenblas0-pthread libgmp-dev iptables iproute2 chromium postgresql nodejs npm)
+packages=(libopenblas0-pthread libgmp-dev iptables iproute2 chromium postgresql)
 case "$(uname -s)" in
   Darwin) exit 0 ;;
 esac
@@ -15,6 +15,8 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js may come from another repository (with npm inside it): judge by the command.
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "note: as root (or with sudo) run: apt-get install ${missing[*]}" >&2
