@@ -273,6 +273,12 @@ def convert_gguf(
     else:
         config["torch_dtype"] = "float32"
 
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").exists())):
+        # Never replace a directory that is not a model: it may hold someone's files.
+        raise ModelUnavailable(
+            model_id, "the output path exists and is not a model directory", path=str(out_dir),
+            hint="choose a new or empty directory",
+        )
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
