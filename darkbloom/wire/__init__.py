@@ -12,7 +12,7 @@ from darkbloom.wire.codec import (
     message_types,
     read_frame,
 )
-from darkbloom.wire import infer
+from darkbloom.wire import infer, ledger
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -23,6 +23,7 @@ __all__ = [
     "encode",
     "encode_frame",
     "infer",
+    "ledger",
     "message",
     "message_types",
     "read_frame",
