@@ -126,6 +126,7 @@ class LedgerConfig:
     epoch_s: int = 600
     operator_share: float = 0.95
     voucher_every_tokens: int = 32
+    voucher_timeout_s: float = 10.0  # a node ends a stream paused this long waiting for a voucher
     lane_reserve: int = 1_000_000  # micro-credits reserved when a lane opens
     lane_ttl_s: int = 24 * 3600
     ledger_peer: str = ""  # multiaddr of the ledger (a relay); empty: the first bootstrap relay
