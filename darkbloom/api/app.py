@@ -1,0 +1,413 @@
+"""The OpenAI-compatible HTTP app (quart-trio) and `serve`, which runs it on hypercorn.
+
+Handlers validate with `darkbloom.api.requests`, get a committed `Session` from the
+`Backend` (routing and failover happen there), and turn frames into OpenAI JSON or SSE with
+`darkbloom.api.format`. Errors go through the one table in `darkbloom.api.errors`. A client
+that disconnects cancels the handler, which closes the session, which resets the stream and
+stops generation on the node. Logs carry ids, model, token counts and timings, never text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, request
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from darkbloom import __version__
+from darkbloom.api import errors as api_errors
+from darkbloom.api.backend import Backend, Session
+from darkbloom.api.format import Completion, embedding_response, fingerprint, model_object
+from darkbloom.api.metrics import Metrics
+from darkbloom.api.openapi import openapi_document
+from darkbloom.api.requests import (
+    ShimRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
+from darkbloom.api.sse import DONE, sse_data, sse_error
+from darkbloom.config import ApiConfig
+from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound
+from darkbloom.wire.infer import ChoiceEnd, Delta, Done, Embeddings, InferRequest
+
+__all__ = ["Authenticator", "Principal", "create_app", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an API key's id (hosted mode) or the local user."""
+
+    key_id: str = "local"
+    account: str = ""
+
+
+class Authenticator(Protocol):
+    """Hosted mode: checks keys and per-key limits; records usage. Raise ApiError 401/429."""
+
+    async def authenticate(self, api_key: str | None) -> Principal: ...
+
+    async def admit(self, principal: Principal, *, estimated_tokens: int) -> None: ...
+
+    async def record(self, principal: Principal, *, model: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class _Connection(TrioASGIHTTPConnection):
+    """Closes a streaming session even when the client left before the body was started."""
+
+    async def _send_response(self, send, response) -> None:  # type: ignore[override]
+        try:
+            await super()._send_response(send, response)
+        finally:
+            cleanup = getattr(response, "darkbloom_cleanup", None)
+            if cleanup is not None:
+                with trio.CancelScope(shield=True):
+                    await cleanup()
+
+
+class _App(QuartTrio):
+    asgi_http_class = _Connection
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status=status, headers=headers or {},
+                    content_type="application/json")
+
+
+def _error_response(err: ApiError) -> Response:
+    return _json(api_errors.error_body(err), err.status, api_errors.error_headers(err))
+
+
+def _node_headers(session: Session, request_id: str) -> dict[str, str]:
+    return {"x-darkbloom-node": session.node_id, "x-darkbloom-route": session.route, "x-request-id": request_id}
+
+
+def _estimate_tokens(body: dict[str, Any]) -> int:
+    """Rough pre-admission estimate for tokens/min limits: bytes/4 plus the output cap."""
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 256
+    return len(json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")) // 4 + int(cap)
+
+
+def create_app(
+    backend: Backend,
+    *,
+    config: ApiConfig | None = None,
+    metrics: Metrics | None = None,
+    auth: Authenticator | None = None,
+) -> QuartTrio:
+    """The quart-trio app over `backend`. `auth` None: local mode, every caller is `local`."""
+    cfg = config or ApiConfig()
+    stats = metrics or Metrics()
+    app = _App(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = cfg.request_timeout_s
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    app.darkbloom_metrics = stats  # type: ignore[attr-defined]
+
+    async def principal() -> Principal:
+        if auth is None:
+            return Principal()
+        header = request.headers.get("Authorization", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else None
+        return await auth.authenticate(key or None)
+
+    async def read_body() -> Any:
+        length = request.content_length
+        if length is not None and length > cfg.max_body_bytes:
+            raise api_errors.too_large(cfg.max_body_bytes)
+        try:
+            data = await request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise api_errors.too_large(cfg.max_body_bytes) from None
+        if len(data) > cfg.max_body_bytes:
+            raise api_errors.too_large(cfg.max_body_bytes)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+    def endpoint(name: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]:
+        """OpenAI errors for every failure of a handler; one metrics line per answer."""
+
+        def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+            async def run(*args: Any, **kwargs: Any) -> Response:
+                try:
+                    response = await handler(*args, **kwargs)
+                except DarkbloomError as exc:  # the single table decides status and body
+                    err = api_errors.to_api_error(exc)
+                    if err.status >= 500:
+                        logger.warning("%s answered %d: %s", name, err.status, err.code)
+                    response = _error_response(err)
+                stats.request(name, response.status_code)
+                return response
+
+            run.__name__ = f"endpoint_{name}"
+            return run
+
+        return wrap
+
+    # --- plain endpoints ----------------------------------------------------------------
+
+    @app.get("/health")
+    @endpoint("health")
+    async def health() -> Response:
+        return _json({"status": "ok", "version": __version__, "inflight": stats.inflight})
+
+    @app.get("/metrics")
+    @endpoint("metrics")
+    async def metrics_text() -> Response:
+        return Response(stats.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json")
+    @endpoint("openapi")
+    async def openapi() -> Response:
+        return _json(openapi_document(__version__))
+
+    @app.get("/v1/models")
+    @endpoint("models")
+    async def list_models() -> Response:
+        await principal()
+        listings = await backend.list_models()
+        data = [_listing_object(m) for m in sorted(listings, key=lambda m: m.id)]
+        return _json({"object": "list", "data": data})
+
+    @app.get("/v1/models/<path:model_id>")
+    @endpoint("model")
+    async def get_model(model_id: str) -> Response:
+        await principal()
+        for m in await backend.list_models():
+            if m.id == model_id:
+                return _json(_listing_object(m))
+        raise ModelNotFound(model_id)
+
+    # --- generation ---------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    @endpoint("chat")
+    async def chat() -> Response:
+        who = await principal()
+        body = await read_body()
+        parsed = parse_chat_request(body)
+        return await generate(who, parsed, body, prefix="chatcmpl")
+
+    @app.post("/v1/completions")
+    @endpoint("completions")
+    async def completions() -> Response:
+        who = await principal()
+        body = await read_body()
+        parsed = parse_completion_request(body)
+        return await generate(who, parsed, body, prefix="cmpl")
+
+    @app.post("/v1/embeddings")
+    @endpoint("embeddings")
+    async def embeddings() -> Response:
+        who = await principal()
+        body = await read_body()
+        parsed = parse_embedding_request(body)
+        if auth is not None:
+            await auth.admit(who, estimated_tokens=_estimate_tokens(body))
+        request_id = f"emb-{secrets.token_hex(12)}"
+        infer = InferRequest(request_id=request_id, kind="embedding", model=parsed.model,
+                             digest=parsed.hints.digest, params=parsed.params)
+        started = trio.current_time()
+        session = await backend.open_session(infer, parsed.hints)
+        try:
+            frame = await session.receive()
+            if not isinstance(frame, Embeddings):
+                raise ApiError(502, "the provider answered an embedding request without vectors",
+                               type="server_error", code="provider_failed")
+            out = embedding_response(model=parsed.model, vectors=frame.vectors, dim=frame.dim, count=frame.count,
+                                     prompt_tokens=frame.prompt_tokens, encoding_format=parsed.encoding_format)
+        finally:
+            with trio.CancelScope(shield=True):
+                await session.aclose()
+        stats.add_tokens(parsed.model, frame.prompt_tokens, 0)
+        if auth is not None:
+            await auth.record(who, model=parsed.model, prompt_tokens=frame.prompt_tokens, completion_tokens=0)
+        logger.info("%s model=%s node=%s inputs=%d prompt_tokens=%d ms=%.0f", request_id, parsed.model,
+                    session.node_id[-8:], frame.count, frame.prompt_tokens, (trio.current_time() - started) * 1000)
+        return _json(out, headers=_node_headers(session, request_id))
+
+    async def generate(who: Principal, parsed: ShimRequest, body: dict[str, Any], *, prefix: str) -> Response:
+        if auth is not None:
+            await auth.admit(who, estimated_tokens=_estimate_tokens(body))
+        request_id = f"{prefix}-{secrets.token_hex(12)}"
+        infer = InferRequest(request_id=request_id, kind=parsed.kind, model=parsed.model,  # type: ignore[arg-type]
+                             digest=parsed.hints.digest, params=parsed.params)
+        want_logprobs = bool(parsed.params.get("logprobs"))
+        started = trio.current_time()
+        tried: set[str] = set()
+        while True:
+            session = await backend.open_session(infer, parsed.hints, exclude=frozenset(tried))
+            stats.first_token(trio.current_time() - started)
+            comp = Completion(
+                kind=parsed.kind,  # type: ignore[arg-type]
+                id=request_id,
+                model=parsed.model,
+                created=int(time.time()),
+                n=parsed.n,
+                include_usage=parsed.include_usage,
+                want_logprobs=want_logprobs,
+                fingerprint=fingerprint(session.node_id, session.accepted.digest),
+                prompt_tokens=session.accepted.prompt_tokens,
+            )
+            if parsed.stream:
+                return stream_response(who, parsed, session, comp, started)
+            try:
+                while (frame := await session.receive()) is not None:
+                    feed(comp, frame)
+            except (DarkbloomError, ValueError) as exc:
+                # Nothing reached the client yet: a non-streamed answer can start over elsewhere.
+                if isinstance(exc, (InvalidRequest, ModelNotFound)):
+                    raise
+                tried.add(session.node_id)
+                stats.failovers += 1
+                logger.warning("%s node %s failed mid-answer (%s); retrying elsewhere", request_id,
+                               session.node_id[-8:], type(exc).__name__)
+                if len(tried) >= cfg.max_attempts:
+                    raise api_errors.upstream_failed(parsed.model, len(tried), type(exc).__name__) from None
+                continue
+            finally:
+                with trio.CancelScope(shield=True):
+                    await session.aclose()
+            if not comp.finished:
+                raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
+            await finish(who, parsed, request_id, session, comp, started)
+            return _json(comp.response(), headers=_node_headers(session, request_id))
+
+    def feed(comp: Completion, frame: Any) -> list[dict[str, Any]]:
+        if isinstance(frame, Delta):
+            return comp.on_delta(frame)
+        if isinstance(frame, ChoiceEnd):
+            if frame.finish_reason == "cancelled":
+                raise ApiError(502, "the provider cancelled the generation", type="server_error",
+                               code="provider_failed")
+            return comp.on_choice_end(frame)
+        if isinstance(frame, Done):
+            return []
+        raise ApiError(502, f"unexpected {type(frame).__name__} frame from the provider", type="server_error",
+                       code="provider_failed")
+
+    async def finish(who: Principal, parsed: ShimRequest, request_id: str, session: Session, comp: Completion,
+                     started: float) -> None:
+        stats.add_tokens(parsed.model, comp.prompt_tokens, comp.completion_tokens)
+        if auth is not None:
+            with trio.CancelScope(shield=True):
+                await auth.record(who, model=parsed.model, prompt_tokens=comp.prompt_tokens,
+                                  completion_tokens=comp.completion_tokens)
+        logger.info("%s model=%s node=%s route=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", request_id,
+                    parsed.model, session.node_id[-8:], session.route, comp.prompt_tokens, comp.completion_tokens,
+                    (trio.current_time() - started) * 1000)
+
+    def stream_response(who: Principal, parsed: ShimRequest, session: Session, comp: Completion,
+                        started: float) -> Response:
+        request_id = comp.id
+
+        async def events() -> AsyncIterator[bytes]:
+            ended = False
+            stats.inflight += 1
+            try:
+                while (frame := await session.receive()) is not None:
+                    for chunk in feed(comp, frame):
+                        yield sse_data(chunk)
+                usage = comp.usage_chunk()
+                if usage is not None:
+                    yield sse_data(usage)
+                yield DONE
+                ended = True
+            except DarkbloomError as exc:
+                # After the first byte: end with an error event, never a silent truncation.
+                ended = True
+                stats.stream_errors += 1
+                err = api_errors.to_api_error(exc)
+                logger.warning("%s node %s failed mid-stream: %s", request_id, session.node_id[-8:],
+                               type(exc).__name__)
+                yield sse_error(api_errors.error_body(err))
+            finally:
+                stats.inflight -= 1
+                with trio.CancelScope(shield=True):
+                    await session.aclose()
+                    if not ended:
+                        stats.client_disconnects += 1
+                        logger.info("%s client disconnected after %d tokens", request_id, comp.completion_tokens)
+                    await finish(who, parsed, request_id, session, comp, started)
+
+        response = Response(events(), content_type="text/event-stream",
+                            headers={**_node_headers(session, request_id), "Cache-Control": "no-cache",
+                                     "X-Accel-Buffering": "no"})
+        response.timeout = cfg.request_timeout_s
+        response.darkbloom_cleanup = session.aclose  # type: ignore[attr-defined]
+        return response
+
+    # --- errors outside handlers (routing, body size) -------------------------------------
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            err = api_errors.too_large(cfg.max_body_bytes)
+        elif exc.code == 404:
+            err = ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+        else:
+            err = ApiError(exc.code or 500, exc.description or exc.name, code=None)
+        stats.request("other", err.status)
+        return _error_response(err)
+
+    return app
+
+
+def _listing_object(m: Any) -> dict[str, Any]:
+    return model_object(
+        m.id,
+        providers=m.providers,
+        digests=list(m.digests),
+        features=list(m.features),
+        price_input_per_m=m.price_input_per_m,
+        price_output_per_m=m.price_output_per_m,
+        context_length=m.context_length,
+    )
+
+
+async def serve(
+    config: ApiConfig,
+    backend: Backend,
+    *,
+    auth: Authenticator | None = None,
+    metrics: Metrics | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the app on hypercorn until cancelled; `task_status.started(base_url)` once listening.
+
+    With `config.hosted`, it serves HTTPS with `tls_cert`/`tls_key`.
+    """
+    app = create_app(backend, config=config, metrics=metrics, auth=auth)
+    hc = HypercornConfig()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.accesslog = None  # no access log: paths are fine, but keep the shim's logs to our lines
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.keep_alive_timeout = 75
+    if config.hosted:
+        if not config.tls_cert or not config.tls_key:
+            raise ConfigError("hosted mode needs a TLS certificate and key", key="api.tls_cert",
+                              hint="set api.tls_cert and api.tls_key in darkbloom.toml")
+        hc.certfile = config.tls_cert
+        hc.keyfile = config.tls_key
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(hypercorn_serve, app, hc, shutdown_trigger=trio.sleep_forever))
+        logger.info("shim listening on %s", binds[0])
+        task_status.started(binds[0])
