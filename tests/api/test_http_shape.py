@@ -201,18 +201,34 @@ async def test_node_failure_after_first_byte_is_an_error_event_not_truncation():
     assert failed.value.body["type"] == "server_error"
 
 
+async def open_raw_stream(url: str, path: str, body: dict) -> trio.SocketStream:
+    """POST over a bare socket and read until the first SSE event: a client we can cut off."""
+    hostport = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = hostport.rsplit(":", 1)
+    sock = await trio.open_tcp_stream(host, int(port))
+    payload = json.dumps(body).encode()
+    await sock.send_all(
+        f"POST /v1{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+    )
+    seen = b""
+    while b"data: " not in seen:
+        data = await sock.receive_some(4096)
+        assert data, "server closed before the first event"
+        seen += data
+    assert seen.startswith(b"HTTP/1.1 200")
+    return sock
+
+
 async def test_client_disconnect_closes_the_session():
     gate = trio.Event()  # never set: the fake node stalls after its first frame
     backend = FakeEngineBackend(gate=gate)
     metrics = Metrics()
     with trio.fail_after(30):
         async with running_shim(backend, metrics=metrics) as url:
-            async with httpx.AsyncClient() as http:
-                async with http.stream("POST", url + "/chat/completions",
-                                       json={"model": "fake-chat", "messages": MSG, "stream": True}) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: "):
-                            break  # first chunk arrived; leave
+            sock = await open_raw_stream(url, "/chat/completions", {"model": "fake-chat", "messages": MSG, "stream": True})
+            assert not backend.sessions[0].closed.is_set()
+            await sock.aclose()  # the client goes away mid-stream
             await backend.sessions[0].closed.wait()
             assert metrics.client_disconnects == 1
             async with httpx.AsyncClient() as http:
