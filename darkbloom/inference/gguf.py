@@ -212,12 +212,14 @@ def convert_gguf(
     precision: Precision = "float32",
     model_id: str = "",
     progress: Callable[[int, int], None] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write an mlx-lm model directory for `gguf_path` at `out_dir` (replaced atomically).
 
     `precision="float32"` dequantizes every tensor (fastest on x86 CPUs); "quantized" keeps the
     GGUF's blocks as MLX affine quantization with a per-layer config (fastest on Metal).
-    `progress(done, total)` is called as tensors are converted.
+    `progress(done, total)` is called as tensors are converted. `extra_files` (name -> text)
+    are written into the directory before it is swapped in, so they appear together with it.
     """
     ensure_blas()
     import mlx.core as mx
@@ -290,6 +292,8 @@ def convert_gguf(
     (tmp / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [config["eos_token_id"]], **({"bos_token_id": config["bos_token_id"]} if "bos_token_id" in config else {})}, indent=2) + "\n"
     )
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
         os.replace(out_dir, old)
