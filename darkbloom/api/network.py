@@ -1,0 +1,209 @@
+"""`NetworkBackend`: discovery -> candidates -> ranking -> stream, with failover before the first byte.
+
+For each request: `find_providers(model)` gives peers with verified capability records;
+they become router `Candidate`s, `router.rank` orders them (filters, breaker, score), and
+peers are tried in order until one gives its first content frame within
+`first_token_timeout_s`. A connect error, `NoCapacity`, a timeout or a node error moves on
+to the next peer (at most `max_attempts`); a bad request is final. Piggybacked load and
+measured latency update `PeerStats`; failures open a peer's circuit breaker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from darkbloom.api import errors as api_errors
+from darkbloom.api import router
+from darkbloom.api.backend import Frame, ModelListing
+from darkbloom.api.client import InferCall, is_final, open_infer
+from darkbloom.api.router import Candidate, PeerStats, RouteHints
+from darkbloom.config import ApiConfig
+from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity
+from darkbloom.wire.caps import CapabilityRecord
+from darkbloom.wire.infer import Accepted, Done, InferRequest, NodeLoad
+
+__all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record"]
+
+log = logging.getLogger(__name__)
+
+
+def candidates_from_record(record: CapabilityRecord, model_id: str, *, relayed: bool = False) -> Candidate | None:
+    cap = record.model(model_id)
+    if cap is None:
+        return None
+    return Candidate(
+        peer_id=record.peer_id,
+        model=model_id,
+        digest=cap.digest,
+        features=frozenset(cap.features),
+        region=record.region,
+        node_class=record.node_class,
+        price_input_per_m=record.price_input_per_m,
+        price_output_per_m=record.price_output_per_m,
+        decode_tps=record.decode_tps,
+        max_concurrent=max(1, record.max_concurrent),
+        context_length=cap.context_length,
+        relayed=relayed or record.reachability == "relayed",
+        addrs=tuple(record.addrs),
+    )
+
+
+@dataclass
+class NetworkSession:
+    """A committed request on one node; the first content frame is already buffered."""
+
+    call: InferCall
+    backend: NetworkBackend
+    first: Frame | None
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def node_id(self) -> str:
+        return self.call.peer_id
+
+    @property
+    def route(self) -> str:
+        return self.call.route
+
+    @property
+    def accepted(self) -> Accepted:
+        return self.call.accepted
+
+    async def receive(self) -> Frame | None:
+        if self.first is not None:
+            frame, self.first = self.first, None
+        else:
+            frame = await self.call.receive()
+        if isinstance(frame, Done):
+            self.backend._note_load(self.node_id, frame.load)
+        return frame
+
+    async def aclose(self) -> None:
+        if not self._released:
+            self._released = True
+            self.backend._stats(self.node_id).inflight -= 1
+        await self.call.aclose()
+
+
+class NetworkBackend:
+    """The real `Backend` over a `PeerNetwork`. `known_models`: ids that exist even with no provider."""
+
+    def __init__(self, network: Any, config: ApiConfig | None = None, *, known_models: Iterable[str] = ()) -> None:
+        self.network = network
+        self.config = config or ApiConfig()
+        self.known_models = set(known_models)
+        self.stats: dict[str, PeerStats] = {}
+
+    def _stats(self, peer_id: str) -> PeerStats:
+        return self.stats.setdefault(peer_id, PeerStats())
+
+    def _note_load(self, peer_id: str, load: NodeLoad) -> None:
+        router.record_load(self._stats(peer_id), trio.current_time(), active=load.active, queued=load.queued,
+                           max_concurrent=load.max_concurrent, paused=load.paused)
+
+    async def _candidates(self, model: str) -> list[Candidate]:
+        providers = await self.network.find_providers(model)
+        if not providers:
+            providers = await self.network.find_providers(model, fresh=True)
+        out = []
+        for p in providers:
+            c = candidates_from_record(p.record, model, relayed=p.route_hint == "relayed")
+            if c is not None:
+                out.append(c)
+        return out
+
+    # --- Backend --------------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelListing]:
+        ids = set(self.known_models)
+        for peer in self.network.peers():
+            try:
+                record = await self.network.get_record(peer)
+            except DarkbloomError:
+                continue  # a peer without a readable record offers nothing to list
+            if record is not None:
+                ids.update(m.id for m in record.models)
+        listings = []
+        for model_id in sorted(ids):
+            cands = await self._candidates(model_id)
+            if not cands:
+                continue
+            pin = [c.price_input_per_m for c in cands]
+            pout = [c.price_output_per_m for c in cands]
+            features = sorted({f for c in cands for f in c.features})
+            listings.append(ModelListing(
+                id=model_id,
+                providers=len({c.peer_id for c in cands}),
+                digests=tuple(sorted({c.digest for c in cands})),
+                features=tuple(features),
+                price_input_per_m=(min(pin), max(pin)),
+                price_output_per_m=(min(pout), max(pout)),
+                context_length=max(c.context_length for c in cands),
+                kind="embedding" if "embeddings" in features else "chat",
+            ))
+        return listings
+
+    async def open_session(
+        self, request: InferRequest, hints: RouteHints, *, exclude: frozenset[str] = frozenset()
+    ) -> NetworkSession:
+        cands = await self._candidates(request.model)
+        if not cands:
+            if request.model in self.known_models:
+                raise api_errors.no_provider(request.model)
+            raise ModelNotFound(request.model)
+        ranked, reason = router.rank(cands, self.stats, hints, trio.current_time())
+        ranked = [c for c in ranked if c.peer_id not in exclude]
+        if not ranked:
+            raise api_errors.no_provider(request.model, reason.removeprefix(f"no provider for model {request.model}").strip(" ,")
+                                         if reason else "every provider was tried")
+        busy = 0
+        last = ""
+        attempts = 0
+        for cand in ranked[: max(1, self.config.max_attempts)]:
+            attempts += 1
+            try:
+                return await self._attempt(cand, request)
+            except NoCapacity as exc:
+                busy += 1
+                last = "busy"
+                router.record_load(self._stats(cand.peer_id), trio.current_time(), active=1, queued=0, max_concurrent=1)
+                log.warning("%s peer %s busy (%s); trying another", request.request_id, cand.peer_id[-8:], exc.reason)
+            except DarkbloomError as exc:
+                if is_final(exc):
+                    raise
+                last = type(exc).__name__
+                router.record_failure(self._stats(cand.peer_id), trio.current_time())
+                log.warning("%s peer %s failed before the first byte (%s); trying another", request.request_id,
+                            cand.peer_id[-8:], last)
+            except trio.TooSlowError:
+                last = "no first token in time"
+                router.record_failure(self._stats(cand.peer_id), trio.current_time())
+                log.warning("%s peer %s gave no first token within %.0f s; trying another", request.request_id,
+                            cand.peer_id[-8:], self.config.first_token_timeout_s)
+        if busy == attempts:
+            raise api_errors.all_busy(request.model)
+        raise api_errors.upstream_failed(request.model, attempts, last)
+
+    async def _attempt(self, cand: Candidate, request: InferRequest) -> NetworkSession:
+        stats = self._stats(cand.peer_id)
+        started = trio.current_time()
+        stats.inflight += 1
+        call: InferCall | None = None
+        try:
+            with trio.fail_after(self.config.first_token_timeout_s):
+                call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs)
+                self._note_load(cand.peer_id, call.accepted.load)
+                first = await call.receive()
+        except BaseException:
+            stats.inflight -= 1
+            if call is not None:
+                await call.aclose()
+            raise
+        router.record_success(stats, trio.current_time(), trio.current_time() - started)
+        log.info("%s routed to %s via %s", request.request_id, cand.peer_id[-8:], call.route)
+        return NetworkSession(call=call, backend=self, first=first)

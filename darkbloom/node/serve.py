@@ -1,0 +1,368 @@
+"""The node side of `/darkbloom/infer/1.0.0`: read one `InferRequest`, run it, stream frames back.
+
+Per stream: read the request (bounded wait), check the digest pin and the pause state, parse
+the OpenAI parameters with the engine's own parser, then answer `Accepted` (or `ErrorFrame`),
+`Delta` frames, one `ChoiceEnd` per choice and `Done`; embedding requests get one
+`Embeddings` frame. Live load rides on `Accepted` and `Done`. While it generates, a watcher
+reads the stream: EOF or reset from the client cancels the generation at once (the engine
+drops the request before its next decode step) and frees the slot.
+
+Mount it with `serve_inference(network, service)`. Logs: request id, model, token counts and
+timings only; never prompt or output text.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from darkbloom import __version__
+from darkbloom.errors import (
+    ContextLengthExceeded,
+    DarkbloomError,
+    InvalidRequest,
+    MalformedMessage,
+    ModelNotFound,
+    NoCapacity,
+    StreamClosed,
+)
+from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame, read_frame
+from darkbloom.wire.infer import (
+    INFER_PROTOCOL,
+    Accepted,
+    ChoiceEnd,
+    Delta,
+    Done,
+    Embeddings,
+    ErrorFrame,
+    InferRequest,
+    NodeLoad,
+    Usage,
+)
+
+__all__ = ["EmbedFn", "InferenceService", "ServedRequest", "open_embedder", "serve_inference"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_READ_TIMEOUT_S = 30.0  # a client that opens a stream and sends nothing is dropped
+EmbedFn = Callable[[Sequence[str]], Awaitable[tuple[np.ndarray, int]]]  # texts -> (float32 [n, dim], tokens)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServedRequest:
+    """What the node served, for the ledger and metrics (no text)."""
+
+    request_id: str
+    peer_id: str
+    model: str
+    kind: str
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: str  # "done" | "cancelled" | "error:<code>"
+    seconds: float
+
+
+def _error_code(exc: BaseException) -> tuple[str, str | None, float | None]:
+    """ErrorFrame code, param and retry_after for an exception raised while serving."""
+    if isinstance(exc, ContextLengthExceeded):
+        return "context_length_exceeded", exc.param, None
+    if isinstance(exc, InvalidRequest):
+        return "bad_request", exc.param, None
+    if isinstance(exc, ModelNotFound):
+        return "model_not_found", "model", None
+    if isinstance(exc, NoCapacity):
+        return "no_capacity", None, exc.retry_after_s
+    return "internal", None, None
+
+
+@dataclass(slots=True)
+class _Progress:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # sent in Delta frames
+    ended_tokens: int = 0  # reported by ChoiceEnd frames
+
+
+class _StreamIO:
+    """Frames over one PeerNetwork stream."""
+
+    def __init__(self, stream: Any, max_frame_bytes: int) -> None:
+        self.stream = stream
+        self.max_frame_bytes = max_frame_bytes
+        self.decoder = FrameDecoder(max_frame_bytes)
+
+    async def send(self, msg: Any) -> None:
+        await self.stream.write(encode_frame(msg, self.max_frame_bytes))
+
+    async def recv(self, expect: Any = None) -> Any:
+        return await read_frame(self.stream.read, self.decoder, expect)
+
+
+class InferenceService:
+    """Serves infer streams from an engine (chat/completion) and embedders (embedding models).
+
+    `engine` is a `darkbloom.inference.engine.Engine` (or None on an embeddings-only node);
+    `digests` maps model id -> weights digest advertised in the capability record;
+    `embedders` maps model id -> an async embed function (see `EmbedFn`);
+    `paused()` says whether operator controls pause serving; `on_served` observes outcomes.
+    """
+
+    def __init__(
+        self,
+        engine: Any | None,
+        *,
+        digests: Mapping[str, str],
+        embedders: Mapping[str, EmbedFn] | None = None,
+        paused: Callable[[], bool] | None = None,
+        on_served: Callable[[ServedRequest], None] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        node_version: str = __version__,
+    ) -> None:
+        self.engine = engine
+        self.digests = dict(digests)
+        self.embedders = dict(embedders or {})
+        self.paused = paused or (lambda: False)
+        self.on_served = on_served
+        self.max_frame_bytes = max_frame_bytes
+        self.node_version = node_version
+        self.active_embeddings = 0
+
+    def load(self) -> NodeLoad:
+        if self.engine is not None:
+            load = self.engine.load()
+            return NodeLoad(active=load.active + self.active_embeddings, queued=load.queued,
+                            max_concurrent=load.max_concurrent, paused=self.paused())
+        return NodeLoad(active=self.active_embeddings, queued=0, max_concurrent=1, paused=self.paused())
+
+    async def handle(self, stream: Any) -> None:
+        """One inbound stream. Never raises for a client's fault; resets on a broken stream."""
+        io = _StreamIO(stream, self.max_frame_bytes)
+        peer = getattr(stream, "peer_id", "")
+        try:
+            with trio.move_on_after(REQUEST_READ_TIMEOUT_S) as waited:
+                req = await io.recv(InferRequest)
+            if waited.cancelled_caught or req is None:
+                return
+        except MalformedMessage as exc:
+            await self._refuse(io, ErrorFrame(request_id="", code="bad_request", message=f"bad request frame: {exc.reason}"))
+            return
+        except StreamClosed:
+            return
+        try:
+            await self._serve(io, req, peer)
+        except StreamClosed:
+            log.info("%s stream to %s closed early", req.request_id, peer[-8:])
+        finally:
+            with trio.move_on_after(2, shield=True):
+                try:
+                    await stream.close()
+                except StreamClosed:
+                    pass  # the client already reset it: nothing left to close
+
+    async def _refuse(self, io: _StreamIO, frame: ErrorFrame) -> None:
+        try:
+            await io.send(frame)
+        except StreamClosed:
+            pass  # the client left first; the refusal has no reader
+        with trio.move_on_after(2, shield=True):
+            try:
+                await io.stream.close()
+            except StreamClosed:
+                pass
+
+    async def _serve(self, io: _StreamIO, req: InferRequest, peer: str) -> None:
+        started = trio.current_time()
+        rid = req.request_id
+        digest = self.digests.get(req.model)
+        known = digest is not None and (req.model in self.embedders if req.kind == "embedding" else self.engine is not None)
+        if not known:
+            await io.send(ErrorFrame(request_id=rid, code="model_not_found", message=f"model {req.model!r} is not served here",
+                                     param="model"))
+            return
+        if req.digest and req.digest != digest:
+            await io.send(ErrorFrame(request_id=rid, code="model_not_found", param="darkbloom.digest",
+                                     message=f"weights digest {req.digest[:16]} is not served here (have {digest[:16]})"))
+            return
+        if self.paused():
+            await io.send(ErrorFrame(request_id=rid, code="no_capacity", message="node paused by its operator",
+                                     retry_after_s=30.0))
+            return
+        progress = _Progress()
+        outcome = "cancelled"
+        try:
+            if req.kind == "embedding":
+                progress.prompt_tokens = await self._embed(io, req, digest)
+            elif req.kind in ("chat", "completion"):
+                await self._generate(io, req, digest, progress)
+            else:
+                raise InvalidRequest(f"request kind {req.kind!r} is not served", param="kind")
+            outcome = "done"
+        except DarkbloomError as exc:
+            if isinstance(exc, StreamClosed):
+                raise
+            code, param, retry = _error_code(exc)
+            outcome = f"error:{code}"
+            if code == "internal":
+                log.error("%s model=%s failed: %s", rid, req.model, type(exc).__name__)
+            await io.send(ErrorFrame(request_id=rid, code=code, message=str(exc), param=param, retry_after_s=retry))
+        finally:
+            seconds = trio.current_time() - started
+            log.info("%s peer=%s model=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", rid,
+                     peer[-8:], req.model, req.kind, outcome, progress.prompt_tokens, progress.completion_tokens,
+                     seconds * 1000)
+            if self.on_served is not None:
+                self.on_served(ServedRequest(request_id=rid, peer_id=peer, model=req.model, kind=req.kind,
+                                             prompt_tokens=progress.prompt_tokens,
+                                             completion_tokens=progress.completion_tokens,
+                                             outcome=outcome, seconds=seconds))
+
+    async def _embed(self, io: _StreamIO, req: InferRequest, digest: str) -> int:
+        texts = req.params.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("input must be a string or a non-empty list of strings", param="input")
+        self.active_embeddings += 1
+        try:
+            vectors, tokens = await self.embedders[req.model](texts)
+        finally:
+            self.active_embeddings -= 1
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        count, dim = vectors.shape
+        await io.send(Accepted(request_id=req.request_id, node_version=self.node_version, digest=digest,
+                               prompt_tokens=tokens, load=self.load()))
+        await io.send(Embeddings(request_id=req.request_id, dim=dim, count=count, vectors=vectors.tobytes(),
+                                 prompt_tokens=tokens))
+        await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=tokens, completion_tokens=0),
+                           load=self.load()))
+        return tokens
+
+    async def _generate(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress) -> None:
+        from darkbloom.inference.engine import Admitted, ChoiceFinished, TextDelta
+        from darkbloom.inference.params import parse_chat, parse_completion
+
+        parse = parse_chat if req.kind == "chat" else parse_completion
+        gen_req = parse(dict(req.params))
+        rid = req.request_id
+        tool_index: dict[int, int] = {}  # choice -> tool calls sent so far (their OpenAI `index`)
+        error: DarkbloomError | None = None
+        finished = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, io, nursery.cancel_scope, rid)
+            try:
+                async with aclosing(self.engine.generate(req.model, gen_req)) as events:
+                    async for event in events:
+                        if isinstance(event, Admitted):
+                            progress.prompt_tokens = event.prompt_tokens
+                            await io.send(Accepted(request_id=rid, node_version=self.node_version, digest=digest,
+                                                   prompt_tokens=event.prompt_tokens, load=self.load()))
+                        elif isinstance(event, TextDelta):
+                            calls = []
+                            for call in event.tool_calls:
+                                k = tool_index.get(event.index, 0)
+                                tool_index[event.index] = k + 1
+                                calls.append({**call, "index": k})
+                            progress.completion_tokens += event.tokens
+                            await io.send(Delta(request_id=rid, index=event.index, text=event.text,
+                                                tokens=event.tokens, logprobs=tuple(event.logprobs),
+                                                tool_calls=tuple(calls)))
+                        elif isinstance(event, ChoiceFinished):
+                            progress.ended_tokens += event.completion_tokens
+                            await io.send(ChoiceEnd(request_id=rid, index=event.index,
+                                                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                                                    completion_tokens=event.completion_tokens,
+                                                    token_ids=tuple(event.token_ids)))
+                progress.completion_tokens = max(progress.completion_tokens, progress.ended_tokens)
+                await io.send(Done(request_id=rid, usage=Usage(prompt_tokens=progress.prompt_tokens,
+                                                               completion_tokens=progress.completion_tokens),
+                                   load=self.load()))
+                finished = True
+            except DarkbloomError as exc:  # re-raised below, outside the nursery (no exception group)
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if not finished:
+            raise StreamClosed("", "client closed the stream during generation")
+
+    async def _watch(self, io: _StreamIO, scope: trio.CancelScope, rid: str) -> None:
+        """The client's side of the stream: EOF or reset means stop generating now."""
+        try:
+            while True:
+                frame = await io.recv()
+                if frame is None:
+                    break
+                log.debug("%s ignoring %s frame from the client", rid, type(frame).__name__)
+        except (StreamClosed, MalformedMessage):
+            pass  # a reset or garbage from the client: either way it is gone
+        log.info("%s client closed the stream; cancelling generation", rid)
+        scope.cancel()
+
+
+def serve_inference(network: Any, service: InferenceService) -> None:
+    """Mount `service` on `network` for `/darkbloom/infer/1.0.0`."""
+    network.serve(INFER_PROTOCOL, service.handle)
+
+
+def _deliver(send: trio.MemorySendChannel, result: tuple[str, Any]) -> None:
+    try:
+        send.send_nowait(result)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        pass  # the caller was cancelled and left; the result has no reader
+
+
+@asynccontextmanager
+async def open_embedder(model_dir: str | Path, *, model_id: str = "") -> AsyncIterator[EmbedFn]:
+    """A BERT `Embedder` on its own thread (MLX streams are per thread), as an async `EmbedFn`."""
+    jobs: queue.Queue[tuple[list[str], trio.MemorySendChannel] | None] = queue.Queue()
+    token = trio.lowlevel.current_trio_token()
+    ready = trio.Event()
+    failure: list[BaseException] = []
+
+    def thread_main() -> None:
+        try:
+            from darkbloom.inference.bert import Embedder
+
+            embedder = Embedder(model_dir, model_id=model_id)
+        except Exception as exc:  # reported to the opener below
+            failure.append(exc)
+            token.run_sync_soon(ready.set)
+            return
+        token.run_sync_soon(ready.set)
+        while (job := jobs.get()) is not None:
+            texts, send = job
+            try:
+                result: tuple[str, Any] = ("ok", embedder.embed(texts))
+            except Exception as exc:  # InvalidRequest and friends go back to the caller
+                result = ("err", exc)
+            try:
+                token.run_sync_soon(_deliver, send, result)
+            except trio.RunFinishedError:
+                return
+
+    async def embed(texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        send, recv = trio.open_memory_channel[tuple[str, Any]](1)
+        jobs.put((list(texts), send))
+        async with recv:
+            status, value = await recv.receive()
+        if status == "err":
+            raise value
+        return value
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.to_thread.run_sync, thread_main, abandon_on_cancel=False))
+        try:
+            await ready.wait()
+            if failure:
+                raise failure[0]
+            yield embed
+        finally:
+            jobs.put(None)
