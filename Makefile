@@ -27,9 +27,8 @@ $(STAMP): pyproject.toml scripts/system-deps.sh | $(BIN)/python
 	touch $@
 
 $(MODELS_STAMP): $(STAMP)
-	@if $(BIN)/darkbloom models --help >/dev/null 2>&1 && $(BIN)/darkbloom models prepare --help >/dev/null 2>&1; then \
-		$(BIN)/darkbloom models prepare; \
-	fi
+	# Idempotent: converts SmolLM2 from its GGUF and copies MiniLM into the models dir once.
+	$(BIN)/darkbloom models prepare
 	touch $@
 
 clean:
