@@ -208,6 +208,7 @@ class _Worker:
         # Read by the trio side (plain ints; a stale read only skews load reports).
         self.active_requests = 0
         self.queued_requests = 0
+        self.dead = False
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -290,6 +291,23 @@ class _Worker:
         self._flush()
         for m in self.models.values():
             m.generator.close()
+
+    def run_dead(self) -> None:
+        """After a crash: fail every request, present and future, until asked to stop."""
+        self.dead = True
+        for job in list(self.jobs.values()):
+            self._emit(job, EngineFailed("the engine thread failed"))
+        self.jobs.clear()
+        self._flush()
+        while True:
+            cmd = self.commands.get()
+            if isinstance(cmd, _Stop):
+                return
+            if cmd[0] == "submit":
+                self._emit(cmd[1], EngineFailed("the engine thread failed"))
+            elif cmd[0] == "call":
+                self.outbox.append((cmd[2], ("err", EngineFailed("the engine thread failed"))))
+            self._flush()
 
     def _apply_commands(self, *, block: bool) -> bool:
         """Apply queued commands; False when asked to stop."""
@@ -410,6 +428,7 @@ class _Worker:
         if req.forces_tool and not m.tool_format.json_body:
             return None  # this model's call format is not JSON; rely on the prompt
         fmt = m.tool_format
+        self._llg(m)
         start_tok = _single_special(m, fmt.start)
         end_tok = _single_special(m, fmt.end)
         grammar = constrained.request_grammar(req, fmt.start, fmt.end, start_token=start_tok, end_token=end_tok)
@@ -684,7 +703,8 @@ def _vocab_size(model: Any, tokenizer: Any) -> int:
 def _single_special(m: _Model, text: str) -> int | None:
     """The id of `text` when the tokenizer has it as one special token, else None."""
     ids = m.tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1 and ids[0] in set(getattr(m.tokenizer, "all_special_ids", ()) or ()):
+    # llguidance treats every added token as special: grammars must name it by id.
+    if len(ids) == 1 and (ids[0] in set(getattr(m.tokenizer, "all_special_ids", ()) or ()) or m.llg_tokenizer.is_special_token(ids[0])):
         return int(ids[0])
     return None
 
@@ -767,6 +787,8 @@ class Engine:
         first iteration. Closing the iterator early cancels the request in the engine.
         """
         self._check_model(model_id)
+        if self._worker.dead:
+            raise EngineFailed("the engine thread failed; restart the node")
         batching.check_admission(self._in_flight, req.n, max_concurrent=self.max_concurrent, max_queue=self.max_queue)
         send, recv = trio.open_memory_channel[Any](math.inf)
         rid = next(self._ids)
@@ -875,25 +897,25 @@ async def open_engine(
             token.run_sync_soon(ready.set)
             return
         token.run_sync_soon(ready.set)
-        worker.run()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial_to_thread(thread_main))
         try:
-            await ready.wait()
-            if failure:
-                exc = failure[0]
-                if isinstance(exc, DarkbloomError):
-                    raise exc
-                raise EngineFailed(f"loading models failed: {type(exc).__name__}: {exc}") from exc
-            yield Engine(worker, max_concurrent=max_concurrent, max_queue=max_queue)
-        finally:
-            worker.commands.put(_Stop())
+            worker.run()
+        except Exception:  # a bug in the loop: fail every request loudly instead of hanging them
+            log.exception("the engine thread failed")
+            worker.run_dead()
 
-
-def partial_to_thread(fn: Callable[[], None]) -> Callable[[], Any]:
-    async def runner() -> None:
-        # The thread always ends: on a _Stop command, or right after a failed load.
-        await trio.to_thread.run_sync(fn, abandon_on_cancel=False)
-
-    return runner
+    # A plain thread joined on exit (not a nursery task), so errors from the body reach the
+    # caller as themselves rather than wrapped in an ExceptionGroup.
+    thread = threading.Thread(target=thread_main, name="darkbloom-engine", daemon=True)
+    thread.start()
+    try:
+        await ready.wait()
+        if failure:
+            exc = failure[0]
+            if isinstance(exc, DarkbloomError):
+                raise exc
+            raise EngineFailed(f"loading models failed: {type(exc).__name__}: {exc}") from exc
+        yield Engine(worker, max_concurrent=max_concurrent, max_queue=max_queue)
+    finally:
+        worker.commands.put(_Stop())
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(thread.join)
