@@ -328,5 +328,6 @@ class LedgerErrorReply:
     code: str
     message: str
     lane: str = ""
+    account: str = ""
     needed: int = 0
     available: int = 0
