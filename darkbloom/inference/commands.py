@@ -107,7 +107,7 @@ def _make_test(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace, config: Config) -> int:
     from darkbloom.errors import DarkbloomError
-    from darkbloom.inference.catalog import BUNDLED, models_dir, model_info
+    from darkbloom.inference.catalog import BUNDLED, STAMP_NAME, model_info, models_dir
 
     root = models_dir(config.inference)
     rows = []
@@ -115,7 +115,7 @@ def _list(args: argparse.Namespace, config: Config) -> int:
         bundled = not spec.path and spec.id in BUNDLED
         kind = BUNDLED[spec.id].kind if bundled else spec.kind
         path = str(root / spec.id) if bundled else spec.path
-        row = {"id": spec.id, "kind": kind, "path": path, "digest": "", "status": "ok"}
+        row = {"id": spec.id, "kind": kind, "path": path, "digest": "", "status": "ok", "served": True}
         try:
             info = model_info(spec.id, path, kind, bundled=bundled) if path else None
         except DarkbloomError as exc:
@@ -127,6 +127,18 @@ def _list(args: argparse.Namespace, config: Config) -> int:
             row.update(digest=info.digest, context_length=info.context_length,
                        quantization=info.quantization, features=list(info.features))
         rows.append(row)
+    configured = {spec.id for spec in config.inference.models}
+    for model in BUNDLED.values():
+        # Prepared bundled models the config does not serve: shown so operators know they exist.
+        target = root / model.id
+        if model.id not in configured and (target / STAMP_NAME).exists():
+            try:
+                info = model_info(model.id, target, model.kind, bundled=True)
+            except DarkbloomError:
+                continue
+            rows.append({"id": model.id, "kind": model.kind, "path": str(target), "digest": info.digest,
+                         "status": "ok", "served": False, "context_length": info.context_length,
+                         "quantization": info.quantization, "features": list(info.features)})
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -135,5 +147,7 @@ def _list(args: argparse.Namespace, config: Config) -> int:
     for row in rows:
         digest = row["digest"][:19] + ".." if row["digest"] else "-"
         extra = "" if row["status"] == "ok" else f"  ({row['status']})"
+        if not row["served"]:
+            extra += "  (prepared, not in [inference] models)"
         print(f"{row['id']:24} {row['kind']:9} {digest:21} {row['path']}{extra}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -242,10 +242,12 @@ def test_cli_prepare_make_test_and_list(tmp_path, monkeypatch, capsys):
     assert "tiny test model" in capsys.readouterr().out
     assert (tmp_path / "t" / "model.safetensors").exists()
 
-    # The default config names only the bundled SmolLM2, which is not prepared here.
+    # The default config names only the bundled SmolLM2, which is not prepared here; the
+    # prepared MiniLM is listed as not served.
     assert main(["models", "list"]) == 1
     out = capsys.readouterr().out
     assert SMOL in out and "darkbloom models prepare" in out
+    assert any(MINILM in line and "not in [inference] models" in line for line in out.splitlines())
 
     cfg = tmp_path / "darkbloom.toml"
     cfg.write_text(
@@ -254,7 +256,7 @@ def test_cli_prepare_make_test_and_list(tmp_path, monkeypatch, capsys):
     )
     assert main(["models", "--config", str(cfg), "list", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["id"] for r in rows] == [MINILM, "t"]
+    assert [r["id"] for r in rows] == [MINILM, "t"] and all(r["served"] for r in rows)
     assert all(r["digest"].startswith("sha256:") and r["status"] == "ok" for r in rows)
     assert rows[0]["kind"] == "embedding" and rows[1]["path"] == str(tmp_path / "t")
 
@@ -268,3 +270,28 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["models", "make-test", str(tmp_path / "busy")]) == 2
     assert "not a Darkbloom test model" in capsys.readouterr().err
+
+
+def test_progress_bar_draws_on_a_terminal():
+    import io
+
+    from darkbloom.inference.commands import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = ProgressBar(out, width=10)
+    for done in range(1, 5):
+        bar("m", done, 4)
+    bar.finish()
+    text = out.getvalue()
+    assert "\rm" in text and "[#####.....] 2/4" in text and "[##########] 4/4" in text and text.endswith("\n")
+    plain = io.StringIO()
+    bar = ProgressBar(plain)
+    bar("a", 1, 2)
+    bar("a", 2, 2)
+    bar("b", 1, 1)
+    bar.finish()
+    assert plain.getvalue() == "preparing a ...\npreparing b ...\n"
