@@ -33,8 +33,9 @@ async def test_chat_sync_and_async_non_streaming():
     backend = FakeEngineBackend()
     with trio.fail_after(30):
         async with running_shim(backend) as url:
-            r = await trio.to_thread.run_sync(
-                lambda: sync_client(url).chat.completions.with_raw_response.create(model="fake-chat", messages=MSG))
+            with sync_client(url) as client:
+                r = await trio.to_thread.run_sync(
+                    lambda: client.chat.completions.with_raw_response.create(model="fake-chat", messages=MSG))
             completion = r.parse()
             assert completion.choices[0].message.content == "Hello from the fake engine."
             assert completion.choices[0].finish_reason == "stop"
@@ -67,7 +68,8 @@ async def test_streaming_with_usage_async_and_sync():
             assert all(c.usage is None for c in chunks[:-1])
 
             def sync_stream():
-                with sync_client(url).completions.create(model="fake-chat", prompt="hi", stream=True) as s:
+                with sync_client(url) as client, \
+                        client.completions.create(model="fake-chat", prompt="hi", stream=True) as s:
                     return list(s)
 
             pieces = await trio.to_thread.run_sync(sync_stream)
@@ -139,11 +141,11 @@ async def test_embeddings_float_and_base64():
 async def test_models_list_and_get():
     with trio.fail_after(30):
         async with running_shim(FakeEngineBackend()) as url:
-            client = sync_client(url)
-            models = await trio.to_thread.run_sync(lambda: client.models.list())
-            one = await trio.to_thread.run_sync(lambda: client.models.retrieve("fake-chat"))
-            with pytest.raises(openai.NotFoundError) as missing:
-                await trio.to_thread.run_sync(lambda: client.models.retrieve("nope"))
+            with sync_client(url) as client:
+                models = await trio.to_thread.run_sync(lambda: client.models.list())
+                one = await trio.to_thread.run_sync(lambda: client.models.retrieve("fake-chat"))
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await trio.to_thread.run_sync(lambda: client.models.retrieve("nope"))
     ids = [m.id for m in models.data]
     assert ids == ["fake-chat", "fake-embed"]
     assert one.owned_by == "darkbloom" and one.darkbloom["providers"] == 2
