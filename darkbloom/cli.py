@@ -55,6 +55,17 @@ def _common_options(*, in_subcommand: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _share_common_options(parser: argparse.ArgumentParser) -> None:
+    """Accept the common options after nested actions too (`darkbloom models prepare -q`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                known = {opt for a in child._actions for opt in a.option_strings}
+                if "--config" not in known:
+                    child._add_container_actions(_common_options(in_subcommand=True))
+                _share_common_options(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(in_subcommand=False)
     sub_common = _common_options(in_subcommand=True)
@@ -71,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module_name)
         if _module_exists(module_name):
             importlib.import_module(module_name).add_arguments(p)
+            _share_common_options(p)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(_module=None)

@@ -70,6 +70,11 @@ def strategy_for(hint) -> st.SearchStrategy:
     }[hint]
 
 
+def _nonneg_ints(hint) -> st.SearchStrategy:
+    """Plain int fields hold counts, amounts and times: draw them non-negative."""
+    return st.integers(0, 2**63 - 1) if hint is int else strategy_for(hint)
+
+
 def _embeddings():
     return st.tuples(st.integers(0, 4), st.integers(0, 3)).flatmap(
         lambda dc: st.builds(
@@ -87,11 +92,32 @@ def _embeddings():
 OVERRIDES = {Embeddings: _embeddings}
 
 
+_hex = lambda n: st.text("0123456789abcdef", min_size=n, max_size=n)  # noqa: E731
+_sig = st.sampled_from([b"", b"\x07" * 64]) | st.binary(min_size=64, max_size=64)
+# Fields whose message classes check their shape in __post_init__, by name, so that generated
+# instances are valid often enough; the shape checks themselves are tested with each message.
+FIELD_STRATEGIES = {
+    "lane": _hex(32),
+    "consumer": _hex(64),
+    "node": _hex(64),
+    "ledger": _hex(64),
+    "account": _hex(64),
+    "signature": _sig,
+    "consumer_sig": _sig,
+    "node_sig": _sig,
+    "chain": st.binary(min_size=32, max_size=32),
+    "nonce": st.binary(min_size=16, max_size=16),
+}
+
+
 def instances(cls) -> st.SearchStrategy:
     if cls in OVERRIDES:
         return OVERRIDES[cls]()
     hints = typing.get_type_hints(cls)
-    kwargs = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(cls)}
+    kwargs = {
+        f.name: FIELD_STRATEGIES[f.name] if f.name in FIELD_STRATEGIES else _nonneg_ints(hints[f.name])
+        for f in dataclasses.fields(cls)
+    }
 
     def build(values):
         try:
