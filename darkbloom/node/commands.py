@@ -1,0 +1,101 @@
+"""`darkbloom node`: run an operator's node; `node status` and `node install-service`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import urllib.error
+import urllib.request
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="a relay to bootstrap from (repeatable; adds to bootstrap-nodes.toml)")
+    parser.add_argument("--listen", action="append", dest="cfg__p2p__listen_addrs", metavar="MULTIADDR",
+                        help="address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001")
+    parser.add_argument("--status-port", type=int, dest="cfg__node__status_port", metavar="PORT", help="local status page port")
+    parser.add_argument("--price-in", type=int, dest="cfg__node__price_input_per_m", metavar="N",
+                        help="micro-credits per 1M prompt tokens")
+    parser.add_argument("--price-out", type=int, dest="cfg__node__price_output_per_m", metavar="N",
+                        help="micro-credits per 1M completion tokens")
+    parser.add_argument("--region", dest="cfg__node__region", metavar="REGION", help="your region, e.g. eu-west")
+    parser.add_argument("--max-concurrent", type=int, dest="cfg__inference__max_concurrent", metavar="N",
+                        help="requests generated at once")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.add_parser("run", help="run the node (the default)")
+    status = sub.add_parser("status", help="show the running node's status")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    install = sub.add_parser("install-service", help="write a systemd unit (Linux) or launchd agent (macOS)")
+    install.add_argument("--output", metavar="PATH", help="where to write it (default: the system's place)")
+
+
+def run(args: argparse.Namespace, config) -> int:
+    action = getattr(args, "action", None) or "run"
+    if action == "status":
+        return _status(config, as_json=args.json)
+    if action == "install-service":
+        return _install(args, config)
+    import trio
+
+    return trio.run(_run_node, config, tuple(args.bootstrap))
+
+
+async def _run_node(config, bootstrap: tuple[str, ...]) -> int:
+    from darkbloom.node.daemon import open_node
+    from darkbloom.runner import run_until_signal
+
+    async def body(stop):
+        async with open_node(config, bootstrap=bootstrap, report=lambda line: print(line, flush=True)) as node:
+            print(f"node {node.peer_id} serving {', '.join(m.id for m in node.models)}", flush=True)
+            print(f"status page: {node.status_url}", flush=True)
+            await stop.wait()
+            print(f"stopping: letting requests finish (up to {config.node.grace_period_s:.0f} s)", flush=True)
+
+    return await run_until_signal(body)
+
+
+def _status(config, *, as_json: bool) -> int:
+    host, port = config.node.status_host, config.node.status_port
+    url = f"http://{host}:{port}/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.load(response)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"darkbloom: error: no node answers on {url} ({getattr(exc, 'reason', exc)}); is `darkbloom node` running "
+              f"with this config?", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"node        {data['peer_id']}  ({'paused: ' + data['pause_reason'] if data['paused'] else 'serving'})")
+    print(f"reachable   {data['reachability']}")
+    print(f"version     {data['version']}")
+    print(f"load        {data['active']}/{data['max_concurrent']} busy, {data['queued']} queued")
+    print(f"served      {data['requests_served']} requests, {data['prompt_tokens']} prompt / "
+          f"{data['completion_tokens']} completion tokens")
+    for m in data["models"]:
+        print(f"model       {m['id']} ({m['kind']}) {m['digest'][:23]}  {m['requests']} requests")
+    rep = data.get("reputation")
+    print(f"reputation  {'n/a' if rep is None else f'{rep:.2f}'}")
+    for epoch, amount in data.get("earnings", []):
+        print(f"earned      epoch {epoch}: {amount / 1e6:.6f} credits")
+    for line in data["explanations"]:
+        print(f"note        {line}")
+    return 0
+
+
+def _install(args, config) -> int:
+    from pathlib import Path
+
+    from darkbloom.node.service import write_service
+
+    path, enable = write_service(
+        platform.system(), config=args.config, data_dir=config.data_path, path=Path(args.output) if args.output else None
+    )
+    print(f"wrote {path}")
+    print(f"enable it with: {enable}")
+    return 0

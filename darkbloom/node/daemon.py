@@ -1,0 +1,287 @@
+"""The node role: load models, join the network, announce, serve, and explain itself to its operator.
+
+`open_node(config)` prepares and loads the configured models (engine thread for chat models,
+an embedder thread per embedding model), measures itself, joins the DHT, serves
+`/darkbloom/infer/1.0.0` and `/darkbloom/status/1.0.0`, publishes its signed capability record,
+provides its model keys, and runs the operator's controls and status page. Leaving the block
+shuts down gracefully: stop announcing, refuse new work, let in-flight requests finish within
+`node.grace_period_s`, then cancel the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from darkbloom import __version__
+from darkbloom.config import Config
+from darkbloom.identity import Identity, load_or_create_identity
+from darkbloom.log import short_id
+from darkbloom.metrics import RoleMetrics
+from darkbloom.node.controls import Controls
+from darkbloom.node.serve import InferenceService, ServedRequest, open_embedder, serve_inference
+from darkbloom.node.status import ModelStatus, NodeStatus, render_html, to_json
+from darkbloom.statushttp import serve_status
+from darkbloom.wire.caps import CapabilityRecord, ModelCap
+from darkbloom.wire.infer import PROTOCOL_VERSION, StatusReply
+
+__all__ = ["Node", "NodeStats", "open_node"]
+
+log = logging.getLogger(__name__)
+
+MARKET_REFRESH_S = 300.0  # how often the node looks at other providers' prices
+
+
+@dataclass
+class ModelCounters:
+    requests: int = 0
+    completion_tokens: int = 0
+    providers_seen: int = 0
+    market_price_out: int | None = None
+
+
+@dataclass
+class NodeStats:
+    """What the node served since it started (counts only, never text)."""
+
+    served: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_request_at: float | None = None
+    models: dict[str, ModelCounters] = field(default_factory=dict)
+
+    def record(self, r: ServedRequest, now: float) -> None:
+        counters = self.models.setdefault(r.model, ModelCounters())
+        self.last_request_at = now
+        if r.outcome == "done":
+            self.served += 1
+            counters.requests += 1
+        elif r.outcome == "cancelled":
+            self.cancelled += 1
+        else:
+            self.failed += 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        counters.completion_tokens += r.completion_tokens
+
+
+@dataclass
+class Node:
+    config: Config
+    identity: Identity
+    network: object  # a darkbloom.p2p PeerNetwork
+    service: InferenceService
+    models: list  # darkbloom.inference.catalog.ModelInfo
+    controls: Controls
+    metrics: RoleMetrics
+    stats: NodeStats
+    record: CapabilityRecord | None = None
+    status_url: str = ""
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+    earnings: list[tuple[int, int]] = field(default_factory=list)
+    reputation: float | None = None
+    _idle: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def peer_id(self) -> str:
+        return self.network.peer_id  # type: ignore[attr-defined]
+
+    def paused(self) -> bool:
+        return self.draining or self.controls.decision.paused
+
+    def status(self) -> NodeStatus:
+        load = self.service.load()
+        net = self.network
+        now = time.time()
+        last = self.stats.last_request_at
+        return NodeStatus(
+            peer_id=self.peer_id,
+            version=__version__,
+            uptime_s=now - self.started_at,
+            reachability=getattr(net, "route_reachability", None) or getattr(net, "reachability", "unknown"),
+            addresses=tuple(getattr(net, "announce_addrs", ()) or ()),
+            models=tuple(
+                ModelStatus(
+                    id=m.id, kind=m.kind, digest=m.digest,
+                    requests=self.stats.models.get(m.id, ModelCounters()).requests,
+                    completion_tokens=self.stats.models.get(m.id, ModelCounters()).completion_tokens,
+                    providers_seen=self.stats.models.get(m.id, ModelCounters()).providers_seen,
+                    market_price_out=self.stats.models.get(m.id, ModelCounters()).market_price_out,
+                )
+                for m in self.models
+            ),
+            requests_served=self.stats.served,
+            requests_failed=self.stats.failed,
+            prompt_tokens=self.stats.prompt_tokens,
+            completion_tokens=self.stats.completion_tokens,
+            active=load.active,
+            queued=load.queued,
+            max_concurrent=load.max_concurrent,
+            paused=self.paused(),
+            pause_reason="shutting down" if self.draining else self.controls.decision.reason,
+            price_input_per_m=self.config.node.price_input_per_m,
+            price_output_per_m=self.config.node.price_output_per_m,
+            region=self.config.node.region,
+            node_class=self.config.node.node_class,
+            earnings=tuple(self.earnings),
+            reputation=self.reputation,
+            decode_tps=self.record.decode_tps if self.record else 0.0,
+            prefill_tps=self.record.prefill_tps if self.record else 0.0,
+            last_request_age_s=None if last is None else now - last,
+        )
+
+    def _served(self, r: ServedRequest) -> None:
+        self.stats.record(r, time.time())
+        outcome = "ok" if r.outcome == "done" else ("cancelled" if r.outcome == "cancelled" else "error")
+        self.metrics.request(r.kind, outcome)
+        self.metrics.tokens(prompt=r.prompt_tokens, completion=r.completion_tokens)
+        if outcome == "error":
+            self.metrics.error(r.outcome.partition(":")[2] or "unknown")
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        load = self.service.load()
+        if load.active == 0 and load.queued == 0:
+            self._idle.set()
+        elif self._idle.is_set():
+            self._idle = trio.Event()
+
+    def status_reply(self) -> StatusReply:
+        return StatusReply(
+            version=__version__, protocol=PROTOCOL_VERSION, load=self.service.load(), models=tuple(m.id for m in self.models)
+        )
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop announcing and taking work; wait up to `grace_s` for in-flight requests."""
+        self.draining = True
+        for m in self.models:
+            self.network.unprovide(m.id)  # type: ignore[attr-defined]
+        self._check_idle()
+        with trio.move_on_after(grace_s) as waited:
+            await self._idle.wait()
+        if waited.cancelled_caught:
+            log.warning("grace period over with requests still running; cancelling them")
+        else:
+            log.info("no requests in flight; leaving")
+
+
+def _template(node: Node, bench: tuple[float, float]) -> CapabilityRecord:
+    cfg = node.config.node
+    return CapabilityRecord(
+        peer_id=node.peer_id,
+        seq=0,
+        issued_at_ms=0,
+        expires_at_ms=0,
+        models=tuple(
+            ModelCap(id=m.id, digest=m.digest, context_length=m.context_length, quantization=m.quantization,
+                     features=tuple(m.features))
+            for m in node.models
+        ),
+        prefill_tps=round(bench[0], 1),
+        decode_tps=round(bench[1], 2),
+        max_concurrent=node.service.load().max_concurrent,
+        region=cfg.region,
+        node_class=cfg.node_class,
+        price_input_per_m=cfg.price_input_per_m,
+        price_output_per_m=cfg.price_output_per_m,
+        software_version=__version__,
+        protocol_version=PROTOCOL_VERSION,
+    )
+
+
+async def _watch_market(node: Node) -> None:
+    """Look up other providers of our models now and then, for the 'price above market' note."""
+    while True:
+        for m in node.models:
+            try:
+                providers = await node.network.find_providers(m.id)  # type: ignore[attr-defined]
+            except Exception as exc:  # any lookup failure only leaves the note stale
+                log.debug("market lookup for %s failed: %s", m.id, type(exc).__name__)
+                continue
+            others = [p.record.price_output_per_m for p in providers if p.peer_id != node.peer_id]
+            counters = node.stats.models.setdefault(m.id, ModelCounters())
+            counters.providers_seen = len(others)
+            counters.market_price_out = int(statistics.median(others)) if others else None
+        await trio.sleep(MARKET_REFRESH_S)
+
+
+@asynccontextmanager
+async def open_node(
+    config: Config,
+    *,
+    bootstrap: tuple[str, ...] = (),
+    report: Callable[[str], None] | None = None,
+) -> AsyncIterator[Node]:
+    """A running node; see the module docstring."""
+    from darkbloom.inference.blas import ensure_blas
+
+    ensure_blas(config.inference.openblas)
+    from darkbloom.inference.catalog import resolve_models
+    from darkbloom.inference.engine import open_engine
+    from darkbloom.p2p.network import open_network
+    from darkbloom.p2p.status import serve_status as serve_p2p_status
+
+    identity = load_or_create_identity(config.data_path)
+    models = await trio.to_thread.run_sync(partial(resolve_models, config.inference, prepare=True))
+    chat = [m for m in models if m.kind == "chat"]
+    embedding = [m for m in models if m.kind == "embedding"]
+    metrics = RoleMetrics("node")
+    controls = Controls(config.node)
+    async with AsyncExitStack() as stack:
+        engine = None
+        bench = (0.0, 0.0)
+        if chat:
+            if report:
+                report(f"loading {', '.join(m.id for m in chat)}")
+            engine = await stack.enter_async_context(
+                open_engine(
+                    chat, max_concurrent=config.inference.max_concurrent, max_queue=config.inference.max_queue,
+                    default_max_tokens=config.inference.default_max_tokens,
+                    prefill_step_size=config.inference.prefill_step_size,
+                    self_benchmark=config.inference.self_benchmark,
+                )
+            )
+            if config.inference.self_benchmark:
+                result = await engine.benchmark()
+                bench = (result.prefill_tps, result.decode_tps)
+                log.info("self-benchmark: prefill %.0f tok/s, decode %.1f tok/s", *bench)
+        embedders = {}
+        for m in embedding:
+            embedders[m.id] = await stack.enter_async_context(open_embedder(m.path, model_id=m.id))
+        net = await stack.enter_async_context(open_network(config.p2p, identity, role="node", bootstrap=bootstrap))
+        node = Node(config, identity, net, None, models, controls, metrics, NodeStats())  # type: ignore[arg-type]
+        node.service = InferenceService(
+            engine, digests={m.id: m.digest for m in models}, embedders=embedders,
+            paused=node.paused, on_served=node._served, max_frame_bytes=config.p2p.max_frame_bytes,
+        )
+        serve_inference(net, node.service)
+        serve_p2p_status(net, node.status_reply)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(controls.run)
+        node.status_url = await nursery.start(
+            partial(
+                serve_status, "node", config.node.status_host, config.node.status_port,
+                status_json=lambda: to_json(node.status()), page=lambda: render_html(node.status()), metrics=(metrics,),
+            )
+        )
+        node.record = await net.put_record(_template(node, bench))
+        for m in models:
+            await net.provide(m.id)
+        nursery.start_soon(_watch_market, node)
+        log.info("node %s serving %s", short_id(node.peer_id), ", ".join(m.id for m in models))
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                await node.drain(config.node.grace_period_s)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,108 @@
+"""The relay role: DHT bootstrap server + circuit relay hop + ledger service + status page.
+
+`open_relay(config)` starts everything and yields a `Relay` once it listens; leaving the block
+stops it. Its listen multiaddrs are what operators put in `bootstrap-nodes.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from darkbloom import __version__
+from darkbloom.config import Config
+from darkbloom.identity import Identity, load_or_create_identity
+from darkbloom.ledger.service import LedgerService
+from darkbloom.ledger.store import LedgerStore, open_store
+from darkbloom.log import short_id
+from darkbloom.metrics import RoleMetrics
+from darkbloom.statushttp import serve_status
+from darkbloom.wire.ledger import LEDGER_PROTOCOL
+
+__all__ = ["Relay", "open_relay", "relay_p2p_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Relay:
+    identity: Identity
+    network: object  # darkbloom.p2p PeerNetwork (relay role)
+    ledger: LedgerService
+    store: LedgerStore
+    metrics: RoleMetrics
+    status_url: str
+    started_at: float
+
+    @property
+    def peer_id(self) -> str:
+        return self.network.peer_id  # type: ignore[attr-defined]
+
+    @property
+    def addrs(self) -> tuple[str, ...]:
+        """Full multiaddrs (with /p2p/<id>) to bootstrap from."""
+        return tuple(self.network.listen_addrs)  # type: ignore[attr-defined]
+
+    @property
+    def ledger_key(self) -> str:
+        return self.identity.public_key.hex()
+
+    def status(self) -> dict:
+        net = self.network
+        return {
+            "role": "relay",
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "addrs": list(self.addrs),
+            "peers": len(net.peers()),  # type: ignore[attr-defined]
+            "ledger_key": self.ledger_key,
+            "epochs_closed": self.ledger.epochs_closed,
+        }
+
+    def bootstrap_entry(self, name: str = "relay") -> str:
+        """The TOML line for bootstrap-nodes.toml."""
+        addrs = ", ".join(f'"{a}"' for a in self.addrs)
+        return f'{{ name = "{name}", addrs = [{addrs}] }},'
+
+
+def relay_p2p_config(config: Config):
+    """The p2p settings of a relay: its own listen addresses, always publicly reachable."""
+    return dataclasses.replace(config.p2p, listen_addrs=config.relay.listen_addrs, reachability="public")
+
+
+@asynccontextmanager
+async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> AsyncIterator[Relay]:
+    from darkbloom.p2p.network import open_network  # only p2p imports libp2p; load it lazily
+
+    data_dir = config.data_path
+    identity = load_or_create_identity(data_dir)
+    store = await trio.to_thread.run_sync(open_store, config.ledger.url, data_dir)
+    metrics = RoleMetrics("relay")
+    try:
+        ledger = LedgerService(store, identity, config.ledger)
+        async with open_network(relay_p2p_config(config), identity, role="relay", bootstrap=bootstrap) as net:
+            net.serve(LEDGER_PROTOCOL, ledger.handle)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ledger.run)
+                relay = Relay(identity, net, ledger, store, metrics, "", time.time())
+                relay.status_url = await nursery.start(
+                    partial(
+                        serve_status, "relay", config.relay.status_host, config.relay.status_port,
+                        status_json=relay.status, metrics=(metrics,),
+                    )
+                )
+                log.info("relay %s up: %s", short_id(relay.peer_id), ", ".join(relay.addrs))
+                try:
+                    yield relay
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(store.close)
