@@ -1,0 +1,98 @@
+"""Messages of trust: output and score attestations, spot-check reports, and the relay's signed reputation table.
+
+Privacy: none of these carry prompt or output content, only sha256 hashes of token ids, so
+the ledger that stores reports never holds what was asked or answered. Scores are the
+verifier's per-token logprobs (milli-nats, integers) and ranks for the scored window.
+
+Who signs what (signature over `signed_bytes(msg, role)` from darkbloom.wire.ledger):
+- `OutputAttestation`: the serving node (role "node"): "I produced these output tokens for
+  this prompt with these weights".
+- `ScoreAttestation`: the verifier node (role "verifier"): "under these weights, those
+  tokens score so".
+- `SpotCheckReport`: the shim that ran the check (role "reporter"); it carries both
+  attestations as encoded bytes (so their signatures stay checkable).
+- `ReputationTable`: the ledger/relay (role "ledger").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from darkbloom.wire.codec import message
+
+__all__ = [
+    "OutputAttestation",
+    "ReputationEntry",
+    "ReputationTable",
+    "ScoreAttestation",
+    "SpotCheckReport",
+]
+
+
+@message("trust.output")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputAttestation:
+    """Set and signed by the serving node at the end of a request (e.g. alongside `infer.done`)."""
+
+    request_id: str
+    node: str  # hex public key of the serving node
+    model: str
+    model_digest: str  # weights digest it claims to serve
+    prompt_hash: bytes  # sha256 over the prompt token ids (trust.token_hash)
+    output_hash: bytes  # sha256 over the scored output token ids
+    output_tokens: int  # how many output tokens the hash covers
+    time_ms: int
+    signature: bytes = b""
+
+
+@message("trust.score")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreAttestation:
+    """Set and signed by the verifier after a teacher-forced forward pass."""
+
+    verifier: str  # hex public key of the scoring node
+    model_digest: str
+    prompt_hash: bytes
+    output_hash: bytes
+    logprobs_mnats: tuple[int, ...]  # per token, natural-log probability x 1000, rounded
+    ranks: tuple[int, ...]  # per token, 0 = the verifier's argmax
+    time_ms: int
+    signature: bytes = b""
+
+
+@message("trust.spot_check")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpotCheckReport:
+    """Shim -> ledger: a node failed a spot check. Both attestations travel encoded."""
+
+    reporter: str  # hex public key of the shim
+    suspect: str  # hex public key of the flagged node (== the output attestation's node)
+    output: bytes  # encode(OutputAttestation), signed by the suspect
+    score: bytes  # encode(ScoreAttestation), signed by the verifier
+    reason: str  # the verdict's reason, e.g. "outside_top_k", "low_mean_logprob"
+    policy: str  # the verdict policy, "top_k=100,max_outside=2,min_mean_logprob=-4.5,..."
+    time_ms: int
+    signature: bytes = b""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReputationEntry:
+    node: str  # hex public key
+    score_ppm: int  # reputation in [0, 1_000_000]
+    consumers: int  # distinct paying consumers inside the window
+    completion_tokens: int  # settled inside the window
+    failed_checks: int  # accepted spot-check reports inside the window
+    epochs: int  # epochs inside the window in which the node was paid
+
+
+@message("trust.reputation")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReputationTable:
+    """Published by the relay after each epoch; shims verify it with the ledger's key."""
+
+    epoch: int  # last settled epoch included
+    window_epochs: int
+    computed_ms: int
+    entries: tuple[ReputationEntry, ...] = ()
+    ledger: str = ""  # hex public key of the signer
+    signature: bytes = b""
