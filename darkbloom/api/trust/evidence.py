@@ -1,0 +1,136 @@
+"""Spot-check evidence, pure: build and sign output/score attestations and reports, and check a report (the relay's side).
+
+Flow: the serving node signs an `OutputAttestation` over hashes of the prompt and output
+token ids; the verifier signs a `ScoreAttestation` over the same hashes with its per-token
+logprobs and ranks; when `verify.judge` flags the output, the shim signs a `SpotCheckReport`
+carrying both and submits it to the ledger. `check_report` is what the relay runs before it
+counts a failed check against the suspect: both signatures, matching hashes and digests,
+a verifier other than the suspect, and the verdict re-computed from the signed scores.
+
+What the ledger cannot check: the scores themselves (it has no prompt, by design: only
+hashes travel). A shim colluding with a verifier could frame a node; the relay should
+count reports from distinct reporters (see ledger.reputation failed_checks input).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+from darkbloom.api.trust.verify import ScoredOutput, Verdict, VerifyPolicy, judge
+from darkbloom.errors import InvalidSignature, MalformedMessage
+from darkbloom.identity import Identity, verify_signature
+from darkbloom.wire.codec import decode, encode
+from darkbloom.wire.ledger import signed_bytes
+from darkbloom.wire.trust import OutputAttestation, ScoreAttestation, SpotCheckReport
+
+__all__ = [
+    "attest_output",
+    "attest_scores",
+    "check_report",
+    "make_report",
+    "policy_string",
+    "scored_from_attestation",
+    "token_hash",
+]
+
+_ROLES = {OutputAttestation: "node", ScoreAttestation: "verifier", SpotCheckReport: "reporter"}
+
+
+def token_hash(token_ids: Iterable[int]) -> bytes:
+    """sha256 over the token ids as little-endian uint32s (the same on every platform)."""
+    ids = list(token_ids)
+    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
+
+
+def _sign(identity: Identity, msg):  # type: ignore[no-untyped-def]
+    return replace(msg, signature=identity.sign(signed_bytes(msg, _ROLES[type(msg)])))
+
+
+def _check_sig(msg: object, signer_hex: str) -> None:
+    try:
+        key = bytes.fromhex(signer_hex)
+    except ValueError:
+        key = b""
+    if len(key) != 32 or not verify_signature(key, signed_bytes(msg, _ROLES[type(msg)]), msg.signature):  # type: ignore[attr-defined]
+        raise InvalidSignature(type(msg).TYPE, signer_hex)  # type: ignore[attr-defined]
+
+
+def attest_output(
+    identity: Identity, *, request_id: str, model: str, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int], time_ms: int
+) -> OutputAttestation:
+    """Node side: sign what it produced (hashes only)."""
+    return _sign(
+        identity,
+        OutputAttestation(
+            request_id=request_id, node=identity.public_key.hex(), model=model, model_digest=model_digest,
+            prompt_hash=token_hash(prompt_ids), output_hash=token_hash(output_ids), output_tokens=len(output_ids),
+            time_ms=time_ms,
+        ),
+    )
+
+
+def attest_scores(
+    identity: Identity, *, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
+    logprobs: Sequence[float], ranks: Sequence[int], time_ms: int,
+) -> ScoreAttestation:
+    """Verifier side: sign the teacher-forced scores of `output_ids` after `prompt_ids`."""
+    if len(logprobs) != len(output_ids) or len(ranks) != len(output_ids):
+        raise ValueError("one logprob and one rank per output token")
+    return _sign(
+        identity,
+        ScoreAttestation(
+            verifier=identity.public_key.hex(), model_digest=model_digest, prompt_hash=token_hash(prompt_ids),
+            output_hash=token_hash(output_ids), logprobs_mnats=tuple(round(x * 1000) for x in logprobs),
+            ranks=tuple(int(r) for r in ranks), time_ms=time_ms,
+        ),
+    )
+
+
+def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
+    return ScoredOutput(tuple(x / 1000 for x in score.logprobs_mnats), score.ranks)
+
+
+def policy_string(policy: VerifyPolicy) -> str:
+    return (f"top_k={policy.top_k},max_outside={policy.max_outside},min_mean_logprob={policy.min_mean_logprob},"
+            f"min_tokens={policy.min_tokens},max_scored_tokens={policy.max_scored_tokens}")
+
+
+def make_report(identity: Identity, output: OutputAttestation, score: ScoreAttestation, verdict: Verdict, policy: VerifyPolicy, *, time_ms: int) -> SpotCheckReport:
+    """Shim side: a signed report of a flagged node (call only when `verdict.flagged`)."""
+    if not verdict.flagged:
+        raise ValueError("only a flagged verdict is reported")
+    return _sign(
+        identity,
+        SpotCheckReport(
+            reporter=identity.public_key.hex(), suspect=output.node, output=encode(output), score=encode(score),
+            reason=verdict.reason, policy=policy_string(policy), time_ms=time_ms,
+        ),
+    )
+
+
+def check_report(report: SpotCheckReport, policy: VerifyPolicy, *, verifier_ok: Iterable[str] | None = None) -> Verdict:
+    """Relay side: raise InvalidSignature / MalformedMessage unless the report proves a failed check
+    under `policy` (the relay's own, not the one the report names). Returns the re-computed verdict.
+    `verifier_ok`: when given, the verifier must be one of these keys (e.g. nodes that serve the digest)."""
+    _check_sig(report, report.reporter)
+    out = decode(report.output, OutputAttestation)
+    score = decode(report.score, ScoreAttestation)
+    _check_sig(out, out.node)
+    _check_sig(score, score.verifier)
+    if out.node != report.suspect:
+        raise MalformedMessage("trust.spot_check: suspect is not the node that signed the output")
+    if score.verifier == out.node:
+        raise MalformedMessage("trust.spot_check: a node cannot verify itself")
+    if verifier_ok is not None and score.verifier not in set(verifier_ok):
+        raise MalformedMessage("trust.spot_check: the verifier does not serve this model")
+    if (out.prompt_hash, out.output_hash, out.model_digest) != (score.prompt_hash, score.output_hash, score.model_digest):
+        raise MalformedMessage("trust.spot_check: the attestations are about different work")
+    if len(score.ranks) != out.output_tokens or len(score.logprobs_mnats) != out.output_tokens:
+        raise MalformedMessage("trust.spot_check: scores do not cover the attested output")
+    verdict = judge(scored_from_attestation(score), policy)
+    if not verdict.flagged:
+        raise MalformedMessage("trust.spot_check: the signed scores pass the policy; nothing to count")
+    return verdict

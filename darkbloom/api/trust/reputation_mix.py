@@ -1,0 +1,153 @@
+"""What the shim believes about each peer, pure: the relay's signed reputation mixed with this shim's live statistics, breaker and spot-check flags.
+
+    reputation(peer, now) = ledger_score                       (relay table; prior 0.5 if absent)
+                          x success_rate(now) ** success_power  (decayed live outcomes)
+                          x flag_penalty ** local_flags         (spot checks this shim failed it on)
+
+A peer is usable when its breaker lets a request through, it is not quarantined (a failed
+spot check quarantines it for `quarantine_s`, doubling per further flag) and, for requests
+needing tools / JSON / logprobs, it passed that capability's canary recently
+(canary.CanaryBook). The router multiplies `reputation` into its score; everything takes
+`now` (trio.current_time()).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from darkbloom.api.trust.breaker import BreakerPolicy, CircuitBreaker
+from darkbloom.api.trust.stats import LatencyWindow, PeerLiveStats, StatsPolicy
+from darkbloom.api.trust.verify import Verdict
+from darkbloom.wire.trust import ReputationTable
+
+__all__ = ["MixPolicy", "PeerTrust", "TrustBook"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MixPolicy:
+    prior: float = 0.5  # ledger score of a peer the relay's table does not list
+    success_power: float = 2.0  # a 70%-reliable peer keeps 0.49 of its score
+    flag_penalty: float = 0.05  # per spot check this shim saw it fail
+    quarantine_s: float = 600.0  # first quarantine after a failed spot check; doubles per flag
+    max_quarantine_s: float = 86_400.0
+    floor: float = 1e-4  # never exactly 0: with nobody else left a peer may still serve
+
+
+@dataclass(slots=True)
+class PeerTrust:
+    stats: PeerLiveStats
+    breaker: CircuitBreaker
+    ledger_score: float | None = None  # from the relay's table, 0..1
+    local_flags: int = 0
+    quarantined_until: float = -math.inf
+    checks_passed: int = 0
+
+
+@dataclass(slots=True)
+class TrustBook:
+    policy: MixPolicy = field(default_factory=MixPolicy)
+    breaker_policy: BreakerPolicy = field(default_factory=BreakerPolicy)
+    stats_policy: StatsPolicy = field(default_factory=StatsPolicy)
+    peers: dict[str, PeerTrust] = field(default_factory=dict)
+    ttfts: dict[str, LatencyWindow] = field(default_factory=dict)  # model -> recent TTFTs over all peers
+    table_epoch: int = -1
+
+    def peer(self, peer_id: str) -> PeerTrust:
+        p = self.peers.get(peer_id)
+        if p is None:
+            p = self.peers[peer_id] = PeerTrust(PeerLiveStats(self.stats_policy), CircuitBreaker(self.breaker_policy))
+        return p
+
+    # --- questions -------------------------------------------------------------------
+
+    def usable(self, peer_id: str, now: float) -> bool:
+        """Read-only, for ranking: breaker available and not quarantined."""
+        p = self.peers.get(peer_id)
+        return p is None or (p.breaker.available(now) and now >= p.quarantined_until)
+
+    def allow(self, peer_id: str, now: float) -> bool:
+        """Right before sending: claims the half-open probe when the breaker is recovering."""
+        p = self.peer(peer_id)
+        return now >= p.quarantined_until and p.breaker.allow(now)
+
+    def reputation(self, peer_id: str, now: float) -> float:
+        p = self.peers.get(peer_id)
+        if p is None:
+            return self.policy.prior
+        ledger = self.policy.prior if p.ledger_score is None else p.ledger_score
+        live = p.stats.success_rate(now) ** self.policy.success_power
+        value = ledger * live * self.policy.flag_penalty**p.local_flags
+        return max(self.policy.floor, min(1.0, value))
+
+    def ttft_window(self, model: str) -> LatencyWindow:
+        w = self.ttfts.get(model)
+        if w is None:
+            w = self.ttfts[model] = LatencyWindow()
+        return w
+
+    # --- events ----------------------------------------------------------------------
+
+    def record_success(self, peer_id: str, now: float, *, model: str = "", ttft_s: float | None = None,
+                       tokens: int = 0, duration_s: float | None = None) -> None:
+        p = self.peer(peer_id)
+        p.stats.record_success(now, ttft_s=ttft_s, tokens=tokens, duration_s=duration_s)
+        p.breaker.record_success(now)
+        if model and ttft_s is not None and math.isfinite(ttft_s) and ttft_s >= 0:
+            self.ttft_window(model).add(ttft_s)
+
+    def record_failure(self, peer_id: str, now: float, kind: str) -> None:
+        """A failure the peer is responsible for (unreachable, timeout, broken stream, bad output).
+        Not for "busy" answers (NoCapacity): those are load, not unreliability."""
+        p = self.peer(peer_id)
+        p.stats.record_failure(now, kind)
+        p.breaker.record_failure(now)
+
+    def record_cancelled(self, peer_id: str) -> None:
+        """A hedge loser or a client that went away: no outcome, but free a half-open probe."""
+        p = self.peers.get(peer_id)
+        if p is not None:
+            p.breaker.release_probe()
+
+    def record_spot_check(self, peer_id: str, now: float, verdict: Verdict) -> None:
+        p = self.peer(peer_id)
+        if verdict.inconclusive:
+            return
+        if not verdict.flagged:
+            p.checks_passed += 1
+            return
+        p.local_flags += 1
+        p.stats.record_failure(now, "spot_check_failed")
+        q = min(self.policy.max_quarantine_s, self.policy.quarantine_s * 2 ** (p.local_flags - 1))
+        p.quarantined_until = max(p.quarantined_until, now + q)
+
+    def apply_table(self, table: ReputationTable, peer_of_key: dict[str, str] | None = None) -> bool:
+        """Take a (verified: ledger.reputation.verify_table) relay table; older tables are ignored.
+        `peer_of_key` maps node public keys (hex) to the peer ids routing uses; identity when None."""
+        if table.epoch <= self.table_epoch:
+            return False
+        self.table_epoch = table.epoch
+        for e in table.entries:
+            pid = (peer_of_key or {}).get(e.node, e.node)
+            self.peer(pid).ledger_score = e.score_ppm / 1_000_000
+        return True
+
+    def snapshot(self, peer_ids: Iterable[str], now: float) -> dict[str, dict[str, object]]:
+        """For status pages and logs (no request content)."""
+        out: dict[str, dict[str, object]] = {}
+        for pid in peer_ids:
+            p = self.peers.get(pid)
+            if p is None:
+                continue
+            out[pid] = {
+                "reputation": round(self.reputation(pid, now), 4),
+                "success_rate": round(p.stats.success_rate(now), 4),
+                "ttft_s": p.stats.ttft_s,
+                "per_token_s": p.stats.per_token_s,
+                "breaker": p.breaker.state(now),
+                "errors": dict(p.stats.errors),
+                "flags": p.local_flags,
+                "quarantined": now < p.quarantined_until,
+            }
+        return out
