@@ -1,7 +1,7 @@
 """The generation engine: one thread owns MLX and runs continuous batching for every model.
 
 Trio side (`Engine`): admission (`NoCapacity`), request ids, one unbounded memory channel per
-request for its events. Engine thread (`_Worker`): loads models, templates and tokenizes,
+request for its events. Engine thread (`Worker`): loads models, templates and tokenizes,
 validates against the context, and steps one `mlx_lm.generate.BatchGenerator` per model;
 requests join and leave between decode steps. Each step's events go back to trio in one
 `run_sync_soon` call, so the thread never waits for the event loop. Closing a request's
@@ -25,32 +25,20 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import queue
 import threading
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from darkbloom.errors import (
-    ContextLengthExceeded,
-    DarkbloomError,
-    EngineFailed,
-    InferenceError,
-    InvalidRequest,
-    ModelNotFound,
-)
+from darkbloom.errors import DarkbloomError, EngineFailed, ModelNotFound
 from darkbloom.inference import batching
-from darkbloom.inference.params import GenerationRequest, Sampling
+from darkbloom.inference.events import Admitted, ChoiceFinished, EngineLoad, Event, ModelStatus, TextDelta, TokenScore
+from darkbloom.inference.params import GenerationRequest
 from darkbloom.inference.selfbench import BenchResult
-from darkbloom.inference.stops import StopMatcher
-from darkbloom.inference.tools import HERMES, ToolCallScanner, ToolFormat, messages_for_template, parse_tool_calls
-from darkbloom.wire.infer import TokenLogprob
+from darkbloom.inference.worker import Job, Stop, Worker
 
 __all__ = [
     "Admitted",
@@ -59,697 +47,12 @@ __all__ = [
     "EngineLoad",
     "ModelStatus",
     "TokenScore",
+    "BenchResult",
     "Engine",
     "open_engine",
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CONTEXT = 2048
-
-
-# --- events -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """First event: the request is valid and queued or running."""
-
-    prompt_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    """New output for choice `index`; `tokens` generated tokens since the previous delta."""
-
-    index: int
-    text: str
-    tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-    tool_calls: tuple[dict[str, Any], ...] = ()  # complete OpenAI tool calls (id, type, function)
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceFinished:
-    index: int
-    finish_reason: str  # stop | length | tool_calls
-    completion_tokens: int
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLoad:
-    active: int  # requests generating
-    queued: int  # admitted requests waiting for a slot
-    max_concurrent: int  # sequences the batch holds
-
-
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    id: str
-    context_length: int
-    vocab_size: int
-    supports_tools: bool  # the chat template renders tools itself
-    bench: BenchResult | None
-
-
-@dataclass(frozen=True, slots=True)
-class TokenScore:
-    token_id: int
-    logprob: float
-    in_top_k: bool
-
-
-Event = Admitted | TextDelta | ChoiceFinished
-
-
-# --- engine-thread state --------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Choice:
-    index: int
-    detok: Any
-    stops: StopMatcher
-    scanner: ToolCallScanner | None
-    grammar: Any  # GrammarProcessor | None
-    uid: int = -1
-    token_ids: list[int] = field(default_factory=list)
-    pending_tokens: int = 0
-    done: bool = False
-
-
-@dataclass(eq=False)
-class _Job:
-    rid: int
-    model_id: str
-    req: GenerationRequest
-    send: trio.MemorySendChannel[Any]
-    prompt: list[int] = field(default_factory=list)
-    max_tokens: int = 0
-    grammar: str | None = None
-    choices: list[_Choice] = field(default_factory=list)
-    started: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return self.req.n
-
-
-@dataclass(eq=False)
-class _Model:
-    id: str
-    path: Path
-    model: Any
-    tokenizer: Any
-    context_length: int
-    vocab_size: int
-    eos_ids: tuple[int, ...]
-    tool_format: ToolFormat
-    template_has_tools: bool
-    generator: Any = None
-    prompt_cache: Any = None
-    llg_tokenizer: Any = None
-    waiting: deque[_Job] = field(default_factory=deque)
-    running: dict[int, tuple[_Job, _Choice]] = field(default_factory=dict)  # uid -> (job, choice)
-    bench: BenchResult | None = None
-
-
-class _Stop:
-    pass
-
-
-class _Worker:
-    """Everything that touches MLX; runs on the engine thread only."""
-
-    def __init__(
-        self,
-        specs: list[tuple[str, Path, int | None]],
-        *,
-        max_concurrent: int,
-        default_max_tokens: int,
-        prefill_step_size: int,
-        prompt_cache_bytes: int,
-        self_benchmark: bool,
-        post: Callable[[list[tuple[Any, Any]]], None],
-    ) -> None:
-        self.specs = specs
-        self.max_concurrent = max_concurrent
-        self.default_max_tokens = default_max_tokens
-        self.prefill_step_size = prefill_step_size
-        self.prompt_cache_bytes = prompt_cache_bytes
-        self.self_benchmark = self_benchmark
-        self.post = post  # deliver [(send_channel, event)] on the trio side, without waiting
-        self.commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.models: dict[str, _Model] = {}
-        self.jobs: dict[int, _Job] = {}
-        self.outbox: list[tuple[Any, Any]] = []
-        self.samplers: dict[tuple[float, float, float, int], Any] = {}
-        # Read by the trio side (plain ints; a stale read only skews load reports).
-        self.active_requests = 0
-        self.queued_requests = 0
-        self.dead = False
-
-    # -- lifecycle ------------------------------------------------------------
-
-    def load_all(self) -> None:
-        from darkbloom.inference.blas import ensure_blas
-
-        ensure_blas()
-        import mlx_lm
-        from mlx_lm.models.cache import LRUPromptCache
-
-        for model_id, path, ctx in self.specs:
-            if not path.is_dir():
-                raise ModelNotFound(model_id)
-            t0 = time.monotonic()
-            model, tokenizer = mlx_lm.load(str(path))
-            cfg_ctx = _context_length(model)
-            vocab = _vocab_size(model, tokenizer)
-            template = getattr(tokenizer, "chat_template", None) or ""
-            fmt = HERMES
-            if tokenizer.has_tool_calling and tokenizer.tool_parser is not None:
-                fmt = ToolFormat(
-                    tokenizer.tool_call_start,
-                    tokenizer.tool_call_end,
-                    tokenizer.tool_parser,
-                    json_body=tokenizer.tool_call_start == "<tool_call>" and "tool_call.name" in template,
-                )
-            m = _Model(
-                id=model_id,
-                path=path,
-                model=model,
-                tokenizer=tokenizer,
-                context_length=ctx or cfg_ctx,
-                vocab_size=vocab,
-                eos_ids=tuple(sorted(tokenizer.eos_token_ids)),
-                tool_format=fmt,
-                template_has_tools=isinstance(template, str) and "tools" in template,
-                prompt_cache=LRUPromptCache(max_size=32, max_bytes=self.prompt_cache_bytes),
-            )
-            m.generator = self._new_generator(m)
-            if self.self_benchmark:
-                from darkbloom.inference.selfbench import measure
-
-                m.bench = measure(model, vocab)
-            self.models[model_id] = m
-            log.info(
-                "model %s loaded in %.1fs (context %d%s)",
-                model_id,
-                time.monotonic() - t0,
-                m.context_length,
-                f", prefill {m.bench.prefill_tps:.0f} tok/s, decode {m.bench.decode_tps:.1f} tok/s" if m.bench else "",
-            )
-
-    def _new_generator(self, m: _Model) -> Any:
-        from mlx_lm.generate import BatchGenerator
-
-        return BatchGenerator(
-            m.model,
-            max_tokens=self.default_max_tokens,
-            stop_tokens=[[e] for e in m.eos_ids],
-            completion_batch_size=self.max_concurrent,
-            prefill_batch_size=min(8, self.max_concurrent),
-            prefill_step_size=self.prefill_step_size,
-        )
-
-    def run(self) -> None:
-        """The engine loop: apply commands, schedule, step every model with work, post events."""
-        while True:
-            busy = any(m.running or m.waiting for m in self.models.values())
-            if not self._apply_commands(block=not busy):
-                break
-            for m in self.models.values():
-                self._schedule(m)
-                if m.running:
-                    self._step(m)
-            self._count()
-            self._flush()
-        # Shutdown: whoever still waits learns the engine is gone.
-        for job in list(self.jobs.values()):
-            self._fail(job, EngineFailed("the engine stopped"))
-        self._flush()
-        for m in self.models.values():
-            m.generator.close()
-
-    def run_dead(self) -> None:
-        """After a crash: fail every request, present and future, until asked to stop."""
-        self.dead = True
-        for job in list(self.jobs.values()):
-            self._emit(job, EngineFailed("the engine thread failed"))
-        self.jobs.clear()
-        self._flush()
-        while True:
-            cmd = self.commands.get()
-            if isinstance(cmd, _Stop):
-                return
-            if cmd[0] == "submit":
-                self._emit(cmd[1], EngineFailed("the engine thread failed"))
-            elif cmd[0] == "call":
-                self.outbox.append((cmd[2], ("err", EngineFailed("the engine thread failed"))))
-            self._flush()
-
-    def _apply_commands(self, *, block: bool) -> bool:
-        """Apply queued commands; False when asked to stop."""
-        try:
-            cmd = self.commands.get(block=block)
-        except queue.Empty:
-            return True
-        while True:
-            if isinstance(cmd, _Stop):
-                return False
-            kind = cmd[0]
-            if kind == "submit":
-                self._submit(cmd[1])
-            elif kind == "cancel":
-                self._cancel(cmd[1])
-            elif kind == "call":
-                fn, reply = cmd[1], cmd[2]
-                try:
-                    self.outbox.append((reply, ("ok", fn(self))))
-                except DarkbloomError as exc:  # typed errors go back to the caller
-                    self.outbox.append((reply, ("err", exc)))
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                return True
-
-    def _count(self) -> None:
-        self.queued_requests = sum(len(m.waiting) for m in self.models.values())
-        self.active_requests = len(self.jobs) - self.queued_requests
-
-    def _flush(self) -> None:
-        if self.outbox:
-            items, self.outbox = self.outbox, []
-            self.post(items)
-
-    def _emit(self, job: _Job, event: Any) -> None:
-        self.outbox.append((job.send, (job.rid, event)))
-
-    def _fail(self, job: _Job, exc: Exception) -> None:
-        self._drop(job)
-        self._emit(job, exc)
-
-    def _drop(self, job: _Job) -> None:
-        self.jobs.pop(job.rid, None)
-        m = self.models.get(job.model_id)
-        if m is None:
-            return
-        uids = [c.uid for c in job.choices if c.uid >= 0 and c.uid in m.running]
-        for uid in uids:
-            m.running.pop(uid, None)
-        if uids:
-            m.generator.remove(uids)
-        try:
-            m.waiting.remove(job)
-        except ValueError:
-            pass
-
-    # -- admission --------------------------------------------------------------
-
-    def _submit(self, job: _Job) -> None:
-        m = self.models.get(job.model_id)
-        if m is None:
-            self._emit(job, ModelNotFound(job.model_id, tuple(self.models)))
-            return
-        try:
-            self._prepare(m, job)
-        except InferenceError as exc:
-            log.info("request %d refused: %s", job.rid, type(exc).__name__)
-            self._emit(job, exc)
-            return
-        self.jobs[job.rid] = job
-        m.waiting.append(job)
-        job.started = time.monotonic()
-        self._emit(job, Admitted(prompt_tokens=len(job.prompt)))
-        log.debug("request %d admitted: model %s, %d prompt tokens", job.rid, m.id, len(job.prompt))
-
-    def _prepare(self, m: _Model, job: _Job) -> None:
-        req = job.req
-        tok = m.tokenizer
-        if req.kind == "chat":
-            msgs = messages_for_template(req.messages, req.tools if req.uses_tools else (), m.template_has_tools)
-            kwargs: dict[str, Any] = {}
-            if req.uses_tools and m.template_has_tools:
-                kwargs["tools"] = [t.as_openai() for t in req.tools]
-            try:
-                text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kwargs)
-            except Exception as exc:  # jinja raises anything; the template rejected these messages
-                raise InvalidRequest(
-                    f"the model's chat template cannot render these messages ({type(exc).__name__}); "
-                    "check roles and their order",
-                    param="messages",
-                ) from None
-            prompt = list(tok.encode(text, add_special_tokens=False))
-        elif isinstance(req.prompt, str):
-            prompt = list(tok.encode(req.prompt))
-        else:
-            prompt = list(req.prompt)
-            bad = [t for t in prompt if t >= m.vocab_size]
-            if bad:
-                raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (size {m.vocab_size})", param="prompt")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty after tokenization", param="prompt" if req.kind == "completion" else "messages")
-        for t, _ in req.sampling.logit_bias:
-            if t >= m.vocab_size:
-                raise InvalidRequest(f"logit_bias token id {t} is outside the vocabulary (size {m.vocab_size})", param="logit_bias")
-        max_tokens = batching.clamp_max_tokens(
-            len(prompt), req.max_tokens, default=self.default_max_tokens, context_length=m.context_length
-        )
-        if max_tokens is None:
-            raise ContextLengthExceeded(len(prompt), req.max_tokens or 1, m.context_length)
-        job.prompt = prompt
-        job.max_tokens = max_tokens
-        job.grammar = self._grammar(m, req)
-
-    def _grammar(self, m: _Model, req: GenerationRequest) -> str | None:
-        from darkbloom.inference import constrained
-
-        if req.forces_tool and not m.tool_format.json_body:
-            return None  # this model's call format is not JSON; rely on the prompt
-        fmt = m.tool_format
-        self._llg(m)
-        start_tok = _single_special(m, fmt.start)
-        end_tok = _single_special(m, fmt.end)
-        grammar = constrained.request_grammar(req, fmt.start, fmt.end, start_token=start_tok, end_token=end_tok)
-        if grammar is None:
-            return None
-        from llguidance import LLMatcher
-
-        err = LLMatcher.validate_grammar(grammar, self._llg(m))
-        if err:
-            param = "tools" if req.forces_tool else "response_format"
-            raise InvalidRequest(f"cannot enforce this {param}: {err}", param=param)
-        return grammar
-
-    def _llg(self, m: _Model) -> Any:
-        if m.llg_tokenizer is None:
-            from darkbloom.inference.constrained import make_llg_tokenizer
-
-            m.llg_tokenizer = make_llg_tokenizer(m.tokenizer._tokenizer, m.vocab_size, m.eos_ids)
-        return m.llg_tokenizer
-
-    # -- scheduling -------------------------------------------------------------
-
-    def _schedule(self, m: _Model) -> None:
-        if not m.waiting:
-            return
-        count = batching.startable([j.n for j in m.waiting], len(m.running), self.max_concurrent)
-        for _ in range(count):
-            job = m.waiting.popleft()
-            try:
-                self._start(m, job)
-            except InferenceError as exc:
-                self._fail(job, exc)
-
-    def _start(self, m: _Model, job: _Job) -> None:
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-        req = job.req
-        prompts, caches, all_tokens, samplers, processors = [], [], [], [], []
-        for i in range(req.n):
-            cache, rest = m.prompt_cache.fetch_nearest_cache(m.id, job.prompt)
-            if cache is not None and not rest:
-                # An exact hit: give the last prompt token back to the model to get logits.
-                if can_trim_prompt_cache(cache):
-                    trim_prompt_cache(cache, 1)
-                    rest = job.prompt[-1:]
-                else:
-                    cache, rest = None, job.prompt
-            cached = len(job.prompt) - len(rest)
-            prompts.append(list(rest))
-            caches.append(cache)
-            all_tokens.append(list(job.prompt[:cached]))
-            samplers.append(self._sampler(req.sampling, i))
-            grammar_proc = None
-            if job.grammar is not None:
-                from llguidance import LLMatcher
-
-                from darkbloom.inference.constrained import GrammarProcessor
-
-                matcher = LLMatcher(self._llg(m), job.grammar, log_level=0)
-                if matcher.is_error():
-                    raise InvalidRequest(f"cannot enforce this grammar: {matcher.get_error()}", param="response_format")
-                grammar_proc = GrammarProcessor(matcher, m.vocab_size, m.eos_ids)
-            processors.append(self._processors(req.sampling, grammar_proc))
-            job.choices.append(
-                _Choice(
-                    index=i,
-                    detok=_detokenizer(m.tokenizer),
-                    stops=StopMatcher(req.stop),
-                    scanner=ToolCallScanner(m.tool_format) if req.uses_tools else None,
-                    grammar=grammar_proc,
-                )
-            )
-        if any(c is not None for c in caches):
-            log.debug("request %d: %d prompt tokens from cache", job.rid, len(job.prompt) - len(prompts[0]))
-        uids = m.generator.insert(
-            prompts,
-            max_tokens=[job.max_tokens] * req.n,
-            caches=caches if any(c is not None for c in caches) else None,
-            all_tokens=all_tokens,
-            samplers=samplers,
-            logits_processors=processors,
-        )
-        for uid, choice in zip(uids, job.choices):
-            choice.uid = uid
-            m.running[uid] = (job, choice)
-
-    def _sampler(self, s: Sampling, index: int) -> Any:
-        from mlx_lm.sample_utils import make_sampler
-
-        if s.temperature == 0:
-            return make_sampler(0.0)  # the shared greedy sampler: one batched argmax
-        if s.seed is not None:
-            return _seeded_sampler(s, (s.seed + index) % (1 << 63))
-        key = (s.temperature, s.top_p, s.min_p, s.top_k)
-        sampler = self.samplers.get(key)
-        if sampler is None:
-            # Shared by every request with these settings, so mlx-lm samples them in one call.
-            sampler = self.samplers[key] = make_sampler(s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
-        return sampler
-
-    def _processors(self, s: Sampling, grammar: Any) -> list[Any]:
-        from mlx_lm.sample_utils import make_logits_processors
-
-        procs = make_logits_processors(
-            dict(s.logit_bias) or None,
-            repetition_penalty=s.repetition_penalty or None,
-            presence_penalty=s.presence_penalty or None,
-            frequency_penalty=s.frequency_penalty or None,
-        )
-        if grammar is not None:
-            procs.append(grammar)
-        return procs
-
-    def _cancel(self, rid: int) -> None:
-        job = self.jobs.get(rid)
-        if job is not None:
-            self._drop(job)
-            log.debug("request %d cancelled", rid)
-
-    # -- decoding ---------------------------------------------------------------
-
-    def _step(self, m: _Model) -> None:
-        try:
-            _, responses = m.generator.next()
-        except Exception:  # a failed step must not take the other models or requests down silently
-            log.exception("decode step failed for model %s; failing its %d requests", m.id, len(m.running))
-            jobs = {id(j): j for j, _ in m.running.values()}
-            m.running.clear()
-            m.generator.close()
-            m.generator = self._new_generator(m)
-            for job in jobs.values():
-                self._fail(job, EngineFailed(f"the engine failed while generating with {m.id}"))
-            return
-        finished: list[int] = []
-        for r in responses:
-            entry = m.running.get(r.uid)
-            if entry is None:
-                continue
-            job, choice = entry
-            done = self._on_token(m, job, choice, r)
-            if done:
-                m.running.pop(r.uid, None)
-                if r.finish_reason is None:
-                    finished.append(r.uid)
-                elif r.prompt_cache is not None and r.all_tokens:
-                    m.prompt_cache.insert_cache(m.id, list(r.all_tokens), r.prompt_cache)
-        if finished:
-            caches = m.generator.remove(finished, return_prompt_caches=True)
-            for cache, tokens in caches.values():
-                if tokens:
-                    m.prompt_cache.insert_cache(m.id, list(tokens), cache)
-
-    def _on_token(self, m: _Model, job: _Job, c: _Choice, r: Any) -> bool:
-        """Handle one generated token; True when the choice is finished."""
-        req = job.req
-        token = int(r.token)
-        c.token_ids.append(token)
-        c.pending_tokens += 1
-        is_eos = r.finish_reason == "stop"
-        reason: str | None = None
-        lps: tuple[TokenLogprob, ...] = ()
-        if req.logprobs:
-            lps = (_token_logprob(m.tokenizer, token, r.logprobs, req.top_logprobs),)
-        text = ""
-        if not is_eos:
-            c.detok.add_token(token)
-            if r.finish_reason == "length":
-                c.detok.finalize()
-            text = c.detok.last_segment
-        grammar_done = c.grammar is not None and c.grammar.done
-        if is_eos or r.finish_reason == "length" or grammar_done:
-            if not is_eos and r.finish_reason != "length":
-                c.detok.finalize()
-                text += c.detok.last_segment
-            reason = "length" if r.finish_reason == "length" else "stop"
-        out, hit = c.stops.feed(text)
-        if hit:
-            reason = "stop"
-        elif reason is not None:
-            out += c.stops.flush()
-        calls: tuple[dict[str, Any], ...] = ()
-        if c.scanner is not None:
-            content = c.scanner.feed(out)
-            if reason is not None:
-                content += c.scanner.flush()
-                if c.scanner.in_call:
-                    parsed = parse_tool_calls(c.scanner.captured, m.tool_format, req.tools)
-                    if parsed is not None:
-                        calls = tuple(parsed)
-                        reason = "tool_calls"
-                    else:
-                        content += c.scanner.captured  # not a valid call: the user sees what was written
-            out = content
-        if out or lps or calls:
-            self._emit(job, TextDelta(c.index, out, c.pending_tokens, lps, calls))
-            c.pending_tokens = 0
-        if reason is None:
-            return False
-        c.done = True
-        self._emit(job, ChoiceFinished(c.index, reason, len(c.token_ids), tuple(c.token_ids)))
-        if all(ch.done for ch in job.choices):
-            self.jobs.pop(job.rid, None)
-            log.info(
-                "request %d done: model %s, %d prompt + %d completion tokens in %.2fs",
-                job.rid,
-                m.id,
-                len(job.prompt),
-                sum(len(ch.token_ids) for ch in job.choices),
-                time.monotonic() - job.started,
-            )
-        return True
-
-    # -- other work on the engine thread -----------------------------------------
-
-    def score(self, model_id: str, prompt: Sequence[int], output: Sequence[int], top_k: int) -> list[TokenScore]:
-        import mlx.core as mx
-
-        m = self._model(model_id)
-        if not prompt or not output:
-            raise InvalidRequest("score needs at least one prompt and one output token", param="prompt")
-        tokens = list(prompt) + list(output)
-        if len(tokens) > m.context_length:
-            raise ContextLengthExceeded(len(prompt), len(output), m.context_length)
-        if any(t < 0 or t >= m.vocab_size for t in tokens):
-            raise InvalidRequest("a token id is outside the vocabulary", param="prompt")
-        logits = m.model(mx.array(tokens[:-1])[None])[0, len(prompt) - 1 :, :].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        target = mx.array(list(output))[:, None]
-        chosen = mx.take_along_axis(logprobs, target, axis=-1)[:, 0]
-        rank = (logprobs > chosen[:, None]).sum(axis=-1)
-        mx.eval(chosen, rank)
-        return [
-            TokenScore(token_id=t, logprob=float(lp), in_top_k=int(rk) < top_k)
-            for t, lp, rk in zip(output, chosen.tolist(), rank.tolist())
-        ]
-
-    def rebench(self, model_id: str) -> BenchResult:
-        from darkbloom.inference.selfbench import measure
-
-        m = self._model(model_id)
-        m.bench = measure(m.model, m.vocab_size)
-        return m.bench
-
-    def tokenize(self, model_id: str, text: str) -> list[int]:
-        return list(self._model(model_id).tokenizer.encode(text, add_special_tokens=False))
-
-    def _model(self, model_id: str) -> _Model:
-        m = self.models.get(model_id)
-        if m is None:
-            raise ModelNotFound(model_id, tuple(self.models))
-        return m
-
-
-# --- helpers (engine thread) ----------------------------------------------------
-
-
-def _context_length(model: Any) -> int:
-    args = getattr(model, "args", None)
-    for name in ("max_position_embeddings", "max_seq_len", "context_length"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_CONTEXT
-
-
-def _vocab_size(model: Any, tokenizer: Any) -> int:
-    args = getattr(model, "args", None)
-    value = getattr(args, "vocab_size", None)
-    return int(value) if isinstance(value, int) and value > 0 else len(tokenizer)
-
-
-def _single_special(m: _Model, text: str) -> int | None:
-    """The id of `text` when the tokenizer has it as one special token, else None."""
-    ids = m.tokenizer.encode(text, add_special_tokens=False)
-    # llguidance treats every added token as special: grammars must name it by id.
-    if len(ids) == 1 and (ids[0] in set(getattr(m.tokenizer, "all_special_ids", ()) or ()) or m.llg_tokenizer.is_special_token(ids[0])):
-        return int(ids[0])
-    return None
-
-
-def _detokenizer(tokenizer: Any) -> Any:
-    detok = tokenizer.detokenizer
-    detok.reset()
-    return detok
-
-
-def _seeded_sampler(s: Sampling, seed: int) -> Callable[[Any], Any]:
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    state = [mx.random.key(seed)]
-    inv_temp = 1.0 / s.temperature
-
-    def sampler(logprobs: Any) -> Any:
-        if 0 < s.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, s.top_p)
-        if s.min_p > 0:
-            logprobs = apply_min_p(logprobs, s.min_p)
-        if s.top_k > 0:
-            logprobs = apply_top_k(logprobs, s.top_k)
-        state[0], sub = mx.random.split(state[0])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
-
-
-def _token_logprob(tokenizer: Any, token: int, logprobs: Any, top: int) -> TokenLogprob:
-    import numpy as np
-
-    lp = np.asarray(logprobs, dtype=np.float32).reshape(-1)
-    alts: tuple[tuple[str, float], ...] = ()
-    if top > 0:
-        idx = np.argpartition(-lp, top)[:top] if top < lp.shape[0] else np.arange(lp.shape[0])
-        idx = idx[np.argsort(-lp[idx])]
-        alts = tuple((tokenizer.decode([int(i)]), float(lp[i])) for i in idx)
-    text = tokenizer.decode([token])
-    return TokenLogprob(token=text, logprob=float(lp[token]), bytes_=text.encode("utf-8"), top=alts)
-
-
-# --- trio side ------------------------------------------------------------------
-
 
 def _spec(item: Any) -> tuple[str, Path, int | None]:
     if isinstance(item, tuple):
@@ -762,7 +65,7 @@ def _spec(item: Any) -> tuple[str, Path, int | None]:
 class Engine:
     """Handle to the engine thread; every method is called from trio."""
 
-    def __init__(self, worker: _Worker, *, max_concurrent: int, max_queue: int) -> None:
+    def __init__(self, worker: Worker, *, max_concurrent: int, max_queue: int) -> None:
         self._worker = worker
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
@@ -796,7 +99,7 @@ class Engine:
         finished = 0
         failed = False
         try:
-            self._worker.commands.put(("submit", _Job(rid=rid, model_id=model_id, req=req, send=send)))
+            self._worker.commands.put(("submit", Job(rid=rid, model_id=model_id, req=req, send=send)))
             async with recv:
                 async for _rid, event in recv:
                     if isinstance(event, Exception):
@@ -812,7 +115,7 @@ class Engine:
             if finished < req.n and not failed:
                 self._worker.commands.put(("cancel", rid))
 
-    async def _call(self, fn: Callable[[_Worker], Any]) -> Any:
+    async def _call(self, fn: Callable[[Worker], Any]) -> Any:
         send, recv = trio.open_memory_channel[Any](1)
         self._worker.commands.put(("call", fn, send))
         async with recv:
@@ -826,6 +129,11 @@ class Engine:
         self._check_model(model_id)
         p, o = list(prompt_token_ids), list(output_token_ids)
         return await self._call(lambda w: w.score(model_id, p, o, top_k))
+
+    async def prompt_ids(self, model_id: str, req: GenerationRequest) -> list[int]:
+        """The prompt token ids the engine would feed for `req` (chat template applied)."""
+        self._check_model(model_id)
+        return await self._call(lambda w: w.prompt_ids(model_id, req))
 
     async def tokenize(self, model_id: str, text: str) -> list[int]:
         self._check_model(model_id)
@@ -877,7 +185,7 @@ async def open_engine(
         except trio.RunFinishedError:
             pass  # trio is gone; nobody is left to read these events
 
-    worker = _Worker(
+    worker = Worker(
         specs,
         max_concurrent=max_concurrent,
         default_max_tokens=default_max_tokens,
@@ -916,6 +224,6 @@ async def open_engine(
             raise EngineFailed(f"loading models failed: {type(exc).__name__}: {exc}") from exc
         yield Engine(worker, max_concurrent=max_concurrent, max_queue=max_queue)
     finally:
-        worker.commands.put(_Stop())
+        worker.commands.put(Stop())
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(thread.join)

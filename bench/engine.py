@@ -1,0 +1,279 @@
+"""Benchmark the generation engine against `mlx_lm.server` on the same models and prompts.
+
+    .venv/bin/python bench/engine.py [--models smollm2,small] [--concurrency 1,4,16]
+                                     [--max-tokens 48] [--rounds 2] [--out bench/results/engine.json]
+
+For each model, our engine runs in this process (`open_engine`, max_concurrent = the highest
+concurrency) and `mlx_lm.server` runs as a subprocess on 127.0.0.1 with the same model
+directory and OpenBLAS preloaded through LD_PRELOAD. At each concurrency C, C clients each
+send `rounds` streaming chat requests one after another (greedy, the same distinct prompts for
+both sides), and we measure aggregate completion tokens/s over the wall time and the time to
+first token (p50/p95). The two sides alternate per concurrency level, so slow drifts in the
+machine's load hit both. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from darkbloom.inference.blas import OPENBLAS_PATHS, blas_status, ensure_blas
+
+ensure_blas()
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from darkbloom.inference.engine import ChoiceFinished, TextDelta, open_engine  # noqa: E402
+from darkbloom.inference.params import parse_chat  # noqa: E402
+
+ANIMALS = "fox owl whale ant crow bear lynx moth eel yak hare wolf seal frog newt swan".split()
+PLACES = "desert harbour forest city glacier library market orchard canyon island".split()
+
+
+def prompts(n: int) -> list[str]:
+    return [
+        f"Story {i}: write a long, detailed story about a {ANIMALS[i % len(ANIMALS)]} "
+        f"who opens a bakery in a {PLACES[(i * 7) % len(PLACES)]}. Describe every day of its first week."
+        for i in range(n)
+    ]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# --- one side: our engine in process --------------------------------------------------
+
+
+async def run_ours(eng: Any, model_id: str, texts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    ttfts: list[float] = []
+    tokens = 0
+    queue = list(texts)
+
+    async def client() -> None:
+        nonlocal tokens
+        while queue:
+            text = queue.pop()
+            req = parse_chat({"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens})
+            t0 = time.perf_counter()
+            first = True
+            async for ev in eng.generate(model_id, req):
+                if isinstance(ev, TextDelta) and first and ev.text:
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+                elif isinstance(ev, ChoiceFinished):
+                    tokens += ev.completion_tokens
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as n:
+        for _ in range(concurrency):
+            n.start_soon(client)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95)}
+
+
+# --- the other side: mlx_lm.server over HTTP ------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlx_server(model_dir: Path, port: int, concurrency: int, log: Any) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    blas = next((p for p in OPENBLAS_PATHS if Path(p).exists()), None)
+    if blas:
+        env["LD_PRELOAD"] = blas
+    cmd = [
+        sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--decode-concurrency", str(max(concurrency, 1)), "--log-level", "WARNING",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+
+
+async def wait_healthy(client: httpx.AsyncClient, base: str, proc: subprocess.Popen[bytes]) -> None:
+    with trio.fail_after(300):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("mlx_lm.server exited during start-up")
+            try:
+                r = await client.get(f"{base}/health")
+                if r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.25)  # polling a subprocess's port; there is no event to wait on
+
+
+async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    ttfts: list[float] = []
+    tokens = 0
+    resets = 0
+    queue = list(texts)
+
+    async def one() -> None:
+        nonlocal tokens, resets
+        while queue:
+            text = queue.pop()
+            body = {
+                "model": "default_model",
+                "messages": [{"role": "user", "content": text}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            t0 = time.perf_counter()
+            first = True
+            got_usage = False
+            n_chunks = 0
+            for _attempt in range(50):
+                try:
+                    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+                        resp.raise_for_status()
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            for ch in chunk.get("choices", []):
+                                if (ch.get("delta") or {}).get("content"):
+                                    n_chunks += 1
+                                    if first:
+                                        ttfts.append(time.perf_counter() - t0)
+                                        first = False
+                            if chunk.get("usage"):
+                                tokens += chunk["usage"]["completion_tokens"]
+                                got_usage = True
+                    break
+                except (httpx.ReadError, httpx.ConnectError, httpx.RemoteProtocolError):
+                    # mlx_lm.server's ThreadingHTTPServer listens with a backlog of 5 and resets
+                    # connections beyond it; a client retries, and the TTFT clock keeps running.
+                    if n_chunks:
+                        raise
+                    resets += 1
+                    await trio.sleep(0.05)
+            else:
+                raise RuntimeError("mlx_lm.server kept resetting connections")
+            if not got_usage:
+                tokens += n_chunks  # one content chunk per token in mlx_lm.server
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as n:
+        for _ in range(concurrency):
+            n.start_soon(one)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_s": pct(ttfts, 0.5), "ttft_p95_s": pct(ttfts, 0.95), "connection_resets": resets}
+
+
+# --- driver ------------------------------------------------------------------------------
+
+
+def model_dirs(names: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for name in names:
+        if name == "smollm2":
+            from darkbloom.config import load_config
+            from darkbloom.inference.catalog import models_dir, prepare_bundled
+
+            root = models_dir(load_config().inference)
+            prepare_bundled(root)
+            out[name] = root / "smollm2-135m-instruct"
+        elif name in ("small", "tiny"):
+            from darkbloom.inference.testmodel import make_test_model
+
+            out[name] = make_test_model(Path(tempfile.gettempdir()) / f"darkbloom-bench-{name}", name, seed=0)
+        else:
+            raise SystemExit(f"unknown model {name!r}: use smollm2, small or tiny")
+    return out
+
+
+async def bench_model(name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, log: Any) -> list[dict[str, Any]]:
+    rows = []
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_mlx_server(path, port, max(levels), log)
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+            await wait_healthy(client, base, proc)
+            async with open_engine([(name, path)], max_concurrent=max(levels), max_queue=256, self_benchmark=False) as eng:
+                # Warm-up both sides (first-call compilation, page-in).
+                await run_ours(eng, name, prompts(2), 2, 8)
+                await run_theirs(client, base, prompts(2), 2, 8)
+                for c in levels:
+                    texts = prompts(c * rounds)
+                    ours = await run_ours(eng, name, texts, c, max_tokens)
+                    theirs = await run_theirs(client, base, texts, c, max_tokens)
+                    row = {"model": name, "concurrency": c, "ours": ours, "mlx_lm_server": theirs, "speedup": ours["tok_s"] / theirs["tok_s"]}
+                    rows.append(row)
+                    print(
+                        f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s  "
+                        f"x{row['speedup']:.2f}",
+                        flush=True,
+                    )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,small")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/engine.json")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    dirs = model_dirs([m.strip() for m in args.models.split(",") if m.strip()])
+    rows: list[dict[str, Any]] = []
+    log_path = Path(tempfile.gettempdir()) / "darkbloom-bench-mlx-server.log"
+    with open(log_path, "wb") as log:
+        for name, path in dirs.items():
+            rows += trio.run(bench_model, name, path, levels, args.max_tokens, args.rounds, log)
+
+    print()
+    print(f"{'model':9} {'conc':>4} | {'ours tok/s':>10} {'TTFT p50':>9} {'p95':>7} | {'mlx_lm tok/s':>12} {'TTFT p50':>9} {'p95':>7} | {'speedup':>7}")
+    for r in rows:
+        o, t = r["ours"], r["mlx_lm_server"]
+        print(
+            f"{r['model']:9} {r['concurrency']:>4} | {o['tok_s']:>10.1f} {o['ttft_p50_s']:>8.2f}s {o['ttft_p95_s']:>6.2f}s | "
+            f"{t['tok_s']:>12.1f} {t['ttft_p50_s']:>8.2f}s {t['ttft_p95_s']:>6.2f}s | {r['speedup']:>6.2f}x"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "blas": blas_status()},
+        "settings": {"max_tokens": args.max_tokens, "rounds": args.rounds, "concurrency": levels, "temperature": 0},
+        "rows": rows,
+        "note": "aggregate completion tokens/s over wall time; TTFT = request start to first non-empty text",
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
