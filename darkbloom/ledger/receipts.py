@@ -28,6 +28,8 @@ from darkbloom.wire.ledger import (
     SubmitVouchers,
     TopUp,
     Voucher,
+    encode_flat,
+    signed_body,
     signed_bytes,
 )
 
@@ -85,7 +87,7 @@ def lane_id(consumer: str, node: str, nonce: bytes) -> str:
 
 def voucher_hash(voucher: Voucher) -> bytes:
     """sha256 of the full encoding, signatures included: what a settlement row records."""
-    return hashlib.sha256(encode(voucher)).digest()
+    return hashlib.sha256(encode_flat(voucher)).digest()
 
 
 def row_hash(row: SettlementRow) -> bytes:
@@ -129,11 +131,16 @@ def sign_voucher(identity: Identity, voucher: Voucher, role: str) -> Voucher:
     raise ValueError(f"unknown role {role!r}")
 
 
+_CONSUMER_PREFIX = Voucher.DOMAIN + CONSUMER.encode() + b"\x00"  # type: ignore[attr-defined]
+_NODE_PREFIX = Voucher.DOMAIN + NODE.encode() + b"\x00"  # type: ignore[attr-defined]
+
+
 def verify_voucher(voucher: Voucher, consumer: str, node: str | None) -> None:
     """Check the consumer's signature, and the node's unless `node` is None."""
-    if not _verify(consumer, signed_bytes(voucher, CONSUMER), voucher.consumer_sig):
+    body = signed_body(voucher)  # == signed_bytes(voucher, role) minus the role prefix
+    if not _verify(consumer, _CONSUMER_PREFIX + body, voucher.consumer_sig):
         raise InvalidSignature("voucher (consumer)", consumer)
-    if node is not None and not _verify(node, signed_bytes(voucher, NODE), voucher.node_sig):
+    if node is not None and not _verify(node, _NODE_PREFIX + body, voucher.node_sig):
         raise InvalidSignature("voucher (node)", node)
 
 

@@ -13,15 +13,19 @@ transaction.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+import msgpack
 
 from darkbloom.errors import LedgerError, MalformedMessage, ReceiptReplay, UnknownLane, VoucherRejected
 from darkbloom.identity import Identity
 from darkbloom.ledger import merkle
 from darkbloom.ledger.receipts import ZERO_HASH, cost_of, decode_strict, row_hash, sign, verify_voucher, voucher_hash
-from darkbloom.wire.ledger import NETWORK_ACCOUNT, EpochSummary, NodeEpochStats, SettlementRow, Voucher
+from darkbloom.wire.ledger import NETWORK_ACCOUNT, EpochSummary, NodeEpochStats, SettlementRow, Voucher, encode_flat
 
 __all__ = [
     "DUPLICATE",
@@ -162,7 +166,7 @@ def settle_epoch(
     decoded: list[tuple[Voucher, bytes]] = []
     for blob in pending:
         try:
-            decoded.append((decode_strict(blob, Voucher), blob))
+            decoded.append((_load_voucher(blob), blob))
         except MalformedMessage as exc:  # stored by an older build or corrupted: refuse, keep going
             rejected.append(Rejection("", 0, "MalformedMessage", exc.reason))
     decoded.sort(key=lambda item: (item[0].lane, item[0].seq))
@@ -176,7 +180,7 @@ def settle_epoch(
             rejected.append(Rejection(voucher.lane, voucher.seq, type(exc).__name__, str(exc)))
             continue
         assert state is not None
-        new = replace(state)
+        new = copy.copy(state)
         pay = max(0, min(voucher.cum_cost, new.cap) - new.paid)
         operator, network = split(pay, operator_ppm)
         d_prompt = voucher.cum_prompt_tokens - new.prompt_tokens
@@ -222,7 +226,8 @@ def settle_epoch(
     for lane_key in sorted(lanes):
         state = outcome_lanes.get(lane_key) or lanes[lane_key]
         if state.open and state.expires_ms + grace_ms <= now_ms:
-            new = replace(state, open=False)
+            new = copy.copy(state)
+            new.open = False
             unused = new.cap - new.paid
             delta(new.consumer, unused, -unused)
             released += unused
@@ -247,3 +252,28 @@ def settle_epoch(
         ),
     )
     return EpochOutcome(summary=summary, rows=rows, row_hashes=hashes, lanes=outcome_lanes, deltas=deltas, rejected=rejected)
+
+
+_VOUCHER_TYPES = {name: hint for name, hint in typing.get_type_hints(Voucher).items() if name in Voucher.__dataclass_fields__}
+_VOUCHER_FIELDS = frozenset(_VOUCHER_TYPES) | {"type"}
+
+
+def _load_voucher(blob: bytes) -> Voucher:
+    """Decode a pending voucher; only byte strings that re-encode identically are accepted.
+
+    Pending blobs are written by `submit` from decoded vouchers, so this direct path (build,
+    validate in __post_init__, re-encode, compare) is as strict as `decode_strict` but faster.
+    """
+    try:
+        data = msgpack.unpackb(blob, raw=False)
+        if not isinstance(data, dict) or data.get("type") != Voucher.TYPE or set(data) != _VOUCHER_FIELDS:  # type: ignore[attr-defined]
+            raise ValueError("not a voucher")
+        del data["type"]
+        if any(type(data[name]) is not hint for name, hint in _VOUCHER_TYPES.items()):
+            raise ValueError("a field has the wrong type")
+        voucher = Voucher(**data)
+    except Exception:  # noqa: BLE001 - msgpack and __post_init__ raise many kinds; the strict decoder says why
+        return decode_strict(blob, Voucher)
+    if encode_flat(voucher) != blob:
+        return decode_strict(blob, Voucher)
+    return voucher

@@ -45,6 +45,7 @@ from darkbloom.wire.ledger import (
     SubmitResult,
     TopUp,
     Voucher,
+    encode_flat,
     is_account,
 )
 
@@ -528,7 +529,7 @@ class SqlStore(LedgerStore):
                 "INSERT INTO settled_rows (epoch, idx, lane, consumer, node, row_hash, row_data) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
             [
-                (epoch, row.index, row.lane, row.consumer, row.node, h, encode(row))
+                (epoch, row.index, row.lane, row.consumer, row.node, h, encode_flat(row))
                 for row, h in zip(outcome.rows, outcome.row_hashes)
             ],
         )

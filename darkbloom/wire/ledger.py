@@ -19,11 +19,16 @@ Who signs what:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from darkbloom.wire.codec import canonical_bytes, message
+import msgpack
+
+from darkbloom.wire.codec import canonical_bytes, encode, message
 
 __all__ = [
     "LEDGER_PROTOCOL",
@@ -47,8 +52,10 @@ __all__ = [
     "SubmitReply",
     "TopUp",
     "Voucher",
+    "encode_flat",
     "is_account",
     "is_lane_id",
+    "signed_body",
     "signed_bytes",
 ]
 
@@ -71,7 +78,37 @@ def is_lane_id(value: str) -> bool:
 
 def signed_bytes(msg: object, role: str = "") -> bytes:
     """The bytes a signature covers: domain, role tag, every non-signature field."""
-    return type(msg).DOMAIN + role.encode() + b"\x00" + canonical_bytes(msg, exclude=_SIGNATURE_FIELDS)  # type: ignore[attr-defined]
+    return type(msg).DOMAIN + role.encode() + b"\x00" + signed_body(msg)  # type: ignore[attr-defined]
+
+
+def signed_body(msg: object) -> bytes:
+    """`canonical_bytes(msg)` without the signature fields (so one body serves both roles).
+
+    Settlement computes this for every voucher and row, so flat messages (every field a
+    scalar) take a direct path that yields exactly the same bytes as `canonical_bytes`.
+    """
+    names = _flat_fields(type(msg))
+    if names is None:
+        return canonical_bytes(msg, exclude=_SIGNATURE_FIELDS)
+    return type(msg).DOMAIN + msgpack.packb([getattr(msg, n) for n in names if n not in _SIGNATURE_FIELDS], use_bin_type=True)  # type: ignore[attr-defined]
+
+
+def encode_flat(msg: object) -> bytes:
+    """`codec.encode(msg)` for a flat message, by the direct path (same bytes)."""
+    names = _flat_fields(type(msg))
+    if names is None:
+        return encode(msg)
+    data = {n: getattr(msg, n) for n in names}
+    data["type"] = type(msg).TYPE  # type: ignore[attr-defined]
+    return msgpack.packb(data, use_bin_type=True)
+
+
+@functools.cache
+def _flat_fields(cls: type) -> tuple[str, ...] | None:
+    """Field names in order when every field is int, str, bytes or bool; else None."""
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    return names if all(hints[n] in (int, str, bytes, bool) for n in names) else None
 
 
 def _require(ok: bool, what: str) -> None:

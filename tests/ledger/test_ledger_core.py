@@ -358,3 +358,31 @@ def test_settlement_conserves_credits_and_never_pays_twice(plan, caps):
         assert state.paid == min(state.cost, caps[i])
         assert state.paid <= state.cap
     assert sum(b + r for b, r in balances.values()) == reserved
+
+
+def test_fast_encodings_equal_the_codecs():
+    from darkbloom.wire.codec import canonical_bytes
+    from darkbloom.wire.ledger import SettlementRow, encode_flat, signed_body
+
+    v = pair().use(prompt=7, completion=9)
+    row = SettlementRow(
+        epoch=1, index=0, lane=v.lane, consumer="a" * 64, node="b" * 64, seq=1, cum_prompt_tokens=7, cum_completion_tokens=9,
+        cum_cost=5, paid=5, operator_amount=4, network_amount=1, voucher_hash=b"\x01" * 32, prev_hash=ZERO_HASH,
+    )
+    for msg in (v, row, make_reservation(CONSUMER, NODE, 9)):
+        assert encode_flat(msg) == encode(msg)
+        assert signed_body(msg) == canonical_bytes(msg, exclude=("signature", "consumer_sig", "node_sig"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_settlement_refuses_any_flipped_bit_in_a_pending_voucher(data):
+    """The fast path that loads pending vouchers is as strict as the codec: a flipped bit never pays."""
+    p = pair()
+    v = p.use(prompt=50, completion=50)
+    blob = bytearray(encode(v))
+    bit = data.draw(st.integers(0, len(blob) * 8 - 1))
+    blob[bit // 8] ^= 1 << (bit % 8)
+    lane = _state(p.reservation)
+    out = _settle({lane.lane: lane}, [bytes(blob)])
+    assert out.rows == [] and len(out.rejected) == 1
