@@ -41,6 +41,7 @@ class DhtParams:
     rpc_timeout_s: float = 10.0  # libp2p QUERY_TIMEOUT
     provider_ttl_s: float = 48 * 3600.0  # libp2p PROVIDER_RECORD_EXPIRATION_INTERVAL
     max_providers: int = 20  # a provider lookup stops once it knows this many
+    providers_per_reply: int = 0  # cap on providers in one GET_PROVIDERS reply; 0: all (libp2p)
 
 
 @dataclass(slots=True)
@@ -112,10 +113,11 @@ class DhtNode:
             found: list[PeerEntry] = []
             entries = self.providers.get(key) if self.providers else None
             if entries:
+                cap = self.params.providers_per_reply or len(entries)
                 for peer, (expires, addrs) in list(entries.items()):
                     if expires <= now:
                         del entries[peer]
-                    else:
+                    elif len(found) < cap:
                         found.append(PeerEntry(peer_id=peer, addrs=addrs))
             return KadReply(closer=closer, providers=tuple(found))
         if req.op == "add_provider":

@@ -33,6 +33,7 @@ from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder
 if TYPE_CHECKING:
     from darkbloom.sim.dht import DhtNode
     from darkbloom.sim.peer import SimPeer
+    from darkbloom.wire.caps import CapabilityRecord
 
 __all__ = ["LinkParams", "NatType", "SimNode", "SimStream", "SimWorld"]
 
@@ -199,6 +200,8 @@ class SimWorld:
         self.nursery: trio.Nursery | None = None
         # while non-empty (warm start), DHT stores go by direct calls to these servers' nodes
         self.warm_dhts: dict[str, DhtNode] = {}
+        # (key, value) -> record whose decoding and signature were verified (expiry is not cached)
+        self.verified: dict[tuple[str, bytes], CapabilityRecord] = {}
 
     # --- time -----------------------------------------------------------------------
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from darkbloom.errors import RecordRejected
 from darkbloom.identity import Identity
+from darkbloom.p2p.api import Provider
 from darkbloom.p2p.core import NetworkCore
+from darkbloom.p2p.keys import model_cid
 from darkbloom.sim.dht import DhtNode, DhtParams
 from darkbloom.sim.keys import content_key
 from darkbloom.sim.messages import KAD_PROTOCOL, KadRequest, PeerEntry
 from darkbloom.sim.network import SimNode, SimStream, SimWorld
+from darkbloom.wire.caps import CapabilityRecord
 
 __all__ = ["SimPeer"]
 
@@ -67,6 +71,21 @@ class SimPeer(NetworkCore):
             self.serve(KAD_PROTOCOL, self.dht.handle)
         self.last_lookup = None  # LookupResult of the last provider lookup (for metrics)
 
+    # --- validation (memoised: 20 servers check the same bytes) ----------------------------
+
+    def validate_value(self, key: str, value: bytes) -> CapabilityRecord:
+        """As NetworkCore's, with the signature check of identical bytes done once per world."""
+        cache = self.world.verified
+        record = cache.get((key, value))
+        if record is None:
+            record = super().validate_value(key, value)
+            if len(cache) > 100_000:
+                cache.clear()
+            cache[(key, value)] = record
+        elif self.now_ms() >= record.expires_at_ms:
+            raise RecordRejected(key, "expired")
+        return record
+
     # --- addresses and streams ------------------------------------------------------------
 
     @property
@@ -113,6 +132,24 @@ class SimPeer(NetworkCore):
     async def _raw_find_providers(self, key: str, fresh: bool) -> list[tuple[str, tuple[str, ...]]]:
         found, self.last_lookup = await self.dht.find_providers(content_key(key))
         return found
+
+    async def provider_candidates(self, model_id: str, rng, limit: int) -> list[Provider]:
+        """What a shim should do with a popular model: up to `limit` random providers, each
+        with a valid record. (`find_providers` fetches a record for every provider found.)"""
+        raw = await self._raw_find_providers(model_cid(model_id), True)
+        rng.shuffle(raw)
+        out: list[Provider] = []
+        for peer_id, addrs in raw:
+            if len(out) >= limit:
+                break
+            if peer_id == self.peer_id:
+                continue
+            record = await self.get_record(peer_id, fresh=True)
+            if record is None or record.model(model_id) is None:
+                continue
+            hint = "relayed" if record.reachability == "relayed" else "direct"
+            out.append(Provider(peer_id=peer_id, addrs=tuple(record.addrs) or addrs, record=record, route_hint=hint))
+        return out
 
     async def _raw_put_value(self, key: str, value: bytes) -> None:
         if self.world.warm_dhts:

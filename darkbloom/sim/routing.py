@@ -10,7 +10,6 @@ tables of ~200 entries cost a few tens of MB.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator
 
 from darkbloom.sim.keys import KEY_BITS
@@ -87,8 +86,26 @@ class RoutingTable:
         """Up to `count` (default k) known peers nearest to `target` by XOR, nearest first."""
         count = self.k if count is None else count
         key_of = self._key_of
-        peers = (p for b in self._buckets.values() for p in b if p != exclude)
-        return heapq.nsmallest(count, peers, key=lambda p: key_of(p) ^ target)
+        buckets = self._buckets
+
+        def dist(p: str) -> int:
+            return key_of(p) ^ target
+
+        # Bucket c (c = prefix shared by target and us) is nearest; then all deeper buckets
+        # (they differ from the target at bit c); then buckets c-1, c-2, ... each farther.
+        c = self.bucket_index(target)
+        out = sorted((p for p in buckets.get(c, ()) if p != exclude), key=dist)
+        if len(out) >= count:
+            return out[:count]
+        deeper = [p for i, b in buckets.items() if i > c for p in b if p != exclude]
+        out.extend(sorted(deeper, key=dist))
+        i = min(c, KEY_BITS) - 1
+        while len(out) < count and i >= 0:
+            b = buckets.get(i)
+            if b:
+                out.extend(sorted((p for p in b if p != exclude), key=dist))
+            i -= 1
+        return out[:count]
 
     def bucket(self, index: int) -> tuple[str, ...]:
         return tuple(self._buckets.get(index, ()))

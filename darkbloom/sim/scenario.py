@@ -63,6 +63,7 @@ class Workload:
     request_rate_per_s: float = 0.5  # discovery + one inference exchange with a provider
     request_bytes: int = 2_000
     response_bytes: int = 20_000
+    candidates: int = 4  # providers (with valid records) a shim picks from per request
     probe_interval_s: float = 30.0  # how often departed providers are looked for
     max_concurrent: int = 256  # workload tasks in flight at most
 

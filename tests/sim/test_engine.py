@@ -1,0 +1,90 @@
+"""Scenarios end to end at small N: same seed same run, hops grow with N, events have effects."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from darkbloom.errors import ConfigError
+from darkbloom.sim.engine import simulate
+from darkbloom.sim.scenario import Churn, Event, Population, Scenario, Workload, bundled_scenarios, load_scenario, parse_scenario
+
+
+def small(**changes) -> Scenario:
+    base = Scenario(
+        name="t", nodes=60, seed=3, duration_s=200, warmup_s=20,
+        population=Population(relays=2, providers=0.5, shims=5),
+        workload=Workload(lookup_rate_per_s=0.5, request_rate_per_s=0.3),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_same_seed_same_simulation_other_seed_other():
+    sc = small(nodes=40, duration_s=150, churn=Churn(leave_per_s=0.05, join_per_s=0.05))
+    a, b = simulate(sc), simulate(sc)
+    assert a.digest == b.digest
+    assert a.metrics.lookups == b.metrics.lookups and a.metrics.requests == b.metrics.requests
+    assert len(a.metrics.lookups) > 20 and len(a.metrics.requests) > 10
+    c = simulate(dataclasses.replace(sc, seed=4))
+    assert c.digest != a.digest
+
+
+def test_lookup_hops_grow_with_log2_n():
+    hops = {}
+    for n in (32, 128, 512):
+        sc = small(
+            nodes=n, duration_s=140,
+            population=Population(relays=2, public=1.0, full_cone=0.0, symmetric=0.0, providers=0.0, shims=0),
+            workload=Workload(lookup_rate_per_s=1.0, request_rate_per_s=0.0),
+        )
+        r = simulate(sc)
+        assert r.summary["lookup_success"] >= 0.95
+        hops[n] = r.summary["hops_mean"]
+    assert hops[32] < hops[128] < hops[512], hops
+    assert all(h <= math.log2(n) for n, h in hops.items())
+    # about log2(N): each quadrupling adds a similar number of hops (within a factor of 3)
+    step1, step2 = hops[128] - hops[32], hops[512] - hops[128]
+    assert step1 > 0 and step2 > 0 and max(step1, step2) / min(step1, step2) < 3, hops
+
+
+def test_departed_providers_vanish_and_relay_failure_hurts_then_recovers():
+    sc = small(
+        nodes=50, duration_s=720,
+        population=Population(relays=2, public=0.3, full_cone=0.0, symmetric=0.7, providers=0.6, shims=5),
+        workload=Workload(lookup_rate_per_s=0.1, request_rate_per_s=0.3, probe_interval_s=30),
+        events=(Event(at_s=60, kind="leave_providers", count=3), Event(at_s=300, kind="kill_relays", count=1)),
+    )
+    r = simulate(sc)
+    deps = r.metrics.departures
+    assert len(deps) == 3
+    for d in deps:  # the record (TTL 600 s) expires; the provider entry (48 h) does not
+        assert d["record_gone_after_s"] is not None and d["record_gone_after_s"] <= 600 + 30
+        assert d["entry_gone_after_s"] is None
+        assert d["vanished_after_s"] == d["record_gone_after_s"]
+    before = [q for q in r.metrics.requests if 30 <= q["t"] < 300]
+    after = [q for q in r.metrics.requests if 300 <= q["t"] < 360]
+    late = [q for q in r.metrics.requests if q["t"] >= 500]
+    rate = lambda rows: sum(q["ok"] for q in rows) / len(rows)  # noqa: E731
+    tries = lambda rows: sum(q["attempts"] for q in rows) / len(rows)  # noqa: E731
+    assert rate(before) >= 0.9 and rate(late) >= 0.9
+    assert any(q["route"] == "relayed" for q in before)
+    assert any(e["kind"] == "re_reserve" for e in r.metrics.events)
+    # right after the relay died, shims dial stale circuit addresses and must retry elsewhere
+    assert tries(after) > tries(before) and tries(late) < tries(after)
+
+
+def test_bundled_scenarios_parse_and_bad_ones_are_refused():
+    assert {"churn", "relay_failure", "flash_crowd", "regional_split"} <= set(bundled_scenarios())
+    for name in bundled_scenarios():
+        sc = load_scenario(name)
+        assert sc.nodes >= 100 and sc.duration_s > sc.warmup_s
+    split = load_scenario("regional_split")
+    assert split.links.region_ms[("eu", "us")] == 45
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_scenario({"name": "x", "nodez": 3})
+    with pytest.raises(ConfigError, match="events"):
+        parse_scenario({"name": "x", "events": [{"at_s": 1, "kind": "meteor"}]})
+    with pytest.raises(ConfigError, match="no scenario"):
+        load_scenario("no-such-scenario")
