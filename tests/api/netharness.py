@@ -71,11 +71,11 @@ class RunningNode:
         self.served_event.set()
         self.served_event = trio.Event()
 
-    async def next_served(self) -> ServedRequest:
-        count = len(self.served)
-        while len(self.served) <= count:
+    async def served_nth(self, n: int) -> ServedRequest:
+        """The n-th request this node finished serving (1-based), waiting for it if need be."""
+        while len(self.served) < n:
             await self.served_event.wait()
-        return self.served[count]
+        return self.served[n - 1]
 
 
 @dataclass
@@ -98,6 +98,7 @@ async def run_node(
     max_queue: int = 8,
     hold: bool = False,
     region: str = "",
+    reachability: str = "public",
     task_status: trio.TaskStatus[RunningNode] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """One node for the life of the swarm's nursery: engine/embedder, libp2p member, record, provider."""
@@ -121,7 +122,7 @@ async def run_node(
             caps.append(ModelCap(id=EMBED, digest=info.digest, context_length=info.context_length,
                                  quantization=info.quantization, features=info.features))
             digests[EMBED] = info.digest
-        member = await s.add("node")
+        member = await s.add("node", reachability=reachability)
         node = RunningNode(member=member, service=None, engine=engine)  # type: ignore[arg-type]
         node.service = InferenceService(engine, digests=digests, embedders=embedders, on_served=node.on_served)
         serve_inference(member.net, node.service)

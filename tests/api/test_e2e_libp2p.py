@@ -142,6 +142,7 @@ async def test_errors_from_real_nodes(tiny_model_dir):
                 assert ctx.value.body["code"] == "context_length_exceeded"
 
                 # one slot, no queue: while it is taken, the only provider is busy -> 503 + Retry-After
+                before = len(node.served)
                 sock = await open_raw_stream(net.url, "/chat/completions", {
                     "model": CHAT, "messages": MSG, "stream": True, "max_tokens": 3000, "logit_bias": NO_END})
                 with pytest.raises(openai.InternalServerError) as busy:
@@ -149,7 +150,7 @@ async def test_errors_from_real_nodes(tiny_model_dir):
                 assert busy.value.status_code == 503 and "busy" in busy.value.message
                 assert int(busy.value.response.headers["retry-after"]) >= 1
                 await sock.aclose()  # the client leaves mid-stream: the node's slot is freed
-                served = await node.next_served()
+                served = await node.served_nth(before + 1)
                 assert served.outcome == "cancelled" and served.completion_tokens < 3000
                 ok = await chat.create(model=CHAT, messages=MSG, max_tokens=2)
                 assert ok.usage.completion_tokens <= 2
