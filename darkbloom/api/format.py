@@ -20,7 +20,8 @@ __all__ = ["Completion", "embedding_response", "fingerprint", "model_object"]
 
 def fingerprint(node_id: str, digest: str) -> str:
     """`system_fingerprint`: the serving node's short id and the weights digest."""
-    return f"fp_{node_id[-8:]}_{digest[:16]}" if digest else f"fp_{node_id[-8:]}"
+    short = digest.rsplit(":", 1)[-1][:16]  # "sha256:<hex>" -> the first 16 hex digits
+    return f"fp_{node_id[-8:]}_{short}" if short else f"fp_{node_id[-8:]}"
 
 
 def _top(top: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:

@@ -71,6 +71,16 @@ class RunningNode:
         self.served_event.set()
         self.served_event = trio.Event()
 
+    async def served_with(self, outcome: str, *, after: int = 0) -> ServedRequest:
+        """The first request served after the `after`-th one that ended with `outcome`."""
+        seen = after
+        while True:
+            for s in self.served[seen:]:
+                if s.outcome == outcome:
+                    return s
+            seen = len(self.served)
+            await self.served_event.wait()
+
     async def served_nth(self, n: int) -> ServedRequest:
         """The n-th request this node finished serving (1-based), waiting for it if need be."""
         while len(self.served) < n:
