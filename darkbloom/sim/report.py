@@ -1,0 +1,236 @@
+"""Reports: CSV, JSON and PNG plots of simulation results, and the one-command research report.
+
+`write_result` puts one scenario's rows and summary in a directory (lookups.csv, requests.csv,
+departures.csv, events.csv, summary.json, timeline.png). `run_report` runs the hops-vs-N sweep
+and the bundled scenarios, each in a fresh process (so memory is measured per run), and
+writes scaling.csv, hops_vs_n.png and report.md next to the per-scenario directories.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from darkbloom.sim.engine import SimResult, scenario_dict, simulate
+from darkbloom.sim.scenario import load_scenario as load_scenario  # re-exported for commands
+from darkbloom.sim.metrics import timeline
+from darkbloom.sim.scenario import Scenario
+
+__all__ = ["REPORT_SCENARIOS", "run_isolated", "run_report", "scaling_scenario", "write_result"]
+
+log = logging.getLogger(__name__)
+
+REPORT_SCENARIOS = ("churn", "relay_failure", "flash_crowd", "regional_split")
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or ["empty"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_result(result: SimResult, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    m = result.metrics
+    _write_csv(out / "lookups.csv", m.lookups)
+    _write_csv(out / "requests.csv", m.requests)
+    _write_csv(out / "departures.csv", m.departures)
+    _write_csv(out / "events.csv", m.events)
+    doc = {
+        "scenario": scenario_dict(result.scenario),
+        "summary": {k: _clean(v) for k, v in result.summary.items()},
+        "stats": result.stats,
+        "nodes_final": result.nodes_final,
+        "digest": result.digest,
+    }
+    (out / "summary.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    plot_timeline(result, out / "timeline.png")
+
+
+def plot_timeline(result: SimResult, path: Path, bin_s: float = 60.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result.metrics
+    served = [r for r in m.requests if r["ok"]]
+    for r in served:
+        r["_relayed"] = r["route"] == "relayed"
+    panels = [
+        ("lookup success", timeline(m.lookups, bin_s=bin_s, flag="success")),
+        ("request success", timeline(m.requests, bin_s=bin_s, flag="ok")),
+        ("served through a relay", timeline(served, bin_s=bin_s, flag="_relayed")),
+    ]
+    for r in served:
+        del r["_relayed"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 7), sharex=True)
+    for ax, (title, rows) in zip(axes, panels):
+        ax.plot([r["t"] / 60 for r in rows], [r["share"] for r in rows], marker=".")
+        ax.set_ylabel(title, fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        for ev in m.events:
+            if ev["kind"] != "re_reserve":
+                ax.axvline(ev["t"] / 60, color="red", alpha=0.4, linestyle="--")
+    axes[-1].set_xlabel("virtual time (min); red: scenario events")
+    fig.suptitle(f"{result.scenario.name}: {result.scenario.nodes} nodes, seed {result.scenario.seed}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def scaling_scenario(nodes: int, seed: int = 1, lookups: int = 200) -> Scenario:
+    """The baseline at `nodes` for the hops/latency sweep: warm network, lookups and requests
+    for `lookups` virtual seconds, no re-announce inside the short window (records live 600 s)."""
+    base = load_scenario("baseline")
+    duration = base.warmup_s + lookups
+    return dataclasses.replace(
+        base,
+        name=f"scaling-{nodes}",
+        nodes=nodes,
+        seed=seed,
+        duration_s=duration,
+        records=dataclasses.replace(base.records, announce_interval_s=duration + 1),
+        workload=dataclasses.replace(base.workload, lookup_rate_per_s=1.0, request_rate_per_s=0.5),
+    )
+
+
+def _simulate_quietly(scenario: Scenario) -> SimResult:
+    logging.getLogger("darkbloom.p2p.core").setLevel(logging.ERROR)  # "record expired" per peer
+    return simulate(scenario)
+
+
+def run_isolated(scenario: Scenario) -> SimResult:
+    """`simulate` in a fresh process, so its peak memory is its own."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_simulate_quietly, scenario).result()
+
+
+def _scaling_row(n: int, r: SimResult) -> dict[str, Any]:
+    s, st = r.summary, r.stats
+    return {
+        "nodes": n, "log2_nodes": round(math.log2(n), 3), "lookups": s["lookups"], "lookup_success": s["lookup_success"],
+        "hops_mean": s["hops_mean"], "hops_p95": s["hops_p95"], "rounds_mean": s["rounds_mean"],
+        "queries_mean": s["queries_mean"], "lookup_latency_p50_s": s["lookup_latency_p50_s"],
+        "lookup_latency_p95_s": s["lookup_latency_p95_s"], "requests": s["requests"],
+        "request_success": s["request_success"], "relayed_share": s["relayed_share"],
+        "discovery_latency_p50_s": s["discovery_latency_p50_s"], "request_latency_p50_s": s["request_latency_p50_s"],
+        "wall_s": st["wall_s"], "cpu_s": st["cpu_s"], "maxrss_mb": st["maxrss_mb"], "rpcs": st["rpcs_by_alive_nodes"],
+    }
+
+
+def plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["log2_nodes"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(xs, [r["hops_mean"] for r in rows], marker="o", label="hops (mean)")
+    a.plot(xs, [r["hops_p95"] for r in rows], marker="^", label="hops (p95)")
+    a.plot(xs, [r["rounds_mean"] for r in rows], marker="s", label="rounds (mean)")
+    if len(rows) >= 2:
+        mx, my = sum(xs) / len(xs), sum(r["hops_mean"] for r in rows) / len(rows)
+        den = sum((x - mx) ** 2 for x in xs) or 1.0
+        slope = sum((x - mx) * (r["hops_mean"] - my) for x, r in zip(xs, rows)) / den
+        a.plot(xs, [my + slope * (x - mx) for x in xs], "k:", label=f"fit: {slope:.2f} hops per doubling")
+    a.set_xlabel("log2(N)")
+    a.set_ylabel("per lookup")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    b.plot(xs, [r["lookup_latency_p50_s"] for r in rows], marker="o", label="lookup p50")
+    b.plot(xs, [r["lookup_latency_p95_s"] for r in rows], marker="^", label="lookup p95")
+    b.plot(xs, [r["discovery_latency_p50_s"] for r in rows], marker="s", label="model discovery p50")
+    b.set_xlabel("log2(N)")
+    b.set_ylabel("seconds (virtual)")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def run_report(
+    out: Path,
+    *,
+    sizes: Sequence[int] = (100, 1000, 10000),
+    scenarios: Sequence[str] = REPORT_SCENARIOS,
+    scenario_nodes: int | None = None,
+    seed: int = 1,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """The whole research report into `out`; returns what it wrote as a dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"scaling": [], "scenarios": {}}
+    for name in scenarios:
+        sc = load_scenario(name).with_overrides(nodes=scenario_nodes, seed=seed)
+        progress(f"scenario {name}: {sc.nodes} nodes, {sc.duration_s:.0f} s virtual")
+        r = run_isolated(sc)
+        write_result(r, out / name)
+        results["scenarios"][name] = {"summary": r.summary, "stats": r.stats}
+        progress(f"  done in {r.stats['wall_s']:.0f} s wall, {r.stats['maxrss_mb']:.0f} MB")
+    for n in sizes:
+        sc = scaling_scenario(n, seed)
+        progress(f"scaling: {n} nodes")
+        r = run_isolated(sc)
+        write_result(r, out / f"scaling-{n}")
+        results["scaling"].append(_scaling_row(n, r))
+        progress(f"  hops {r.summary['hops_mean']}, {r.stats['wall_s']:.0f} s wall, {r.stats['maxrss_mb']:.0f} MB")
+        _write_csv(out / "scaling.csv", results["scaling"])
+    if results["scaling"]:
+        plot_scaling(results["scaling"], out / "hops_vs_n.png")
+    (out / "report.json").write_text(json.dumps(results, indent=2, default=_clean))
+    (out / "report.md").write_text(render_markdown(results))
+    return results
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Darkbloom simulation report", ""]
+    if results["scaling"]:
+        cols = ["nodes", "hops_mean", "hops_p95", "rounds_mean", "queries_mean", "lookup_success",
+                "lookup_latency_p50_s", "lookup_latency_p95_s", "relayed_share", "request_success",
+                "discovery_latency_p50_s", "wall_s", "cpu_s", "maxrss_mb"]
+        lines += ["## Lookups against N", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in results["scaling"]:
+            lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        lines.append("")
+    if results["scenarios"]:
+        keys = ["lookup_success", "hops_mean", "request_success", "relayed_share", "hole_punched_share",
+                "request_latency_p50_s", "request_latency_p95_s", "vanish_mean_s", "vanish_max_s"]
+        lines += ["## Scenarios", "", "| scenario | " + " | ".join(keys) + " | wall_s | maxrss_mb |", "|" + "---|" * (len(keys) + 3)]
+        for name, r in results["scenarios"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(r["summary"].get(k)) for k in keys)
+                         + f" | {_fmt(r['stats']['wall_s'])} | {_fmt(r['stats']['maxrss_mb'])} |")
+        lines.append("")
+    return "\n".join(lines)
