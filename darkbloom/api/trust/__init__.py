@@ -1,3 +1,50 @@
-"""Trust in the shim: live peer statistics, circuit breaker, reputation mix, spot checks, canaries, hedging, node classes."""
+"""Trust in the shim: live peer statistics, circuit breaker, reputation mix, spot checks, canaries, hedging, node classes.
 
-__all__: list[str] = []
+Pure modules (no I/O, no clock: `now` is passed in) except `hedge.race`, a small trio helper.
+"""
+
+from darkbloom.api.trust.breaker import BreakerPolicy, CircuitBreaker
+from darkbloom.api.trust.canary import CanaryBook, CanaryReply, CanaryResult, features_of, make_canary, reply_from_frames
+from darkbloom.api.trust.classes import UptimeTracker, class_satisfies, classify, region_verdict, within_price
+from darkbloom.api.trust.evidence import attest_output, attest_scores, check_report, make_report, token_hash
+from darkbloom.api.trust.hedge import HedgeOutcome, HedgePolicy, hedge_delay, race
+from darkbloom.api.trust.reputation_mix import MixPolicy, PeerTrust, TrustBook
+from darkbloom.api.trust.stats import LatencyWindow, PeerLiveStats, StatsPolicy
+from darkbloom.api.trust.verify import DEFAULT_POLICY, ScoredOutput, Verdict, VerifyPolicy, judge, should_spot_check
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "BreakerPolicy",
+    "CanaryBook",
+    "CanaryReply",
+    "CanaryResult",
+    "CircuitBreaker",
+    "HedgeOutcome",
+    "HedgePolicy",
+    "LatencyWindow",
+    "MixPolicy",
+    "PeerLiveStats",
+    "PeerTrust",
+    "ScoredOutput",
+    "StatsPolicy",
+    "TrustBook",
+    "UptimeTracker",
+    "Verdict",
+    "VerifyPolicy",
+    "attest_output",
+    "attest_scores",
+    "check_report",
+    "class_satisfies",
+    "classify",
+    "features_of",
+    "hedge_delay",
+    "judge",
+    "make_canary",
+    "make_report",
+    "race",
+    "region_verdict",
+    "reply_from_frames",
+    "should_spot_check",
+    "token_hash",
+    "within_price",
+]
