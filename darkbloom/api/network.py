@@ -31,6 +31,8 @@ __all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record"]
 
 log = logging.getLogger(__name__)
 
+CANDIDATES_TTL_S = 10.0  # reuse a model's provider list this long; failures force a fresh lookup
+
 
 def candidates_from_record(record: CapabilityRecord, model_id: str, *, relayed: bool = False) -> Candidate | None:
     cap = record.model(model_id)
@@ -98,6 +100,7 @@ class NetworkBackend:
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
+        self._cache: dict[str, tuple[float, list[Candidate]]] = {}
 
     def _stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
@@ -106,7 +109,12 @@ class NetworkBackend:
         router.record_load(self._stats(peer_id), trio.current_time(), active=load.active, queued=load.queued,
                            max_concurrent=load.max_concurrent, paused=load.paused)
 
-    async def _candidates(self, model: str) -> list[Candidate]:
+    async def _candidates(self, model: str, *, cached: bool = True) -> list[Candidate]:
+        """Providers of `model` as candidates; a DHT lookup at most every CANDIDATES_TTL_S per model."""
+        now = trio.current_time()
+        hit = self._cache.get(model)
+        if cached and hit is not None and now - hit[0] < CANDIDATES_TTL_S:
+            return hit[1]
         providers = await self.network.find_providers(model)
         if not providers:
             providers = await self.network.find_providers(model, fresh=True)
@@ -115,6 +123,10 @@ class NetworkBackend:
             c = candidates_from_record(p.record, model, relayed=p.route_hint == "relayed")
             if c is not None:
                 out.append(c)
+        if out:
+            self._cache[model] = (now, out)
+        else:
+            self._cache.pop(model, None)
         return out
 
     # --- Backend --------------------------------------------------------------------------
@@ -130,7 +142,7 @@ class NetworkBackend:
                 ids.update(m.id for m in record.models)
         listings = []
         for model_id in sorted(ids):
-            cands = await self._candidates(model_id)
+            cands = await self._candidates(model_id, cached=False)
             if not cands:
                 continue
             pin = [c.price_input_per_m for c in cands]
@@ -185,6 +197,7 @@ class NetworkBackend:
                 router.record_failure(self._stats(cand.peer_id), trio.current_time())
                 log.warning("%s peer %s gave no first token within %.0f s; trying another", request.request_id,
                             cand.peer_id[-8:], self.config.first_token_timeout_s)
+        self._cache.pop(request.model, None)  # the next request looks the providers up afresh
         if busy == attempts:
             raise api_errors.all_busy(request.model)
         raise api_errors.upstream_failed(request.model, attempts, last)
