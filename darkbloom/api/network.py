@@ -25,7 +25,7 @@ from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
 from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity
 from darkbloom.wire.caps import CapabilityRecord
-from darkbloom.wire.infer import Accepted, Done, InferRequest, NodeLoad
+from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 
 __all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record"]
 
@@ -62,6 +62,9 @@ class NetworkSession:
     call: InferCall
     backend: NetworkBackend
     first: Frame | None
+    started: float = 0.0  # trio time the attempt started
+    trust_ttft_s: float | None = None  # set when the trust layer opened it
+    tokens: int = 0  # completion tokens received
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -80,9 +83,21 @@ class NetworkSession:
         if self.first is not None:
             frame, self.first = self.first, None
         else:
-            frame = await self.call.receive()
-        if isinstance(frame, Done):
+            try:
+                frame = await self.call.receive()
+            except DarkbloomError as exc:
+                trust = self.backend.trust
+                if trust is not None and not is_final(exc):
+                    trust.failed_midstream(self.node_id, trio.current_time())
+                raise
+        if isinstance(frame, Delta):
+            self.tokens += frame.tokens
+        elif isinstance(frame, Done):
+            now = trio.current_time()
             self.backend._note_load(self.node_id, frame.load)
+            if self.backend.trust is not None:
+                self.backend.trust.finished(self.node_id, now, ttft_s=self.trust_ttft_s, tokens=self.tokens,
+                                            duration_s=now - self.started)
         return frame
 
     async def aclose(self) -> None:
@@ -95,8 +110,18 @@ class NetworkSession:
 class NetworkBackend:
     """The real `Backend` over a `PeerNetwork`. `known_models`: ids that exist even with no provider."""
 
-    def __init__(self, network: Any, config: ApiConfig | None = None, *, known_models: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        network: Any,
+        config: ApiConfig | None = None,
+        *,
+        known_models: Iterable[str] = (),
+        trust: Any | None = None,
+    ) -> None:
+        """`trust`: an optional `darkbloom.api.trust.routing.TrustedRouting` (reputation mix,
+        breaker and quarantine, canary gate, hedging); without it, routing uses `router` alone."""
         self.network = network
+        self.trust = trust
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
@@ -168,41 +193,50 @@ class NetworkBackend:
             if request.model in self.known_models:
                 raise api_errors.no_provider(request.model)
             raise ModelNotFound(request.model)
-        ranked, reason = router.rank(cands, self.stats, hints, trio.current_time())
+        now = trio.current_time()
+        stats = self.stats if self.trust is None else self.trust.router_stats({c.peer_id for c in cands}, now, self.stats)
+        ranked, reason = router.rank(cands, stats, hints, now)
         ranked = [c for c in ranked if c.peer_id not in exclude]
+        if self.trust is not None and ranked:
+            ranked = self.trust.order(ranked, hints.features, now)
+            reason = reason or "every provider is circuit-broken, quarantined or not yet verified"
         if not ranked:
             raise api_errors.no_provider(request.model, reason.removeprefix(f"no provider for model {request.model}").strip(" ,")
                                          if reason else "every provider was tried")
-        busy = 0
-        last = ""
-        attempts = 0
+        if self.trust is not None:
+            return await self._open_trusted(request, ranked)
+        failures: list[BaseException] = []
         for cand in ranked[: max(1, self.config.max_attempts)]:
-            attempts += 1
             try:
                 return await self._attempt(cand, request)
-            except NoCapacity as exc:
-                busy += 1
-                last = "busy"
-                router.record_load(self._stats(cand.peer_id), trio.current_time(), active=1, queued=0, max_concurrent=1)
-                log.warning("%s peer %s busy (%s); trying another", request.request_id, cand.peer_id[-8:], exc.reason)
-            except DarkbloomError as exc:
+            except (DarkbloomError, trio.TooSlowError) as exc:
                 if is_final(exc):
                     raise
-                last = type(exc).__name__
-                router.record_failure(self._stats(cand.peer_id), trio.current_time())
-                log.warning("%s peer %s failed before the first byte (%s); trying another", request.request_id,
-                            cand.peer_id[-8:], last)
-            except trio.TooSlowError:
-                last = "no first token in time"
-                router.record_failure(self._stats(cand.peer_id), trio.current_time())
-                log.warning("%s peer %s gave no first token within %.0f s; trying another", request.request_id,
-                            cand.peer_id[-8:], self.config.first_token_timeout_s)
+                failures.append(exc)
+        raise self._all_failed(request, failures)
+
+    async def _open_trusted(self, request: InferRequest, order: list[Candidate]) -> NetworkSession:
+        """Attempts through the trust layer: its breaker, canary gate, hedging and bookkeeping."""
+        assert self.trust is not None
+        opened = await self.trust.open(order, lambda c: self._attempt(c, request), discard=_discard,
+                                       is_final=is_final, model=request.model)
+        session = opened.value
+        if session is None:
+            raise self._all_failed(request, [exc for _, exc in opened.outcome.failures])
+        session.trust_ttft_s = opened.ttft_s
+        return session
+
+    def _all_failed(self, request: InferRequest, failures: list[BaseException]) -> DarkbloomError:
         self._cache.pop(request.model, None)  # the next request looks the providers up afresh
-        if busy == attempts:
-            raise api_errors.all_busy(request.model)
-        raise api_errors.upstream_failed(request.model, attempts, last)
+        if failures and all(isinstance(f, NoCapacity) for f in failures):
+            retry = min(f.retry_after_s for f in failures if isinstance(f, NoCapacity))
+            return api_errors.all_busy(request.model, retry)
+        last = failures[-1] if failures else None
+        what = "no first token in time" if isinstance(last, trio.TooSlowError) else type(last).__name__
+        return api_errors.upstream_failed(request.model, len(failures), what)
 
     async def _attempt(self, cand: Candidate, request: InferRequest) -> NetworkSession:
+        """Connect, get Accepted and the first content frame within first_token_timeout_s."""
         stats = self._stats(cand.peer_id)
         started = trio.current_time()
         stats.inflight += 1
@@ -212,11 +246,24 @@ class NetworkBackend:
                 call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs)
                 self._note_load(cand.peer_id, call.accepted.load)
                 first = await call.receive()
-        except BaseException:
+        except BaseException as exc:
             stats.inflight -= 1
             if call is not None:
                 await call.aclose()
+            now = trio.current_time()
+            if isinstance(exc, NoCapacity):  # load, not unreliability: rank it last for a while
+                router.record_load(stats, now, active=1, queued=0, max_concurrent=1)
+                log.warning("%s peer %s busy; trying another", request.request_id, cand.peer_id[-8:])
+            elif isinstance(exc, (DarkbloomError, trio.TooSlowError)) and not is_final(exc):
+                router.record_failure(stats, now)
+                what = "no first token in time" if isinstance(exc, trio.TooSlowError) else type(exc).__name__
+                log.warning("%s peer %s failed before the first byte (%s); trying another", request.request_id,
+                            cand.peer_id[-8:], what)
             raise
         router.record_success(stats, trio.current_time(), trio.current_time() - started)
         log.info("%s routed to %s via %s", request.request_id, cand.peer_id[-8:], call.route)
-        return NetworkSession(call=call, backend=self, first=first)
+        return NetworkSession(call=call, backend=self, first=first, started=started)
+
+
+async def _discard(session: NetworkSession) -> None:
+    await session.aclose()

@@ -153,6 +153,7 @@ async def network(
     node_specs: list[dict[str, Any]],
     *,
     api: dict[str, Any] | None = None,
+    trust: Any | None = None,
 ) -> AsyncIterator[TestNetwork]:
     """Relay + nodes (one per spec: kwargs of `start_node`) + shim peer + HTTP shim."""
     async with swarm(nodes=0, relays=1, clients=0) as s:
@@ -163,7 +164,7 @@ async def network(
             nodes.append(await s.nursery.start(partial(run_node, s, chat, **spec)))
         shim_member = await s.add("shim")
         cfg = dataclasses.replace(ApiConfig(), **(api or {}))
-        backend = NetworkBackend(shim_member.net, cfg, known_models={CHAT, EMBED, OFFLINE})
+        backend = NetworkBackend(shim_member.net, cfg, known_models={CHAT, EMBED, OFFLINE}, trust=trust)
         metrics = Metrics()
         net = TestNetwork(swarm=s, nodes=nodes, backend=backend, metrics=metrics)
         async with running_shim(backend, metrics=metrics, **(api or {})) as url:

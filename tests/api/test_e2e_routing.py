@@ -9,6 +9,8 @@ import openai
 import trio
 
 from darkbloom.api.network import NetworkBackend
+from darkbloom.api.trust.hedge import HedgePolicy
+from darkbloom.api.trust.routing import TrustedRouting
 from darkbloom.config import ApiConfig
 from darkbloom.identity import Identity
 from darkbloom.inference.catalog import model_info
@@ -90,3 +92,22 @@ async def test_no_prompt_or_output_in_logs(tiny_model_dir, caplog):
     text = "\n".join(rec.getMessage() for rec in caplog.records)
     assert any(CHAT in rec.getMessage() for rec in caplog.records)  # the shim and node did log
     assert canary not in text and output not in text and streamed not in text
+
+
+async def test_trusted_routing_hedges_to_a_second_node(tiny_model_dir):
+    """With the trust layer and hedging on, a first node that sits on its first token is raced by a
+    second one after the hedge delay; the loser's stream is closed and it stops generating."""
+    trust = TrustedRouting(hedge=HedgePolicy(enabled=True, default_delay_s=0.3), max_attempts=3)
+    with trio.fail_after(TIMEOUT):
+        async with network(tiny_model_dir, [{"decode_tps": 1000.0, "hold": True}, {"decode_tps": 10.0}],
+                           trust=trust) as net:
+            slow, fast = net.nodes
+            async with aclient(net.url) as client:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            assert raw.headers["x-darkbloom-node"] == fast.peer_id
+            assert slow.engine.admitted.is_set()  # the first attempt did reach the slow node
+            assert (await slow.served_with("cancelled")).completion_tokens == 0
+            now = trio.current_time()
+            assert trust.book.peers[fast.peer_id].stats.success_rate(now) == 1.0
+            assert trust.book.usable(slow.peer_id, now)  # a lost race is not a failure
