@@ -40,7 +40,7 @@ from darkbloom.api.requests import (
 )
 from darkbloom.api.sse import DONE, sse_data, sse_error
 from darkbloom.config import ApiConfig
-from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound
+from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound, StreamClosed
 from darkbloom.wire.infer import ChoiceEnd, Delta, Done, Embeddings, InferRequest
 
 __all__ = ["Authenticator", "Principal", "create_app", "serve"]
@@ -114,7 +114,9 @@ def create_app(
     stats = metrics or Metrics()
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
-    app.config["RESPONSE_TIMEOUT"] = cfg.request_timeout_s
+    # Quart would cut a response at RESPONSE_TIMEOUT without a word; our own deadlines below end a
+    # stream with an error event instead.
+    app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 60
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.darkbloom_metrics = stats  # type: ignore[attr-defined]
@@ -227,7 +229,7 @@ def create_app(
         started = trio.current_time()
         session = await backend.open_session(infer, parsed.hints)
         try:
-            frame = await session.receive()
+            frame = await next_frame(session, started)
             if not isinstance(frame, Embeddings):
                 raise ApiError(502, "the provider answered an embedding request without vectors",
                                type="server_error", code="provider_failed")
@@ -269,7 +271,7 @@ def create_app(
             if parsed.stream:
                 return stream_response(who, parsed, session, comp, started)
             try:
-                while (frame := await session.receive()) is not None:
+                while (frame := await next_frame(session, started)) is not None:
                     feed(comp, frame)
             except (DarkbloomError, ValueError) as exc:
                 # Nothing reached the client yet: a non-streamed answer can start over elsewhere.
@@ -289,6 +291,16 @@ def create_app(
                 raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
             await finish(who, parsed, request_id, session, comp, started)
             return _json(comp.response(), headers=_node_headers(session, request_id))
+
+    async def next_frame(session: Session, started: float) -> Any:
+        """The session's next frame, or a typed error when the node stalls or the request overruns."""
+        deadline = min(started + cfg.request_timeout_s, trio.current_time() + cfg.first_token_timeout_s)
+        with trio.move_on_at(deadline):
+            return await session.receive()
+        if trio.current_time() >= started + cfg.request_timeout_s:
+            raise ApiError(504, f"the request ran longer than {cfg.request_timeout_s:.0f} s", type="server_error",
+                           code="timeout")
+        raise StreamClosed(session.node_id, f"no frame from the node for {cfg.first_token_timeout_s:.0f} s")
 
     def feed(comp: Completion, frame: Any) -> list[dict[str, Any]]:
         if isinstance(frame, Delta):
@@ -322,7 +334,7 @@ def create_app(
             ended = False
             stats.inflight += 1
             try:
-                while (frame := await session.receive()) is not None:
+                while (frame := await next_frame(session, started)) is not None:
                     for chunk in feed(comp, frame):
                         yield sse_data(chunk)
                 usage = comp.usage_chunk()
@@ -350,7 +362,7 @@ def create_app(
         response = Response(events(), content_type="text/event-stream",
                             headers={**_node_headers(session, request_id), "Cache-Control": "no-cache",
                                      "X-Accel-Buffering": "no"})
-        response.timeout = cfg.request_timeout_s
+        response.timeout = None
         response.darkbloom_cleanup = session.aclose  # type: ignore[attr-defined]
         return response
 

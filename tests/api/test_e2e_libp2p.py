@@ -58,6 +58,12 @@ async def test_models_chat_streaming_and_completions(tiny_model_dir):
                 assert [c.index for c in two.choices] == [0, 1]
                 assert two.usage.completion_tokens <= 8
 
+                lp = await client.chat.completions.create(model=CHAT, messages=MSG, max_tokens=4, temperature=0,
+                                                          logprobs=True, top_logprobs=2)
+                tokens = lp.choices[0].logprobs.content
+                assert 1 <= len(tokens) <= 4 and all(len(t.top_logprobs) == 2 for t in tokens)
+                assert all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in tokens)
+
                 text = await client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=5,
                                                        temperature=0, logprobs=2)
                 assert text.object == "text_completion" and text.choices[0].logprobs.tokens

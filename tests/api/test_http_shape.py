@@ -251,3 +251,23 @@ async def test_health_openapi_metrics():
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= set(spec["paths"])
     assert 'darkbloom_shim_requests_total{endpoint="chat",status="200"} 1' in metrics
     assert 'darkbloom_shim_tokens_total{model="fake-chat",kind="completion"} 6' in metrics
+
+
+async def test_a_stalled_node_ends_the_stream_with_an_error_not_a_hang():
+    gate = trio.Event()  # never set: the fake node goes quiet after its first frame
+    backend = FakeEngineBackend(gate=gate)
+    with trio.fail_after(30):
+        async with running_shim(backend, first_token_timeout_s=0.5) as url:
+            async with openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0) as client:
+                stream = await client.chat.completions.create(model="fake-chat", messages=MSG, stream=True)
+                with pytest.raises(openai.APIError) as failed:
+                    async for _ in stream:
+                        pass
+                assert failed.value.body["code"] == "provider_failed"
+                # not streamed: nothing reached the client yet, so each stalled node is swapped for
+                # another until max_attempts, then a 503 says so
+                with pytest.raises(openai.InternalServerError) as gave_up:
+                    await client.chat.completions.create(model="fake-chat", messages=MSG)
+                assert gave_up.value.status_code == 503 and gave_up.value.body["code"] == "providers_failed"
+    assert len(backend.sessions) == 1 + 3
+    assert all(s.closed.is_set() for s in backend.sessions)
