@@ -16,6 +16,13 @@ Penalties (presence, frequency, repetition) look at the last 20 tokens of the co
 (mlx-lm's processors), prompt included. Logprobs are of the processed distribution (after
 logit_bias, penalties and grammar masks, before temperature).
 
+Text: deltas come from `detok.IncrementalDecoder` (they always add up to `tokenizer.decode` of
+the output, never split a character); stop strings are matched on that text (`stops`), tool
+calls are cut out of it (`tools`), JSON and forced tool calls are constrained by llguidance
+(`constrained`). Prompt caches of finished requests are kept in an LRU per model and reused by
+any later request sharing a prefix. With n > 1, each choice is its own sequence in the batch
+(their prompts are prefilled separately, not shared).
+
 Privacy: nothing here logs or stores prompt or output text; logs carry request ids, model ids,
 token counts and timings.
 """
@@ -49,10 +56,22 @@ __all__ = [
     "TokenScore",
     "BenchResult",
     "Engine",
+    "engine_options",
     "open_engine",
 ]
 
 log = logging.getLogger(__name__)
+
+def engine_options(cfg: Any) -> dict[str, Any]:
+    """open_engine keyword arguments from an `InferenceConfig`."""
+    return {
+        "max_concurrent": cfg.max_concurrent,
+        "max_queue": cfg.max_queue,
+        "default_max_tokens": cfg.default_max_tokens,
+        "prefill_step_size": cfg.prefill_step_size,
+        "self_benchmark": cfg.self_benchmark,
+    }
+
 
 def _spec(item: Any) -> tuple[str, Path, int | None]:
     if isinstance(item, tuple):
@@ -176,7 +195,8 @@ async def open_engine(
     yield the Engine, and stop the thread on exit. A model that fails to load raises here."""
     if max_concurrent < 1 or max_queue < 0:
         raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
-    specs = [_spec(x) for x in models]
+    # Embedding models (catalog kind "embedding") are served elsewhere, not by this engine.
+    specs = [_spec(x) for x in models if getattr(x, "kind", "chat") != "embedding"]
     token = trio.lowlevel.current_trio_token()
 
     def post(items: list[tuple[Any, Any]]) -> None:

@@ -79,7 +79,8 @@ def _to_openai(parsed: Any, names: set[str]) -> list[dict[str, Any]] | None:
 def parse_tool_calls(raw: str, fmt: ToolFormat, tools: Sequence[ToolSpec]) -> list[dict[str, Any]] | None:
     """All calls in `raw` (text from the first start tag on), or None if any is malformed.
 
-    A final call whose end tag is missing (the grammar or EOS ended it) is still parsed.
+    A final call whose end tag is missing (EOS or the token limit ended it) is still parsed if
+    its body is complete, and dropped if it is not but earlier calls are complete.
     """
     names = {t.name for t in tools}
     schema_tools = [t.as_openai() for t in tools]
@@ -98,9 +99,11 @@ def parse_tool_calls(raw: str, fmt: ToolFormat, tools: Sequence[ToolSpec]) -> li
         try:
             parsed = fmt.parse(body, schema_tools)
         except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        got = _to_openai(parsed, names)
+            parsed = None
+        got = None if parsed is None else _to_openai(parsed, names)
         if got is None:
+            if j < 0 and calls:
+                break  # a cut-off last call after complete ones: keep the complete ones
             return None
         calls.extend(got)
     if rest.strip() or not calls:

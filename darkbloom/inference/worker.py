@@ -27,6 +27,7 @@ from darkbloom.errors import (
     ModelNotFound,
 )
 from darkbloom.inference import batching
+from darkbloom.inference.detok import IncrementalDecoder
 from darkbloom.inference.events import Admitted, ChoiceFinished, TextDelta, TokenScore
 from darkbloom.inference.params import GenerationRequest, Sampling
 from darkbloom.inference.selfbench import BenchResult
@@ -43,7 +44,7 @@ DEFAULT_CONTEXT = 2048
 @dataclass(eq=False)
 class _Choice:
     index: int
-    detok: Any
+    detok: IncrementalDecoder
     stops: StopMatcher
     scanner: ToolCallScanner | None
     grammar: Any  # GrammarProcessor | None
@@ -183,7 +184,9 @@ class Worker:
             max_tokens=self.default_max_tokens,
             stop_tokens=[[e] for e in m.eos_ids],
             completion_batch_size=self.max_concurrent,
-            prefill_batch_size=min(8, self.max_concurrent),
+            # Prefill everything that arrived together in one batch (measured: clearly faster than
+            # mlx-lm's default of 8 when 16 arrive at once), capped so decode is not starved.
+            prefill_batch_size=min(16, self.max_concurrent),
             prefill_step_size=self.prefill_step_size,
         )
 
@@ -380,6 +383,8 @@ class Worker:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         req = job.req
+        if req.n > 1:
+            self._prefill_shared(m, job.prompt)
         prompts, caches, all_tokens, samplers, processors = [], [], [], [], []
         for i in range(req.n):
             cache, rest = m.prompt_cache.fetch_nearest_cache(m.id, job.prompt)
@@ -409,7 +414,7 @@ class Worker:
             job.choices.append(
                 _Choice(
                     index=i,
-                    detok=_detokenizer(m.tokenizer),
+                    detok=IncrementalDecoder(m.tokenizer),
                     stops=StopMatcher(req.stop),
                     scanner=ToolCallScanner(m.tool_format) if req.uses_tools else None,
                     grammar=grammar_proc,
@@ -428,6 +433,24 @@ class Worker:
         for uid, choice in zip(uids, job.choices):
             choice.uid = uid
             m.running[uid] = (job, choice)
+
+    def _prefill_shared(self, m: _Model, prompt: list[int]) -> None:
+        """For n > 1: prefill the prompt once and leave it in the prompt cache, so every choice
+        starts from a copy instead of prefilling the same tokens n times."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache, rest = m.prompt_cache.fetch_nearest_cache(m.id, prompt)
+        if len(rest) <= 1:
+            return
+        if cache is None:
+            cache = make_prompt_cache(m.model)
+        todo = rest[:-1]
+        with mx.stream(m.generator.stream):
+            for i in range(0, len(todo), self.prefill_step_size):
+                m.model(mx.array(todo[i : i + self.prefill_step_size])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+        m.prompt_cache.insert_cache(m.id, list(prompt[:-1]), cache)
 
     def _sampler(self, s: Sampling, index: int) -> Any:
         from mlx_lm.sample_utils import make_sampler
@@ -505,16 +528,14 @@ class Worker:
         reason: str | None = None
         lps: tuple[TokenLogprob, ...] = ()
         if req.logprobs:
-            lps = (_token_logprob(m.tokenizer, token, r.logprobs, req.top_logprobs),)
-        if not is_eos:
-            c.detok.add_token(token)  # the EOS token itself is not text
+            lps = (_token_logprob(m.tokenizer, self._llg(m), token, r.logprobs, req.top_logprobs),)
+        text = "" if is_eos else c.detok.add(token)  # the EOS token itself is not text
         grammar_done = c.grammar is not None and c.grammar.done
         if is_eos or r.finish_reason == "length" or grammar_done:
-            c.detok.finalize()  # release what the detokenizer held back (a space, a partial char)
+            text += c.detok.finish()  # release what was held back (a partial character)
             reason = "length" if r.finish_reason == "length" else "stop"
             if c.grammar is not None and c.grammar.matcher.is_error():
                 log.warning("request %d: grammar matcher failed; the output may not follow it", job.rid)
-        text = c.detok.last_segment
         out, hit = c.stops.feed(text)
         if hit:
             reason = "stop"
@@ -626,12 +647,6 @@ def _single_special(m: _Model, text: str) -> int | None:
     return None
 
 
-def _detokenizer(tokenizer: Any) -> Any:
-    detok = tokenizer.detokenizer
-    detok.reset()
-    return detok
-
-
 def _seeded_sampler(s: Sampling, seed: int) -> Callable[[Any], Any]:
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -652,7 +667,16 @@ def _seeded_sampler(s: Sampling, seed: int) -> Callable[[Any], Any]:
     return sampler
 
 
-def _token_logprob(tokenizer: Any, token: int, logprobs: Any, top: int) -> TokenLogprob:
+def _token_text(tokenizer: Any, llg: Any, token: int) -> tuple[str, bytes]:
+    """A token's own text and exact bytes (a byte-level token may be part of a character)."""
+    raw = llg.decode_bytes([token])
+    if raw.startswith(b"\xff"):  # llguidance's marker for special tokens: use their name
+        text = tokenizer.decode([token])
+        return text, text.encode("utf-8")
+    return raw.decode("utf-8", errors="replace"), raw
+
+
+def _token_logprob(tokenizer: Any, llg: Any, token: int, logprobs: Any, top: int) -> TokenLogprob:
     import numpy as np
 
     lp = np.asarray(logprobs, dtype=np.float32).reshape(-1)
@@ -660,6 +684,6 @@ def _token_logprob(tokenizer: Any, token: int, logprobs: Any, top: int) -> Token
     if top > 0:
         idx = np.argpartition(-lp, top)[:top] if top < lp.shape[0] else np.arange(lp.shape[0])
         idx = idx[np.argsort(-lp[idx])]
-        alts = tuple((tokenizer.decode([int(i)]), float(lp[i])) for i in idx)
-    text = tokenizer.decode([token])
-    return TokenLogprob(token=text, logprob=float(lp[token]), bytes_=text.encode("utf-8"), top=alts)
+        alts = tuple((_token_text(tokenizer, llg, int(i))[0], float(lp[i])) for i in idx)
+    text, raw = _token_text(tokenizer, llg, token)
+    return TokenLogprob(token=text, logprob=float(lp[token]), bytes_=raw, top=alts)

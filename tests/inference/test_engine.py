@@ -110,9 +110,10 @@ async def test_n_choices_and_seeds(tiny_model_dir: Path) -> None:
 
 async def test_logprobs_and_top_logprobs(tiny_model_dir: Path) -> None:
     async with engine(tiny_model_dir) as eng:
-        r = await run(eng, chat(max_tokens=6, logprobs=True, top_logprobs=3))
+        r = await run(eng, chat(max_tokens=6, logprobs=True, top_logprobs=3, logit_bias={"2": -100}))
     lps = [lp for d in r["deltas"] for lp in d.logprobs]
     assert len(lps) == r["finished"][0].completion_tokens
+    assert b"".join(lp.bytes_ for lp in lps) == r["text"][0].encode("utf-8")  # exact token bytes
     for lp in lps:
         assert lp.logprob <= 0.0
         assert len(lp.top) == 3
@@ -283,3 +284,48 @@ async def test_a_missing_model_directory_fails_at_open(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound):
         async with open_engine([("ghost", tmp_path / "nope")], self_benchmark=False):
             pass
+
+
+async def test_catalog_model_info_and_prompt_ids(tiny_model_dir: Path) -> None:
+    from darkbloom.inference.catalog import model_info
+
+    info = model_info(MODEL, tiny_model_dir, "chat")
+    with trio.fail_after(TIMEOUT):
+        async with open_engine([info], self_benchmark=False) as eng:
+            assert list(eng.models) == [MODEL]
+            assert eng.models[MODEL].context_length == info.context_length
+            req = chat("Hello there", max_tokens=2)
+            ids = await eng.prompt_ids(MODEL, req)
+            r = await run(eng, req)
+            assert r["admitted"].prompt_tokens == len(ids)
+            # The same ids as a completion prompt give the same greedy continuation.
+            again = await run(eng, parse_completion({"prompt": ids, "temperature": 0, "max_tokens": 2}))
+            assert again["finished"][0].token_ids == r["finished"][0].token_ids
+
+
+async def test_tools_are_rendered_by_a_template_that_supports_them(tiny_model_dir: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup_station", "parameters": {"type": "object", "properties": {}}}}]
+    async with engine(tiny_model_dir) as eng:
+        tok = eng._worker.models[MODEL].tokenizer
+        with_tools = tok.decode(await eng.prompt_ids(MODEL, chat("hi", tools=tools)))
+        without = tok.decode(await eng.prompt_ids(MODEL, chat("hi", tools=tools, tool_choice="none")))
+    assert "lookup_station" in with_tools and "<tools>" in with_tools
+    assert "lookup_station" not in without
+
+
+async def test_completion_with_a_text_prompt(tiny_model_dir: Path) -> None:
+    async with engine(tiny_model_dir) as eng:
+        r = await run(eng, parse_completion({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}))
+    assert r["admitted"].prompt_tokens >= 2
+    assert 1 <= r["finished"][0].completion_tokens <= 4
+
+
+async def test_n_greedy_choices_share_one_prefill_and_agree(tiny_model_dir: Path) -> None:
+    async with engine(tiny_model_dir) as fresh:
+        one = await run(fresh, chat("A shared prompt for several choices.", max_tokens=8))
+    async with engine(tiny_model_dir) as eng:
+        many = await run(eng, chat("A shared prompt for several choices.", max_tokens=8, n=3))
+        assert len(eng._worker.models[MODEL].prompt_cache) >= 1
+    want = one["finished"][0].token_ids
+    assert [many["finished"][i].token_ids for i in range(3)] == [want, want, want]
+    assert many["admitted"].prompt_tokens == one["admitted"].prompt_tokens

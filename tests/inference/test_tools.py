@@ -35,6 +35,13 @@ def test_missing_end_tag_on_the_last_call_is_tolerated() -> None:
     assert calls is not None and calls[0]["function"]["name"] == "get_weather"
 
 
+def test_a_cut_off_call_after_complete_ones_is_dropped() -> None:
+    raw = '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call>\n<tool_call>{"name": "get_wea'
+    calls = parse_tool_calls(raw, HERMES, [WEATHER])
+    assert calls is not None and len(calls) == 1
+    assert parse_tool_calls('<tool_call>{"name": "get_wea', HERMES, [WEATHER]) is None
+
+
 def test_malformed_or_unknown_calls_are_rejected() -> None:
     assert parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', HERMES, [WEATHER]) is None
     assert parse_tool_calls('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', HERMES, [WEATHER]) is None
