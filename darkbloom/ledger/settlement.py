@@ -13,7 +13,6 @@ transaction.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import typing
 from collections.abc import Iterable
@@ -63,6 +62,15 @@ class LaneState:
     completion_tokens: int = 0
     cost: int = 0  # cum_cost of the settled voucher (may exceed cap; the excess is never paid)
     voucher_hash: bytes = ZERO_HASH
+
+    def clone(self) -> LaneState:
+        return LaneState(
+            lane=self.lane, consumer=self.consumer, node=self.node, cap=self.cap,
+            price_input_per_m=self.price_input_per_m, price_output_per_m=self.price_output_per_m,
+            opened_ms=self.opened_ms, expires_ms=self.expires_ms, open=self.open, paid=self.paid, seq=self.seq,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, cost=self.cost,
+            voucher_hash=self.voucher_hash,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +188,7 @@ def settle_epoch(
             rejected.append(Rejection(voucher.lane, voucher.seq, type(exc).__name__, str(exc)))
             continue
         assert state is not None
-        new = copy.copy(state)
+        new = state.clone()
         pay = max(0, min(voucher.cum_cost, new.cap) - new.paid)
         operator, network = split(pay, operator_ppm)
         d_prompt = voucher.cum_prompt_tokens - new.prompt_tokens
@@ -226,7 +234,7 @@ def settle_epoch(
     for lane_key in sorted(lanes):
         state = outcome_lanes.get(lane_key) or lanes[lane_key]
         if state.open and state.expires_ms + grace_ms <= now_ms:
-            new = copy.copy(state)
+            new = state.clone()
             new.open = False
             unused = new.cap - new.paid
             delta(new.consumer, unused, -unused)

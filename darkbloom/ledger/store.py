@@ -411,7 +411,7 @@ class SqlStore(LedgerStore):
             for voucher in vouchers:
                 try:
                     verdict = check_voucher(voucher, lanes.get(voucher.lane), node=node, signatures=False)
-                    blob = encode(voucher)
+                    blob = encode_flat(voucher)
                     digest = hashlib.sha256(blob).digest()
                     if verdict != DUPLICATE and voucher.lane in pending:
                         p_seq, p_hash = pending[voucher.lane]
