@@ -65,6 +65,9 @@ async def _serve(config: Config) -> None:
             sys.stdout.flush()
             import trio
 
+            await network.wait_joined()
+            sys.stdout.write(f"darkbloom shim: joined the network as {network.peer_id}\n")
+            sys.stdout.flush()
             await trio.sleep_forever()
 
 

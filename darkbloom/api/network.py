@@ -126,6 +126,7 @@ class NetworkBackend:
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
         self._cache: dict[str, tuple[float, list[Candidate]]] = {}
+        self._seen_models: set[str] = set()  # every model id in a record this shim has read
 
     def _stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
@@ -145,6 +146,7 @@ class NetworkBackend:
             providers = await self.network.find_providers(model, fresh=True)
         out = []
         for p in providers:
+            self._seen_models.update(m.id for m in p.record.models)
             c = candidates_from_record(p.record, model, relayed=p.route_hint == "relayed")
             if c is not None:
                 out.append(c)
@@ -157,7 +159,7 @@ class NetworkBackend:
     # --- Backend --------------------------------------------------------------------------
 
     async def list_models(self) -> list[ModelListing]:
-        ids = set(self.known_models)
+        ids = self.known_models | self._seen_models
         for peer in self.network.peers():
             try:
                 record = await self.network.get_record(peer)
@@ -165,6 +167,7 @@ class NetworkBackend:
                 continue  # a peer without a readable record offers nothing to list
             if record is not None:
                 ids.update(m.id for m in record.models)
+                self._seen_models.update(m.id for m in record.models)
         listings = []
         for model_id in sorted(ids):
             cands = await self._candidates(model_id, cached=False)
