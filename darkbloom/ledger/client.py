@@ -28,8 +28,8 @@ from darkbloom.errors import (
 )
 from darkbloom.identity import Identity
 from darkbloom.ledger.book import VoucherBook
-from darkbloom.ledger.merkle import verify_inclusion
-from darkbloom.ledger.receipts import row_hash, sign, verify
+from darkbloom.ledger.merkle import check_proof
+from darkbloom.ledger.receipts import sign, verify
 from darkbloom.ledger.service import MAX_BATCH, MAX_FRAME_BYTES, LedgerStream
 from darkbloom.wire.codec import FrameDecoder, encode_frame, read_frame
 from darkbloom.wire.ledger import (
@@ -137,8 +137,7 @@ class LedgerClient:
         """A row with its inclusion proof, checked against the ledger-signed root."""
         reply: ProofReply = await self._ask(ProofQuery(epoch=epoch, index=index), ProofReply)
         self._check_ledger(reply.summary)
-        if not verify_inclusion(row_hash(reply.row), reply.path, reply.summary.root):
-            raise InvalidSignature(f"inclusion proof for epoch {epoch} row {index}")
+        check_proof(reply, self.ledger_key)
         return reply
 
     async def close(self) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from darkbloom.config import Config
-from darkbloom.errors import InvalidSignature, LedgerError
+from darkbloom.errors import LedgerError
 from darkbloom.wire.ledger import NETWORK_ACCOUNT
 
 __all__ = ["add_arguments", "run"]
@@ -191,7 +191,7 @@ def _verify_epoch(args, config, store) -> int:
 
 def _verify_proof_file(path: Path, ledger_key: str) -> int:
     from darkbloom.ledger import merkle
-    from darkbloom.ledger.receipts import decode_strict, row_hash, verify
+    from darkbloom.ledger.receipts import decode_strict
     from darkbloom.wire.ledger import ProofReply
 
     try:
@@ -199,9 +199,7 @@ def _verify_proof_file(path: Path, ledger_key: str) -> int:
     except OSError as exc:
         raise LedgerError(f"cannot read {path}: {exc.strerror}") from None
     key = ledger_key or proof.summary.ledger
-    verify(proof.summary, key)
-    if proof.row.epoch != proof.summary.epoch or not merkle.verify_inclusion(row_hash(proof.row), proof.path, proof.summary.root):
-        raise InvalidSignature(f"inclusion proof of epoch {proof.summary.epoch} row {proof.row.index}")
+    merkle.check_proof(proof, key)
     print(
         f"ok: epoch {proof.summary.epoch} row {proof.row.index} (lane {proof.row.lane[:16]} seq {proof.row.seq}, "
         f"paid {proof.row.paid}) is under the root signed by {key[:16]}"

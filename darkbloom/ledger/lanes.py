@@ -146,6 +146,10 @@ class ConsumerLane:
         self.latest = sign_voucher(self.identity, voucher, CONSUMER)
         return self.latest
 
+    def final_voucher(self, *, now_ms: int) -> Voucher | None:
+        """At the end of a request: a voucher for whatever is still unvouched, or None when nothing is."""
+        return self.next_voucher(now_ms=now_ms) if self.unvouched_tokens > 0 else None
+
     def countersigned(self, voucher: Voucher) -> None:
         """Keep the node's countersigned copy of the voucher we signed last."""
         if self.latest is None or voucher.seq != self.latest.seq or voucher.consumer_sig != self.latest.consumer_sig:

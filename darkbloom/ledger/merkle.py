@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from darkbloom.wire.ledger import ProofStep
+from darkbloom.errors import InvalidSignature
+from darkbloom.wire.ledger import ProofReply, ProofStep
 
-__all__ = ["inclusion_proof", "merkle_root", "verify_inclusion"]
+__all__ = ["check_proof", "inclusion_proof", "merkle_root", "verify_inclusion"]
 
 _EMPTY = bytes(32)
 
@@ -64,3 +65,12 @@ def verify_inclusion(row_hash: bytes, path: Sequence[ProofStep], root: bytes) ->
             return False
         current = _node(step.sibling, current) if step.left else _node(current, step.sibling)
     return current == root
+
+
+def check_proof(proof: ProofReply, ledger_key: str) -> None:
+    """Raise InvalidSignature unless the ledger signed the summary and the row is under its root."""
+    from darkbloom.ledger.receipts import row_hash, verify
+
+    verify(proof.summary, ledger_key)
+    if proof.row.epoch != proof.summary.epoch or not verify_inclusion(row_hash(proof.row), proof.path, proof.summary.root):
+        raise InvalidSignature(f"inclusion proof of epoch {proof.summary.epoch} row {proof.row.index}")

@@ -594,17 +594,26 @@ class SqlStore(LedgerStore):
         return Totals(int(balance), int(reserved), deposited)
 
 
+BUSY_TIMEOUT_MS = 30_000  # a 100,000-voucher settlement holds the write lock for seconds
+
+
 class SqliteStore(SqlStore):
     """The default store: one SQLite file in WAL mode, fsynced at every commit."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        super().__init__()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            super().__init__()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"cannot use the ledger database {self.path}: {exc}",
+                key="ledger.url",
+                hint="check --data-dir (it must be writable) or restore the file from a backup",
+            ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -612,7 +621,13 @@ class SqliteStore(SqlStore):
     @contextlib.contextmanager
     def _tx(self, *, lock: bool = True) -> Iterator[sqlite3.Cursor]:
         cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
+        try:
+            cur.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
+        except sqlite3.OperationalError as exc:  # another process holds the write lock past the busy timeout
+            cur.close()
+            raise LedgerError(
+                f"the ledger database is busy: {exc}", hint="a settlement may be running; retry in a minute"
+            ) from None
         committed = False
         try:
             yield cur

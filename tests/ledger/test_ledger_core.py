@@ -386,3 +386,22 @@ def test_settlement_refuses_any_flipped_bit_in_a_pending_voucher(data):
     lane = _state(p.reservation)
     out = _settle({lane.lane: lane}, [bytes(blob)])
     assert out.rows == [] and len(out.rejected) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_flipped_bit_in_an_exported_proof_is_refused(data):
+    from darkbloom.wire.ledger import ProofReply
+
+    pairs = [Pair(CONSUMER, NODE, make_reservation(CONSUMER, NODE, 10**6, lane=f"{i:02x}" * 16)) for i in range(5)]
+    vouchers = [p.use(prompt=10 * (i + 1)) for i, p in enumerate(pairs)]
+    lanes = {p.reservation.lane: _state(p.reservation) for p in pairs}
+    out = _settle(lanes, [encode(v) for v in vouchers])
+    index = data.draw(st.integers(0, len(out.rows) - 1))
+    proof = ProofReply(row=out.rows[index], path=merkle.inclusion_proof(out.row_hashes, index), summary=out.summary)
+    merkle.check_proof(proof, LEDGER_KEY)
+    blob = bytearray(encode(proof))
+    bit = data.draw(st.integers(0, len(blob) * 8 - 1))
+    blob[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises((MalformedMessage, InvalidSignature)):
+        merkle.check_proof(decode_strict(bytes(blob), ProofReply), LEDGER_KEY)
