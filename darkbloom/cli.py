@@ -122,15 +122,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args, config) or 0)
     except KeyboardInterrupt:
         return 130
-    except DarkbloomError as exc:
-        return _fail(str(exc), exc.hint, verbose)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return _fail(f"address already in use: {exc.strerror or exc}", "stop the other process or pick another port", verbose)
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            where = f" {exc.filename}" if exc.filename else ""
-            return _fail(f"permission denied{where}", "choose a writable --data-dir or run as a user who may", verbose)
-        raise
+    except (DarkbloomError, OSError, BaseExceptionGroup) as exc:
+        # Daemons run in trio nurseries, which wrap errors in groups: report the first leaf
+        # that is ours to explain; anything else is a bug and keeps its traceback.
+        leaf = _explainable(exc)
+        if leaf is None:
+            raise
+        if isinstance(leaf, DarkbloomError):
+            return _fail(str(leaf), leaf.hint, verbose)
+        if leaf.errno == errno.EADDRINUSE:
+            return _fail(f"address already in use: {leaf.strerror or leaf}", "stop the other process or pick another port", verbose)
+        where = f" {leaf.filename}" if leaf.filename else ""
+        return _fail(f"permission denied{where}", "choose a writable --data-dir or run as a user who may", verbose)
+
+
+def _explainable(exc: BaseException) -> DarkbloomError | OSError | None:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _explainable(inner)) is not None:
+                return found
+        return None
+    if isinstance(exc, DarkbloomError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EPERM, errno.EROFS):
+        return exc
+    return None
 
 
 def _fail(message: str, hint: str, verbose: int) -> int:

@@ -1,0 +1,48 @@
+"""Daemons fail in one line with exit code 2: a port in use, an unwritable data dir."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKBLOOM_")}
+    return subprocess.run([sys.executable, "-m", "darkbloom", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_relay_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--data-dir", str(tmp_path), "relay", "--listen", f"/ip4/127.0.0.1/tcp/{port}", "--status-port", "0")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("darkbloom: error:") and "in use" in last, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_relay_status_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--data-dir", str(tmp_path), "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--status-port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert "in use" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_data_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_cli("--data-dir", str(blocker / "relay"), "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--status-port", "0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot create data dir" in lines[0] and "--data-dir" in lines[0]
