@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-from darkbloom.errors import ConfigError
+from darkbloom.errors import ConfigError, LedgerError
 from darkbloom.ledger.store import SqlStore
 
 __all__ = ["PostgresStore"]
@@ -44,10 +44,18 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self, *, lock: bool = True) -> Iterator[Any]:
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            if lock:
-                cur.execute("SELECT num FROM meta WHERE key = 'lock' FOR UPDATE")
-            yield cur
+        import psycopg
+
+        try:
+            with self._conn.transaction(), self._conn.cursor() as cur:
+                if lock:
+                    cur.execute("SELECT num FROM meta WHERE key = 'lock' FOR UPDATE")
+                yield cur
+        except psycopg.OperationalError as exc:  # connection lost or server down: the transaction did not happen
+            raise LedgerError(
+                f"the ledger database is unavailable: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                hint="check the PostgreSQL server; nothing was written",
+            ) from None
 
 
 @functools.lru_cache(maxsize=256)

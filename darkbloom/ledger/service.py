@@ -104,7 +104,10 @@ class LedgerService:
         task_status.started()
         while True:
             await trio.sleep(self.config.epoch_s)
-            await self.settle_now()
+            try:
+                await self.settle_now()
+            except LedgerError as exc:  # e.g. the database is busy or unreachable: pending vouchers wait for the next epoch
+                log.error("epoch settlement failed, retrying next epoch: %s", exc)
 
     async def settle_now(self) -> EpochOutcome:
         """Close the current epoch now (also what `darkbloom ledger settle` does on the store)."""

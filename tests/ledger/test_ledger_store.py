@@ -216,3 +216,19 @@ def test_a_lane_to_oneself_is_refused(store):
     with pytest.raises(LedgerError, match="itself"):
         store.open_lane(open_request(ALICE, ALICE, 10), ledger=LEDGER, now_ms=1, ttl_ms=HOUR_MS)
     assert store.balance(hexkey(ALICE)) == (10_000, 0)
+
+
+def test_postgres_connection_problems_are_typed_errors(pg_url):
+    from darkbloom.errors import ConfigError
+    from darkbloom.ledger.pgstore import PostgresStore
+
+    import psycopg
+
+    with pytest.raises(ConfigError, match="cannot connect"):
+        PostgresStore(pg_url.rsplit("/", 1)[0] + "/no_such_database")
+    store = PostgresStore(pg_url)
+    with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (pg_url.rsplit("/", 1)[1],))
+    with pytest.raises(LedgerError, match="unavailable"):
+        store.deposit(hexkey(ALICE), 10, now_ms=1)
+    store.close()
