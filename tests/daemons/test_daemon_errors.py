@@ -46,3 +46,20 @@ def test_unwritable_data_dir(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot create data dir" in lines[0] and "--data-dir" in lines[0]
+
+
+def test_node_status_without_a_node(tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = run_cli("node", "--status-port", str(port), "status")
+    assert result.returncode == 2
+    assert "no node answers" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_install_service_cli(tmp_path):
+    out = tmp_path / "darkbloom-node.service"
+    result = run_cli("--data-dir", str(tmp_path), "node", "install-service", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout and "systemctl" in result.stdout
+    assert "ExecStart=" in out.read_text()

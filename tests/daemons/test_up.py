@@ -116,6 +116,12 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
         vectors = client.embeddings.create(model="all-minilm-l6-v2", input=["hello", "world"])
         assert [len(d.embedding) for d in vectors.data] == [384, 384]
 
+        port = chat_node.group(2).rsplit(":", 1)[1]
+        status = subprocess.run([sys.executable, "-m", "darkbloom", "node", "--status-port", port, "status"],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert "served      1 requests" in status.stdout and "reachable   public" in status.stdout
+
         if chromium() is None:
             pytest.fail("chromium is not installed: `make test` installs it (scripts/system-deps.sh)")
         ARTIFACTS.mkdir(exist_ok=True)
