@@ -52,8 +52,10 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule()
     def success(self) -> None:
         self.b.record_success(self.now)
-        self.recent, self.opens, self.tripped, self.probe_at = [], 0, False, None
-        self.open_until = -math.inf
+        # closed: failures stay in their window; open: a late report, ignored
+        if self.model_state() == "half_open":
+            self.recent, self.opens, self.tripped, self.probe_at = [], 0, False, None
+            self.open_until = -math.inf
 
     @rule()
     def failure(self) -> None:
@@ -100,8 +102,10 @@ TestBreakerMachine.settings = settings(max_examples=300, stateful_step_count=60,
 
 def test_opens_after_k_failures_in_window_and_not_when_spread_out() -> None:
     b = CircuitBreaker(POLICY)
-    for t in (0.0, 4.0, 8.0):
+    for t in (0.0, 4.0):
         b.record_failure(t)
+        b.record_success(t + 0.5)  # successes in between do not erase failures
+    b.record_failure(8.0)
     assert b.state(8.0) == "open"
     spread = CircuitBreaker(POLICY)
     for t in (0.0, 6.0, 12.0, 18.0):  # never 3 inside a 10 s window

@@ -23,7 +23,7 @@ OUTPUT = [7, 8, 9, 10, 11, 12]
 
 
 def test_flaky_peer_loses_to_reliable_one_and_breaker_opens() -> None:
-    book = TrustBook(breaker_policy=BreakerPolicy(failures=3, window_s=30.0, base_cooldown_s=5.0))
+    book = TrustBook(breaker_policy=BreakerPolicy(failures=3, window_s=5.0, base_cooldown_s=5.0))
     for i in range(10):
         book.record_success("good", float(i), model="m", ttft_s=0.2, tokens=10, duration_s=1.0)
         if i % 3 == 0:

@@ -1,7 +1,7 @@
 """Per-peer circuit breaker, pure: closed -> open after K failures in a window -> half-open probe -> closed, with exponential cooldown.
 
-    closed     requests flow; each failure is remembered for `window_s`. The K-th failure
-               inside the window opens the breaker.
+    closed     requests flow; each failure is remembered for `window_s` (successes in
+               between do not erase it). The K-th failure inside the window opens it.
     open       no requests until `open_until`; the cooldown is base * 2^(opens-1), capped.
     half_open  after the cooldown, exactly one request (the probe) may go. Its success
                closes the breaker and resets the cooldown; its failure re-opens it with the
@@ -88,6 +88,12 @@ class CircuitBreaker:
         return True
 
     def record_success(self, now: float) -> None:
+        """A success while closed changes nothing: failures still count inside their window
+        (a peer failing 30% of requests must trip it). A success while open is a late report
+        and changes nothing either. A success in half-open (the probe) closes the breaker and
+        resets the cooldown."""
+        if not self._tripped or self.state(now) == "open":
+            return  # closed: nothing to do; open: a late report of a request sent before it opened
         self._tripped = False
         self._opens = 0
         self._open_until = -math.inf
