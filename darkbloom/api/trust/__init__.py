@@ -9,12 +9,14 @@ from darkbloom.api.trust.classes import UptimeTracker, class_satisfies, classify
 from darkbloom.api.trust.evidence import attest_output, attest_scores, check_report, make_report, token_hash
 from darkbloom.api.trust.hedge import HedgeOutcome, HedgePolicy, hedge_delay, race
 from darkbloom.api.trust.reputation_mix import MixPolicy, PeerTrust, TrustBook
+from darkbloom.api.trust.routing import BreakerRefused, Opened, TrustedRouting, failure_kind
 from darkbloom.api.trust.stats import LatencyWindow, PeerLiveStats, StatsPolicy
 from darkbloom.api.trust.verify import DEFAULT_POLICY, ScoredOutput, Verdict, VerifyPolicy, judge, should_spot_check
 
 __all__ = [
     "DEFAULT_POLICY",
     "BreakerPolicy",
+    "BreakerRefused",
     "CanaryBook",
     "CanaryReply",
     "CanaryResult",
@@ -23,11 +25,13 @@ __all__ = [
     "HedgePolicy",
     "LatencyWindow",
     "MixPolicy",
+    "Opened",
     "PeerLiveStats",
     "PeerTrust",
     "ScoredOutput",
     "StatsPolicy",
     "TrustBook",
+    "TrustedRouting",
     "UptimeTracker",
     "Verdict",
     "VerifyPolicy",
@@ -36,6 +40,7 @@ __all__ = [
     "check_report",
     "class_satisfies",
     "classify",
+    "failure_kind",
     "features_of",
     "hedge_delay",
     "judge",
