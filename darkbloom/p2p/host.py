@@ -1,0 +1,104 @@
+"""Host factory: a libp2p host from a Darkbloom identity, Noise only, Yamux, no dial stall.
+
+The Ed25519 key pair comes from the identity's 32-byte seed, so the peer id is stable
+across restarts and matches `darkbloom.p2p.keys.peer_id_from_public_key`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import multiaddr
+from libp2p import new_swarm
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.host.basic_host import BasicHost
+from libp2p.network.auto_connector import AutoConnector
+from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from darkbloom.errors import ConfigError
+from darkbloom.identity import Identity
+
+__all__ = ["DarkbloomHost", "build_host", "key_pair_from_identity"]
+
+log = logging.getLogger(__name__)
+
+
+def key_pair_from_identity(identity: Identity) -> KeyPair:
+    return create_new_key_pair(identity.seed)
+
+
+class DarkbloomHost(BasicHost):
+    """BasicHost whose advertised addresses we control.
+
+    Workaround for 0.8.1 defect 4: `BasicHost.get_addrs()` strips everything after the
+    first `/p2p/` component, so `<relay>/p2p/<relay-id>/p2p-circuit` became the relay's
+    own direct address. We build the list ourselves and append `/p2p/<self>` correctly.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.advertised: list[multiaddr.Multiaddr] | None = None  # None: listen addrs
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def get_addrs(self) -> list[multiaddr.Multiaddr]:
+        own = f"/p2p/{self.get_id()!s}"
+        base = self.advertised if self.advertised is not None else self.get_transport_addrs()
+        out = []
+        for addr in base:
+            text = str(addr)
+            if text.endswith(own):
+                out.append(addr)
+            elif "/p2p-circuit" in text or "/p2p/" not in text:
+                out.append(multiaddr.Multiaddr(text + own))
+        return out
+
+
+class _OnDemandOnly(AutoConnector):
+    """The swarm's auto-connector dials toward a target of ~150 connections to every peer
+    the peerstore ever heard of (NATed peers included); Darkbloom dials on demand."""
+
+    async def maybe_connect(self) -> None:
+        return None
+
+
+def build_host(
+    identity: Identity,
+    *,
+    listen_addrs: Sequence[str],
+    quic: bool = False,
+) -> DarkbloomHost:
+    """A host offering Noise only and Yamux, with one connection per peer."""
+    if quic:
+        # QUIC in 0.8.1 builds its own TLS handshake and ignores sec_opt; not reliable
+        # enough under trio here to carry inference streams.
+        raise ConfigError(
+            "QUIC is not supported with py-libp2p 0.8.1", key="p2p.quic", hint="set p2p.quic = false (TCP is used)"
+        )
+    key_pair = key_pair_from_identity(identity)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    try:
+        addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
+    except Exception as exc:  # multiaddr raises several kinds for bad text
+        raise ConfigError(f"bad listen address: {exc}", key="p2p.listen_addrs") from None
+    swarm = new_swarm(
+        key_pair=key_pair,
+        # Defect 1: a default host also offers TLS, SECIO and plaintext; Noise only here.
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        listen_addrs=addrs,
+        # Defect 2: with fewer than max_connections_per_peer connections the swarm
+        # waits the full 250 ms happy-eyeballs delay after a successful dial.
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            min_connections=0,
+            low_watermark=0,
+        ),
+    )
+    swarm.auto_connector = _OnDemandOnly(swarm=swarm)
+    return DarkbloomHost(network=swarm)

@@ -1,0 +1,470 @@
+"""The libp2p `PeerNetwork`: host, DHT, bootstrap, discovery and streams for one role.
+
+`open_network(config, identity, role=...)` owns its nursery and yields once listening;
+`wait_joined()` returns once a bootstrap peer answered. Roles: "relay" (DHT server and
+circuit relay hop, see darkbloom.p2p.relay), "node" (DHT server when publicly reachable,
+client and relayed otherwise), "shim" (DHT client).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import multiaddr
+import trio
+from libp2p.abc import INotifee
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.tools.anyio_service import background_trio_service
+
+from darkbloom.config import P2PConfig, bundled_bootstrap_file, load_bootstrap_file
+from darkbloom.errors import ConfigError, P2PError, PeerUnreachable, ProtocolMismatch, RecordRejected, StreamClosed
+from darkbloom.identity import Identity
+from darkbloom.log import short_id
+from darkbloom.p2p.api import Route
+from darkbloom.p2p.core import NetworkCore
+from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
+from darkbloom.p2p.host import DarkbloomHost, build_host
+from darkbloom.wire.codec import FrameDecoder
+
+__all__ = ["LibP2PNetwork", "LibP2PStream", "Role", "open_network"]
+
+log = logging.getLogger(__name__)
+
+Role = Literal["relay", "node", "shim"]
+_WINDOW_POLL_S = 0.005
+
+
+def _route_of(conn: object) -> Route:
+    try:
+        addrs = conn.get_transport_addresses()  # type: ignore[attr-defined]
+    except Exception:  # not every muxer exposes addresses
+        return "direct"
+    return "relayed" if any("/p2p-circuit" in str(a) for a in addrs) else "direct"
+
+
+class LibP2PStream:
+    """A libp2p stream behind the `darkbloom.p2p.api.Stream` interface."""
+
+    def __init__(self, raw: object, peer_id: str, protocol: str, route: Route, max_frame: int) -> None:
+        self.raw = raw
+        self.peer_id = peer_id
+        self.protocol = protocol
+        self.route: Route = route
+        self.decoder = FrameDecoder(max_frame)
+        self._write_lock = trio.Lock()
+
+    async def read(self, n: int = 65536) -> bytes:
+        try:
+            return await self.raw.read(n)  # type: ignore[attr-defined]
+        except StreamEOF:
+            return b""
+        except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamClosed(self.peer_id, type(exc).__name__) from exc
+
+    async def write(self, data: bytes) -> None:
+        # Workaround for 0.8.1 defect 6: YamuxStream.write gives up (and the stream is
+        # reset) when the peer's window stays shut for 5 s, i.e. when the reader pauses.
+        # We never hand it more than the open window, and wait here for as long as the
+        # reader needs: a slow reader only slows the writer. Buffering stays bounded by
+        # the Yamux receive window on the reader's side.
+        muxed = getattr(self.raw, "muxed_stream", None)
+        view = memoryview(data)
+        async with self._write_lock:
+            try:
+                while view:
+                    window = getattr(muxed, "send_window", None)
+                    if window is None:
+                        await self.raw.write(bytes(view))  # type: ignore[attr-defined]
+                        return
+                    if window <= 0:
+                        if getattr(muxed, "closed", False) or getattr(muxed, "send_closed", False):
+                            raise StreamClosed(self.peer_id, "closed while waiting for the reader")
+                        await trio.sleep(_WINDOW_POLL_S)
+                        continue
+                    n = min(window, len(view))
+                    await self.raw.write(bytes(view[:n]))  # type: ignore[attr-defined]
+                    view = view[n:]
+            except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise StreamClosed(self.peer_id, type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        try:
+            await self.raw.close()  # type: ignore[attr-defined]
+        except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # already gone
+
+    async def reset(self) -> None:
+        try:
+            await self.raw.reset()  # type: ignore[attr-defined]
+        except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # already gone
+
+
+class _Watcher(INotifee):
+    """Wakes the bootstrap loop when a connection closes."""
+
+    def __init__(self) -> None:
+        self.changed = trio.Event()
+
+    async def opened_stream(self, network: object, stream: object) -> None:
+        return None
+
+    async def closed_stream(self, network: object, stream: object) -> None:
+        return None
+
+    async def connected(self, network: object, conn: object) -> None:
+        return None
+
+    async def disconnected(self, network: object, conn: object) -> None:
+        self.changed.set()
+
+    async def listen(self, network: object, multiaddr: object) -> None:
+        return None
+
+    async def listen_close(self, network: object, multiaddr: object) -> None:
+        return None
+
+
+def bootstrap_addrs(config: P2PConfig, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Bootstrap multiaddrs: --bootstrap, config, and the bootstrap file."""
+    addrs = list(extra) + list(config.bootstrap)
+    if config.bootstrap_file:
+        addrs += load_bootstrap_file(config.bootstrap_file)
+    elif config.use_bundled_bootstrap and bundled_bootstrap_file().exists():
+        addrs += load_bootstrap_file(bundled_bootstrap_file())
+    seen: dict[str, None] = {}
+    for a in addrs:
+        seen.setdefault(a, None)
+    return tuple(seen)
+
+
+class LibP2PNetwork(NetworkCore):
+    """The libp2p implementation of `darkbloom.p2p.api.PeerNetwork`."""
+
+    def __init__(
+        self,
+        config: P2PConfig,
+        identity: Identity,
+        *,
+        role: Role = "node",
+        bootstrap: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            identity,
+            record_ttl_s=config.record_ttl_s,
+            announce_interval_s=config.announce_interval_s,
+            max_record_bytes=config.max_record_bytes,
+            max_streams_per_peer=config.max_streams_per_peer,
+            providers_cache_s=config.providers_cache_s,
+            clock=clock,
+        )
+        self.config = config
+        self.role: Role = role
+        self.bootstrap = bootstrap_addrs(config, bootstrap)
+        self._bootstrap_infos = [self._parse_peer_addr(a) for a in self.bootstrap]
+        if role == "shim":
+            self.reachability = "public"  # a shim dials out; it is never dialled
+        elif config.reachability == "private":
+            self.reachability = "relayed"
+        else:
+            self.reachability = "public"
+        self.host: DarkbloomHost = build_host(identity, listen_addrs=config.listen_addrs, quic=config.quic)
+        if str(self.host.get_id()) != self.peer_id:
+            raise AssertionError("libp2p peer id differs from darkbloom.p2p.keys")  # a bug, not input
+        mode = DHTMode.SERVER if role == "relay" or (role == "node" and self.reachability == "public") else DHTMode.CLIENT
+        self.dht = DarkbloomDHT(self.host, mode, CapsValidator(self.validate_value, self.select_value))
+        self._joined = trio.Event()
+        self.joins = 0  # times a bootstrap peer answered after none did
+        self._join_changed = trio.Event()
+        self._watcher = _Watcher()
+        self._nursery: trio.Nursery | None = None
+        self.relayed_addrs: list[str] = []  # set by darkbloom.p2p.relay when a reservation holds
+
+    # --- addresses ------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_peer_addr(addr: str) -> PeerInfo:
+        try:
+            return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # multiaddr / InvalidAddrError
+            raise ConfigError(f"bad peer address {addr!r}: {exc}", key="p2p.bootstrap",
+                              hint="use /ip4/<ip>/tcp/<port>/p2p/<peer-id>") from None
+
+    @property
+    def listen_addrs(self) -> tuple[str, ...]:
+        own = f"/p2p/{self.peer_id}"
+        return tuple(str(a) + own for a in self.host.get_transport_addrs())
+
+    def _raw_addrs(self) -> tuple[str, ...]:
+        return tuple(str(a) for a in self.host.get_addrs())
+
+    def set_advertised(self, addrs: Sequence[str] | None) -> None:
+        """Addresses identify, provider records and our capability record carry."""
+        self.host.advertised = None if addrs is None else [multiaddr.Multiaddr(a) for a in addrs]
+
+    @property
+    def dht_mode(self) -> str:
+        return self.dht.mode.value.lower()
+
+    def peers(self) -> list[str]:
+        return [str(p) for p in self.host.get_connected_peers()]
+
+    # --- streams --------------------------------------------------------------------
+
+    def serve(self, protocol: str, handler: object) -> None:
+        super().serve(protocol, handler)  # type: ignore[arg-type]
+
+        async def on_stream(raw: object) -> None:
+            conn = raw.muxed_conn  # type: ignore[attr-defined]
+            stream = LibP2PStream(raw, str(conn.peer_id), protocol, _route_of(conn), self.config.max_frame_bytes)
+            await self._dispatch(protocol, stream)
+
+        self.host.set_stream_handler(protocol, on_stream)  # type: ignore[arg-type]
+
+    async def connect(self, peer_id: str, addrs: Sequence[str] = ()) -> None:
+        """Make sure a connection to `peer_id` exists (dialling `addrs` or known ones)."""
+        pid = ID.from_base58(peer_id)
+        if self.host.get_network().get_connections(pid):
+            return
+        direct = [multiaddr.Multiaddr(a) for a in addrs if "/p2p-circuit" not in a]
+        circuit = [a for a in addrs if "/p2p-circuit" in a]
+        if not direct and not circuit:
+            record = self._cache.get(peer_id, self.now_ms())
+            if record is not None:
+                direct = [multiaddr.Multiaddr(a) for a in record.addrs if "/p2p-circuit" not in a]
+                circuit = [a for a in record.addrs if "/p2p-circuit" in a]
+        known = [a for a in self.host.get_peerstore().addrs(pid) if "/p2p-circuit" not in str(a)] if self._known(pid) else []
+        errors: list[str] = []
+        if direct or known:
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    await self.host.connect(PeerInfo(pid, [_strip_p2p(a) for a in direct] + known))
+                return
+            except trio.TooSlowError:
+                errors.append("direct dial timed out")
+            except Exception as exc:  # libp2p raises SwarmException, OpenConnectionError, OSError...
+                errors.append(f"direct: {exc}")
+        if circuit:
+            dial = getattr(self, "_dial_circuit", None)
+            if dial is not None:
+                await dial(pid, circuit)
+                return
+            errors.append("this network has no relay client")
+        raise PeerUnreachable(peer_id, "; ".join(errors) or "no known address")
+
+    def _known(self, pid: ID) -> bool:
+        try:
+            return bool(self.host.get_peerstore().addrs(pid))
+        except Exception:  # PeerStoreError
+            return False
+
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()) -> LibP2PStream:
+        if peer_id == self.peer_id:
+            raise PeerUnreachable(peer_id, "that is this peer")
+        await self.connect(peer_id, addrs)
+        pid = ID.from_base58(peer_id)
+        try:
+            raw = await self.host.new_stream(pid, [protocol])  # type: ignore[list-item]
+        except Exception as exc:  # StreamFailure wraps MultiselectClientError, SwarmException...
+            if _is_protocol_refusal(exc):
+                offered = ", ".join(_offered(self.host, pid, prefix="/darkbloom/"))
+                raise ProtocolMismatch(peer_id, protocol, offered) from exc
+            raise PeerUnreachable(peer_id, f"stream: {exc}") from exc
+        conn = raw.muxed_conn
+        route = _route_of(conn)
+        if route == "direct" and peer_id in getattr(self, "hole_punched", set()):
+            route = "hole-punched"
+        return LibP2PStream(raw, peer_id, protocol, route, self.config.max_frame_bytes)
+
+    # --- DHT ------------------------------------------------------------------------
+
+    async def _raw_provide(self, key: str) -> None:
+        try:
+            await self.dht.provide(key)
+        except Exception as exc:  # libp2p's DHT raises many kinds
+            raise P2PError(f"provide failed: {exc}") from exc
+
+    async def _raw_find_providers(self, key: str, fresh: bool) -> list[tuple[str, tuple[str, ...]]]:
+        keep_local = self.dht.mode == DHTMode.SERVER
+        infos = await self.dht.fresh_providers(key, keep_local=keep_local)
+        return [(str(i.peer_id), tuple(str(a) for a in i.addrs)) for i in infos]
+
+    async def _raw_put_value(self, key: str, value: bytes) -> None:
+        try:
+            await self.dht.put_value(key, value)
+        except RecordRejected:
+            raise
+        except ValueError as exc:  # "Refusing to replace newer value with the older one"
+            raise RecordRejected(key, str(exc)) from exc
+
+    async def _raw_get_value(self, key: str, fresh: bool) -> bytes | None:
+        return await self.dht.fresh_value(key, keep_local=self.dht.mode == DHTMode.SERVER)
+
+    # --- bootstrap ------------------------------------------------------------------
+
+    async def wait_joined(self) -> None:
+        """Return once a bootstrap peer answered (at once when there is none)."""
+        await self._joined.wait()
+
+    @property
+    def joined(self) -> bool:
+        return self._joined.is_set()
+
+    async def wait_joins(self, count: int) -> None:
+        """Return once the network (re)joined through a bootstrap peer `count` times."""
+        while self.joins < count:
+            await self._join_changed.wait()
+
+    async def _bootstrap_once(self) -> int:
+        ok = 0
+        for info in self._bootstrap_infos:
+            if info.peer_id == self.host.get_id():
+                continue
+            self.dht.trust(info.peer_id)
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    await self.host.connect(info)
+                    await self.dht.add_peer(info.peer_id)
+                ok += 1
+            except trio.TooSlowError:
+                log.debug("bootstrap %s: timed out", short_id(str(info.peer_id)))
+            except Exception as exc:  # dial failures come in many types
+                log.debug("bootstrap %s: %s", short_id(str(info.peer_id)), exc)
+        return ok
+
+    def _bootstrap_connected(self) -> bool:
+        net = self.host.get_network()
+        return any(net.get_connections(i.peer_id) for i in self._bootstrap_infos if i.peer_id != self.host.get_id())
+
+    async def _bootstrap_loop(self) -> None:
+        if not [i for i in self._bootstrap_infos if i.peer_id != self.host.get_id()]:
+            self._joined.set()
+            return
+        delay = 0.25
+        first = True
+        while True:
+            if not self._bootstrap_connected():
+                count = await self._bootstrap_once()
+                if count:
+                    log.info("%s joined the DHT through %d bootstrap peer(s)", short_id(self.peer_id), count)
+                    self._joined.set()
+                    delay = 0.25
+                    with trio.move_on_after(self.config.dial_timeout_s):
+                        await self.dht.refresh_routing_table()
+                    await self._on_joined(first)
+                    first = False
+                    self.joins += 1
+                    self._join_changed.set()
+                    self._join_changed = trio.Event()
+                else:
+                    if delay >= 2:
+                        log.warning("no bootstrap peer answers; retrying in %.0f s", delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self.config.bootstrap_retry_max_s)
+                    continue
+            self._watcher.changed = trio.Event()
+            if self._bootstrap_connected():
+                await self._watcher.changed.wait()
+
+    async def _on_joined(self, first: bool) -> None:
+        """Hook: announce again after a (re)join; the relay client also re-reserves."""
+        if not first:
+            self.request_announce()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def _extra_services(self, nursery: trio.Nursery) -> None:
+        """Hook for subclasses (relay hop, relay client)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[LibP2PNetwork] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
+        async with self.host.run(listen_addrs=listen):
+            self.host.get_network().register_notifee(self._watcher)
+            async with background_trio_service(self.dht):
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    if self.config.announce_addrs:
+                        self.set_advertised(self.config.announce_addrs)
+                    await self._extra_services(nursery)
+                    nursery.start_soon(self._bootstrap_loop)
+                    nursery.start_soon(self._announce_loop)
+                    log.info(
+                        "%s listening on %s (%s, DHT %s)",
+                        short_id(self.peer_id), ", ".join(self.listen_addrs), self.role, self.dht_mode,
+                    )
+                    task_status.started(self)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._nursery = None
+                        nursery.cancel_scope.cancel()
+                        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        # Workaround for 0.8.1 defect 12 (found here): when a host stops, the sockets of
+        # the connections it dialled stay open, so those peers never notice it left and
+        # their next stream to it hangs for the 10 s negotiation timeout. Close them.
+        network = self.host.get_network()
+        with trio.move_on_after(2, shield=True):
+            for conns in list(network.get_connections_map().values()):
+                for conn in conns:
+                    for closer in (conn, getattr(conn, "muxed_conn", None),
+                                   getattr(getattr(conn, "muxed_conn", None), "secured_conn", None)):
+                        try:
+                            if closer is not None:
+                                await closer.close()
+                        except Exception:  # already broken; closing is best effort here
+                            log.debug("closing a connection failed", exc_info=True)
+
+
+def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    text = str(addr)
+    if "/p2p/" in text:
+        return multiaddr.Multiaddr(text[: text.index("/p2p/")])
+    return addr
+
+
+def _is_protocol_refusal(exc: BaseException) -> bool:
+    seen = 0
+    while exc is not None and seen < 6:
+        name = type(exc).__name__
+        text = str(exc).lower()
+        if "Multiselect" in name or "protocol not supported" in text or "not supported" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def _offered(host: DarkbloomHost, pid: ID, *, prefix: str) -> list[str]:
+    try:
+        return sorted(str(p) for p in host.get_peerstore().get_protocols(pid) or [] if str(p).startswith(prefix))
+    except Exception:  # PeerStoreError
+        return []
+
+
+@asynccontextmanager
+async def open_network(
+    config: P2PConfig,
+    identity: Identity,
+    *,
+    role: Role = "node",
+    bootstrap: Sequence[str] = (),
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[LibP2PNetwork]:
+    """A running LibP2PNetwork (listening) for the duration of the block."""
+    net = LibP2PNetwork(config, identity, role=role, bootstrap=bootstrap, clock=clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        try:
+            yield net
+        finally:
+            nursery.cancel_scope.cancel()
+
