@@ -176,12 +176,19 @@ async def test_epoch_loop_and_submitter_loop(service, tmp_path, slow_autojump_cl
         nursery.start_soon(service.handle, MemoryLedgerStream(right, "node"))
         return MemoryLedgerStream(left, "ledger")
 
-    with trio.fail_after(3600):
+    expected = pair.c.latest.cum_cost
+
+    async def paid() -> int:  # through the service's one store thread, like every other store call
+        return (await service.ledger.call(service.ledger.store.lane, reservation.lane)).paid
+
+    # Virtual time may run ahead while a store call is on its thread, so wait on the outcome, not on a time.
+    with trio.fail_after(10**6):
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             await nursery.start(lambda task_status: run_submitter(book, dial, NODE, interval_s=10, ledger_key=LEDGER_KEY, task_status=task_status))
-            while service.epochs_closed < 2:
+            while service.epochs_closed < 2 or await paid() != expected:
                 await trio.sleep(30)
             nursery.cancel_scope.cancel()
-    assert service.ledger.store.lane(reservation.lane).paid == pair.c.latest.cum_cost
+    assert await paid() == expected
+    assert book.unsettled() == []
     book.close()
