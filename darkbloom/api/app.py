@@ -235,6 +235,8 @@ def create_app(
                                type="server_error", code="provider_failed")
             out = embedding_response(model=parsed.model, vectors=frame.vectors, dim=frame.dim, count=frame.count,
                                      prompt_tokens=frame.prompt_tokens, encoding_format=parsed.encoding_format)
+            while await next_frame(session, started) is not None:
+                pass  # up to Done, so a paid lane settles the request cleanly
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()

@@ -1,5 +1,10 @@
 """The shim side of `/darkbloom/infer/1.0.0`: one `InferRequest` over one PeerNetwork stream.
 
+With a `ConsumerLane` (paid serving, see `darkbloom.api.metering` and `darkbloom.ledger.lanes`)
+the call also meters: it counts the prompt at `Accepted` and each `Delta`'s tokens as they
+arrive, sends a signed `Voucher` whenever an interval's worth is unvouched and a final one at
+`Done`, and keeps the node's countersigned copies (Voucher frames interleaved by the node).
+
 `open_infer(network, peer_id, request)` opens the stream, sends the request and reads the
 node's answer up to `Accepted`; an `ErrorFrame` becomes the matching typed error
 (`InvalidRequest`, `ModelNotFound`, `NoCapacity`, ...). Then `receive()` returns `Delta`,
@@ -11,7 +16,8 @@ stream, which cancels the generation on the node.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -21,13 +27,15 @@ from darkbloom.errors import (
     DarkbloomError,
     EngineFailed,
     InvalidRequest,
+    LedgerError,
     MalformedMessage,
     ModelNotFound,
     NoCapacity,
     ProtocolMismatch,
     StreamClosed,
 )
-from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame, read_frame
+from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
+from darkbloom.wire.ledger import Voucher
 from darkbloom.wire.infer import (
     INFER_PROTOCOL,
     Accepted,
@@ -44,7 +52,8 @@ __all__ = ["InferCall", "error_from_frame", "is_final", "open_infer"]
 log = logging.getLogger(__name__)
 
 _REPLY = (Accepted, ErrorFrame)
-_FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame)
+_FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame, Voucher)
+FINAL_VOUCHER_WAIT_S = 2.0  # after Done: how long aclose waits for the node's countersigned copy
 
 
 def error_from_frame(frame: ErrorFrame, peer_id: str, model: str = "") -> DarkbloomError:
@@ -70,19 +79,33 @@ def error_from_frame(frame: ErrorFrame, peer_id: str, model: str = "") -> Darkbl
 def is_final(exc: BaseException) -> bool:
     """True when another peer would refuse the request too (bad input): do not fail over."""
     if isinstance(exc, ApiError):
-        return 400 <= exc.status < 500
-    return isinstance(exc, InvalidRequest)
+        return 400 <= exc.status < 500 and exc.status != 402  # 402: this node wants payment; others may not
+    return isinstance(exc, (InvalidRequest, LedgerError))  # bad input, or our own account cannot pay
 
 
 class InferCall:
     """One request on one stream, after `Accepted`."""
 
-    def __init__(self, stream: Any, request: InferRequest, accepted: Accepted, decoder: FrameDecoder) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        request: InferRequest,
+        accepted: Accepted,
+        decoder: FrameDecoder,
+        *,
+        lane: Any | None = None,
+        on_release: Callable[[bool], None] | None = None,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self.stream = stream
         self.request = request
         self.accepted = accepted
         self._decoder = decoder
+        self.lane = lane  # a darkbloom.ledger.lanes.ConsumerLane, or None when serving is free
+        self._on_release = on_release
+        self._max_frame_bytes = max_frame_bytes
         self.done: Done | None = None
+        self.began = False  # the request was begun on the lane
         self._closed = False
 
     @property
@@ -93,39 +116,92 @@ class InferCall:
     def route(self) -> str:
         return getattr(self.stream, "route", "direct")
 
+    async def start_metering(self) -> None:
+        """Begin the request on the lane and pay for the prompt (called once, after Accepted)."""
+        if self.lane is None:
+            return
+        self.lane.begin_request(encode(self.request), self.accepted.digest)
+        self.began = True
+        self.lane.add_usage(prompt_tokens=self.accepted.prompt_tokens)
+        await self._voucher(final=False)
+
+    async def _voucher(self, *, final: bool) -> None:
+        if self.lane is None:
+            return
+        now_ms = int(time.time() * 1000)
+        if final:
+            voucher = self.lane.final_voucher(now_ms=now_ms)
+        elif self.lane.due():
+            voucher = self.lane.next_voucher(now_ms=now_ms)
+        else:
+            return
+        if voucher is not None:
+            await self.stream.write(encode_frame(voucher, self._max_frame_bytes))
+
+    def _countersigned(self, voucher: Voucher) -> None:
+        try:
+            self.lane.countersigned(voucher)
+        except DarkbloomError as exc:  # a node that signs something else is misbehaving; stop here
+            raise MalformedMessage(f"countersigned voucher refused: {exc}") from None
+
     async def receive(self) -> Delta | ChoiceEnd | Embeddings | Done | None:
         """The next frame; None after Done. Typed errors for ErrorFrame, EOF or garbage."""
         if self.done is not None:
             return None
-        try:
-            frame = await read_frame(self.stream.read, self._decoder, _FRAMES)
-        except MalformedMessage:
-            await self._reset()
-            raise
-        if frame is None:
-            raise StreamClosed(self.peer_id, "stream ended before done")
-        if isinstance(frame, ErrorFrame):
-            raise error_from_frame(frame, self.peer_id, self.request.model)
-        if frame.request_id != self.request.request_id:
-            await self._reset()
-            raise MalformedMessage(f"frame for request {frame.request_id!r} on the stream of {self.request.request_id!r}")
-        if isinstance(frame, Done):
-            self.done = frame
-        return frame
+        while True:
+            try:
+                frame = await read_frame(self.stream.read, self._decoder, _FRAMES)
+            except MalformedMessage:
+                await self._reset()
+                raise
+            if frame is None:
+                raise StreamClosed(self.peer_id, "stream ended before done")
+            if isinstance(frame, ErrorFrame):
+                raise error_from_frame(frame, self.peer_id, self.request.model)
+            if isinstance(frame, Voucher):
+                if self.lane is None:
+                    raise MalformedMessage("a voucher on a free stream")
+                self._countersigned(frame)
+                continue
+            if frame.request_id != self.request.request_id:
+                await self._reset()
+                raise MalformedMessage(f"frame for request {frame.request_id!r} on the stream of {self.request.request_id!r}")
+            if isinstance(frame, Delta) and self.lane is not None:
+                self.lane.add_usage(completion_tokens=frame.tokens)
+                await self._voucher(final=False)
+            if isinstance(frame, Done):
+                self.done = frame
+                await self._voucher(final=True)
+            return frame
 
     async def aclose(self) -> None:
         """Close after Done; reset before (the node stops generating). Idempotent, shielded."""
         if self._closed:
             return
         self._closed = True
-        with trio.move_on_after(2, shield=True):
+        clean = False
+        with trio.move_on_after(FINAL_VOUCHER_WAIT_S + 2, shield=True):
             try:
                 if self.done is not None:
+                    if self.lane is not None:
+                        clean = await self._await_final_countersign()
                     await self.stream.close()
                 else:
                     await self.stream.reset()
             except DarkbloomError:
                 pass  # the stream is already gone, which is all we wanted
+        if self.lane is not None and self._on_release is not None:
+            self._on_release(clean)
+
+    async def _await_final_countersign(self) -> bool:
+        """After Done and the final voucher: read until the node's countersigned copy arrives."""
+        with trio.move_on_after(FINAL_VOUCHER_WAIT_S):
+            while self.lane.countersigned_latest is not self.lane.latest:
+                frame = await read_frame(self.stream.read, self._decoder, (Voucher,))
+                if frame is None:
+                    break
+                self._countersigned(frame)
+        return self.lane.countersigned_latest is self.lane.latest
 
     async def _reset(self) -> None:
         self.done = None
@@ -139,16 +215,22 @@ async def open_infer(
     *,
     addrs: Sequence[str] = (),
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    lane: Any | None = None,
+    on_release: Callable[[bool], None] | None = None,
 ) -> InferCall:
     """Open a stream to `peer_id`, send `request`, return once the node has accepted it.
 
     Raises PeerUnreachable / ProtocolMismatch (from the network), StreamClosed or
-    MalformedMessage (broken answer), or the error the node answered.
+    MalformedMessage (broken answer), or the error the node answered. With `lane`, the
+    request must carry that lane's reservation in `session`; `on_release(clean)` is called
+    once the call is closed.
     """
-    stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs)
     decoder = FrameDecoder(max_frame_bytes)
+    stream = None
+    call: InferCall | None = None
     ok = False
     try:
+        stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs)
         await stream.write(encode_frame(request, max_frame_bytes))
         reply = await read_frame(stream.read, decoder, _REPLY)
         if reply is None:
@@ -157,12 +239,19 @@ async def open_infer(
             raise error_from_frame(reply, peer_id, request.model)
         if reply.request_id != request.request_id:
             raise MalformedMessage(f"accepted frame for another request {reply.request_id!r}")
+        call = InferCall(stream, request, reply, decoder, lane=lane, on_release=on_release,
+                         max_frame_bytes=max_frame_bytes)
+        await call.start_metering()
         ok = True
-        return InferCall(stream, request, reply, decoder)
+        return call
     finally:
         if not ok:
-            with trio.move_on_after(2, shield=True):
-                try:
-                    await stream.reset()
-                except DarkbloomError:
-                    pass  # already closed by the node after its error frame
+            if stream is not None:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await stream.reset()
+                    except DarkbloomError:
+                        pass  # already closed by the node after its error frame
+            if lane is not None and on_release is not None:
+                # Untouched unless the request began on the lane (then the two chains may differ).
+                on_release(call is None or not call.began)

@@ -16,7 +16,9 @@ from darkbloom.errors import (
     ApiError,
     ContextLengthExceeded,
     EngineFailed,
+    InsufficientFunds,
     InvalidRequest,
+    LedgerError,
     MalformedMessage,
     ModelNotFound,
     NoCapacity,
@@ -121,6 +123,12 @@ def to_api_error(exc: BaseException) -> ApiError:
             503, f"provider busy: {exc.reason}", type="server_error", code="all_providers_busy",
             retry_after_s=exc.retry_after_s,
         )
+    if isinstance(exc, InsufficientFunds):
+        return ApiError(429, "your account's credit at the ledger cannot cover this request: deposit credits",
+                        type="insufficient_quota", code="insufficient_quota")
+    if isinstance(exc, LedgerError):
+        return ApiError(503, f"the ledger refused to open a payment lane: {exc}", type="server_error",
+                        code="ledger_unavailable")
     if isinstance(exc, (P2PError, MalformedMessage, EngineFailed)):
         return ApiError(502, f"provider failed: {exc}", type="server_error", code="provider_failed")
     return ApiError(500, "internal error in the shim", type="server_error", code="internal_error")

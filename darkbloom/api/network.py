@@ -10,6 +10,7 @@ measured latency update `PeerStats`; failures open a peer's circuit breaker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from darkbloom.api import errors as api_errors
 from darkbloom.api import router
 from darkbloom.api.backend import Frame, ModelListing
 from darkbloom.api.client import InferCall, is_final, open_infer
+from darkbloom.api.metering import session_bytes
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
 from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity
@@ -117,11 +119,13 @@ class NetworkBackend:
         *,
         known_models: Iterable[str] = (),
         trust: Any | None = None,
+        meter: Any | None = None,
     ) -> None:
         """`trust`: an optional `darkbloom.api.trust.routing.TrustedRouting` (reputation mix,
         breaker and quarantine, canary gate, hedging); without it, routing uses `router` alone."""
         self.network = network
         self.trust = trust
+        self.meter = meter  # a darkbloom.api.metering.ConsumerMeter: pay nodes through ledger lanes
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
@@ -246,7 +250,18 @@ class NetworkBackend:
         call: InferCall | None = None
         try:
             with trio.fail_after(self.config.first_token_timeout_s):
-                call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs)
+                lane = release = None
+                if self.meter is not None:
+                    meter = self.meter
+                    lane = await meter.acquire(cand.peer_id, price_input_per_m=cand.price_input_per_m,
+                                               price_output_per_m=cand.price_output_per_m)
+                    request = dataclasses.replace(request, session=session_bytes(lane))
+
+                    def release(clean: bool, _lane: Any = lane, _peer: str = cand.peer_id) -> None:
+                        meter.release(_peer, _lane, clean=clean)
+
+                call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs, lane=lane,
+                                        on_release=release)
                 self._note_load(cand.peer_id, call.accepted.load)
                 first = await call.receive()
         except BaseException as exc:

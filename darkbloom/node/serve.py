@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -30,12 +31,16 @@ from darkbloom.errors import (
     ContextLengthExceeded,
     DarkbloomError,
     InvalidRequest,
+    LedgerError,
     MalformedMessage,
     ModelNotFound,
     NoCapacity,
     StreamClosed,
+    VoucherRejected,
 )
-from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame, read_frame
+from darkbloom.ledger.lanes import NodeLane
+from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
+from darkbloom.wire.ledger import LaneReservation, Voucher
 from darkbloom.wire.infer import (
     INFER_PROTOCOL,
     Accepted,
@@ -49,7 +54,7 @@ from darkbloom.wire.infer import (
     Usage,
 )
 
-__all__ = ["EmbedFn", "InferenceService", "ServedRequest", "open_embedder", "serve_inference"]
+__all__ = ["EmbedFn", "InferenceService", "NodeMeter", "ServedRequest", "open_embedder", "serve_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ def _error_code(exc: BaseException) -> tuple[str, str | None, float | None]:
         return "model_not_found", "model", None
     if isinstance(exc, NoCapacity):
         return "no_capacity", None, exc.retry_after_s
+    if isinstance(exc, LedgerError):
+        return "payment_required", None, None
     return "internal", None, None
 
 
@@ -92,18 +99,136 @@ class _Progress:
 
 
 class _StreamIO:
-    """Frames over one PeerNetwork stream."""
+    """Frames over one PeerNetwork stream; writes from the answer and the voucher watcher don't interleave."""
 
     def __init__(self, stream: Any, max_frame_bytes: int) -> None:
         self.stream = stream
         self.max_frame_bytes = max_frame_bytes
         self.decoder = FrameDecoder(max_frame_bytes)
+        self._lock = trio.Lock()
 
     async def send(self, msg: Any) -> None:
-        await self.stream.write(encode_frame(msg, self.max_frame_bytes))
+        frame = encode_frame(msg, self.max_frame_bytes)
+        async with self._lock:
+            await self.stream.write(frame)
 
     async def recv(self, expect: Any = None) -> Any:
         return await read_frame(self.stream.read, self.decoder, expect)
+
+
+class NodeMeter:
+    """Paid serving on the node: lanes from `InferRequest.session`, voucher checks, the gate.
+
+    `ledger_key` is the ledger's public key (hex) that signs reservations; prices are the
+    node's own (a lane at lower prices is refused); `store(voucher)` keeps each
+    countersigned voucher for settlement (e.g. a VoucherBook on a worker thread);
+    `latest(lane)` returns the last stored voucher of a lane after a restart. With
+    `require_payment` False, a request without a session is served free.
+    """
+
+    def __init__(
+        self,
+        identity: Any,
+        *,
+        ledger_key: str,
+        price_input_per_m: int,
+        price_output_per_m: int,
+        voucher_every_tokens: int = 32,
+        voucher_timeout_s: float = 10.0,
+        require_payment: bool = True,
+        store: Callable[[Voucher], Awaitable[None]] | None = None,
+        latest: Callable[[str], Voucher | None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.ledger_key = ledger_key
+        self.price_input_per_m = price_input_per_m
+        self.price_output_per_m = price_output_per_m
+        self.every = voucher_every_tokens
+        self.timeout_s = voucher_timeout_s
+        self.require_payment = require_payment
+        self.store = store
+        self.latest = latest
+        self.clock = clock
+        self.lanes: dict[str, NodeLane] = {}
+        self.busy: set[str] = set()  # lanes with a request on them now (a lane is sequential)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def lane_for(self, session: bytes) -> NodeLane:
+        """The lane a request pays on; VoucherRejected / InvalidSignature when it cannot."""
+        from darkbloom.ledger.receipts import decode_strict
+
+        try:
+            reservation = decode_strict(session, LaneReservation)
+        except MalformedMessage as exc:
+            raise VoucherRejected("-" * 32, f"unreadable lane reservation ({exc.reason})") from None
+        if reservation.price_input_per_m < self.price_input_per_m or reservation.price_output_per_m < self.price_output_per_m:
+            raise VoucherRejected(reservation.lane, "the lane's prices are below this node's prices")
+        lane = self.lanes.get(reservation.lane)
+        if lane is None:
+            latest = self.latest(reservation.lane) if self.latest is not None else None
+            lane = NodeLane.open(self.identity, reservation, ledger_key=self.ledger_key, now_ms=self.now_ms(),
+                                 voucher_every_tokens=self.every, voucher_timeout_ms=int(self.timeout_s * 1000),
+                                 latest=latest)
+            self.lanes[reservation.lane] = lane
+        else:
+            lane.update_reservation(reservation, now_ms=self.now_ms())
+        if reservation.lane in self.busy:
+            raise VoucherRejected(reservation.lane, "the lane is serving another request")
+        return lane
+
+
+class _Metered:
+    """One request's lane while it is served: the gate, incoming vouchers, the final settle-up."""
+
+    def __init__(self, meter: NodeMeter, lane: NodeLane, io: _StreamIO) -> None:
+        self.meter = meter
+        self.lane = lane
+        self.io = io
+        self.arrived = trio.Event()
+        self.failure: DarkbloomError | None = None
+
+    def begin(self, req: InferRequest, digest: str, prompt_tokens: int) -> None:
+        """Right before `Accepted` (the client begins the request on its side when it reads it)."""
+        self.lane.begin_request(encode(req), digest)
+        self.lane.served(prompt_tokens=prompt_tokens)
+
+    async def gate(self) -> None:
+        """Before sending more: pause while vouchers lag, fail when they stopped."""
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            verdict = self.lane.gate(self.meter.now_ms())
+            if verdict == "serve":
+                return
+            if verdict == "end":
+                raise VoucherRejected(self.lane.lane, "vouchers stopped arriving")
+            with trio.move_on_after(self.meter.timeout_s):
+                await self.arrived.wait()
+            self.arrived = trio.Event()
+
+    async def on_voucher(self, voucher: Voucher) -> None:
+        try:
+            signed = self.lane.accept(voucher, now_ms=self.meter.now_ms())
+        except DarkbloomError as exc:  # a bad voucher stops serving at the next gate
+            self.failure = exc if isinstance(exc, LedgerError) else VoucherRejected(self.lane.lane, str(exc))
+            log.warning("lane %s: voucher refused: %s", self.lane.lane[:8], type(exc).__name__)
+        else:
+            await self.io.send(signed)
+            if self.meter.store is not None:
+                await self.meter.store(signed)
+        self.arrived.set()
+
+    async def settle(self) -> None:
+        """After the answer: wait (bounded) for the voucher that covers all of it."""
+        with trio.move_on_after(self.meter.timeout_s):
+            while self.lane.lag_tokens > 0 and self.failure is None:
+                await self.arrived.wait()
+                self.arrived = trio.Event()
+        if self.lane.lag_tokens > 0:
+            log.warning("lane %s: %d tokens served without a voucher", self.lane.lane[:8], self.lane.lag_tokens)
 
 
 class InferenceService:
@@ -112,7 +237,8 @@ class InferenceService:
     `engine` is a `darkbloom.inference.engine.Engine` (or None on an embeddings-only node);
     `digests` maps model id -> weights digest advertised in the capability record;
     `embedders` maps model id -> an async embed function (see `EmbedFn`);
-    `paused()` says whether operator controls pause serving; `on_served` observes outcomes.
+    `paused()` says whether operator controls pause serving; `on_served` observes outcomes;
+    `meter` (a `NodeMeter`) makes serving paid through ledger lanes; None serves free.
     """
 
     def __init__(
@@ -123,6 +249,7 @@ class InferenceService:
         embedders: Mapping[str, EmbedFn] | None = None,
         paused: Callable[[], bool] | None = None,
         on_served: Callable[[ServedRequest], None] | None = None,
+        meter: NodeMeter | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         node_version: str = __version__,
     ) -> None:
@@ -131,6 +258,7 @@ class InferenceService:
         self.embedders = dict(embedders or {})
         self.paused = paused or (lambda: False)
         self.on_served = on_served
+        self.meter = meter
         self.max_frame_bytes = max_frame_bytes
         self.node_version = node_version
         self.active_embeddings = 0
@@ -178,6 +306,18 @@ class InferenceService:
             except StreamClosed:
                 pass
 
+    def _metered(self, io: _StreamIO, req: InferRequest, digest: str) -> _Metered | None:
+        """The request's lane (begun), or None when it is served free. LedgerError: refuse it."""
+        if self.meter is None:
+            return None
+        if not req.session:
+            if self.meter.require_payment:
+                raise VoucherRejected("-" * 32, "this node serves paid requests only: open a lane at the ledger")
+            return None
+        lane = self.meter.lane_for(req.session)
+        self.meter.busy.add(lane.lane)
+        return _Metered(self.meter, lane, io)
+
     async def _serve(self, io: _StreamIO, req: InferRequest, peer: str) -> None:
         started = trio.current_time()
         rid = req.request_id
@@ -197,13 +337,12 @@ class InferenceService:
             return
         progress = _Progress()
         outcome = "cancelled"
+        metered: _Metered | None = None
         try:
-            if req.kind == "embedding":
-                progress.prompt_tokens = await self._embed(io, req, digest)
-            elif req.kind in ("chat", "completion"):
-                await self._generate(io, req, digest, progress)
-            else:
+            metered = self._metered(io, req, digest)
+            if req.kind not in ("chat", "completion", "embedding"):
                 raise InvalidRequest(f"request kind {req.kind!r} is not served", param="kind")
+            await self._answer(io, req, digest, progress, metered)
             outcome = "done"
         except DarkbloomError as exc:
             if isinstance(exc, StreamClosed):
@@ -214,6 +353,8 @@ class InferenceService:
                 log.error("%s model=%s failed: %s", rid, req.model, type(exc).__name__)
             await io.send(ErrorFrame(request_id=rid, code=code, message=str(exc), param=param, retry_after_s=retry))
         finally:
+            if metered is not None:
+                self.meter.busy.discard(metered.lane.lane)  # type: ignore[union-attr]
             seconds = trio.current_time() - started
             log.info("%s peer=%s model=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", rid,
                      peer[-8:], req.model, req.kind, outcome, progress.prompt_tokens, progress.completion_tokens,
@@ -224,7 +365,31 @@ class InferenceService:
                                              completion_tokens=progress.completion_tokens,
                                              outcome=outcome, seconds=seconds))
 
-    async def _embed(self, io: _StreamIO, req: InferRequest, digest: str) -> int:
+    async def _answer(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress,
+                      metered: _Metered | None) -> None:
+        """The answer, with a watcher on the client's side of the stream (cancel, vouchers)."""
+        error: DarkbloomError | None = None
+        finished = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, io, nursery.cancel_scope, req.request_id, metered)
+            try:
+                if req.kind == "embedding":
+                    await self._embed(io, req, digest, progress, metered)
+                else:
+                    await self._generate(io, req, digest, progress, metered)
+                finished = True
+                if metered is not None:
+                    await metered.settle()
+            except DarkbloomError as exc:  # re-raised below, outside the nursery (no exception group)
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if not finished:
+            raise StreamClosed("", "client closed the stream during the answer")
+
+    async def _embed(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress,
+                     metered: _Metered | None) -> None:
         texts = req.params.get("input")
         if isinstance(texts, str):
             texts = [texts]
@@ -237,15 +402,20 @@ class InferenceService:
             self.active_embeddings -= 1
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         count, dim = vectors.shape
+        progress.prompt_tokens = tokens
+        if metered is not None:
+            metered.begin(req, digest, tokens)
         await io.send(Accepted(request_id=req.request_id, node_version=self.node_version, digest=digest,
                                prompt_tokens=tokens, load=self.load()))
+        if metered is not None:
+            await metered.gate()
         await io.send(Embeddings(request_id=req.request_id, dim=dim, count=count, vectors=vectors.tobytes(),
                                  prompt_tokens=tokens))
         await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=tokens, completion_tokens=0),
                            load=self.load()))
-        return tokens
 
-    async def _generate(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress) -> None:
+    async def _generate(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress,
+                        metered: _Metered | None) -> None:
         from darkbloom.inference.engine import Admitted, ChoiceFinished, TextDelta
         from darkbloom.inference.params import parse_chat, parse_completion
 
@@ -253,57 +423,56 @@ class InferenceService:
         gen_req = parse(dict(req.params))
         rid = req.request_id
         tool_index: dict[int, int] = {}  # choice -> tool calls sent so far (their OpenAI `index`)
-        error: DarkbloomError | None = None
-        finished = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, io, nursery.cancel_scope, rid)
-            try:
-                async with aclosing(self.engine.generate(req.model, gen_req)) as events:
-                    async for event in events:
-                        if isinstance(event, Admitted):
-                            progress.prompt_tokens = event.prompt_tokens
-                            await io.send(Accepted(request_id=rid, node_version=self.node_version, digest=digest,
-                                                   prompt_tokens=event.prompt_tokens, load=self.load()))
-                        elif isinstance(event, TextDelta):
-                            calls = []
-                            for call in event.tool_calls:
-                                k = tool_index.get(event.index, 0)
-                                tool_index[event.index] = k + 1
-                                calls.append({**call, "index": k})
-                            progress.completion_tokens += event.tokens
-                            await io.send(Delta(request_id=rid, index=event.index, text=event.text,
-                                                tokens=event.tokens, logprobs=tuple(event.logprobs),
-                                                tool_calls=tuple(calls)))
-                        elif isinstance(event, ChoiceFinished):
-                            progress.ended_tokens += event.completion_tokens
-                            await io.send(ChoiceEnd(request_id=rid, index=event.index,
-                                                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
-                                                    completion_tokens=event.completion_tokens,
-                                                    token_ids=tuple(event.token_ids)))
-                progress.completion_tokens = max(progress.completion_tokens, progress.ended_tokens)
-                await io.send(Done(request_id=rid, usage=Usage(prompt_tokens=progress.prompt_tokens,
-                                                               completion_tokens=progress.completion_tokens),
-                                   load=self.load()))
-                finished = True
-            except DarkbloomError as exc:  # re-raised below, outside the nursery (no exception group)
-                error = exc
-            nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if not finished:
-            raise StreamClosed("", "client closed the stream during generation")
+        async with aclosing(self.engine.generate(req.model, gen_req)) as events:
+            async for event in events:
+                if isinstance(event, Admitted):
+                    progress.prompt_tokens = event.prompt_tokens
+                    if metered is not None:
+                        metered.begin(req, digest, event.prompt_tokens)
+                    await io.send(Accepted(request_id=rid, node_version=self.node_version, digest=digest,
+                                           prompt_tokens=event.prompt_tokens, load=self.load()))
+                elif isinstance(event, TextDelta):
+                    if metered is not None:
+                        await metered.gate()
+                    calls = []
+                    for call in event.tool_calls:
+                        k = tool_index.get(event.index, 0)
+                        tool_index[event.index] = k + 1
+                        calls.append({**call, "index": k})
+                    await io.send(Delta(request_id=rid, index=event.index, text=event.text,
+                                        tokens=event.tokens, logprobs=tuple(event.logprobs),
+                                        tool_calls=tuple(calls)))
+                    progress.completion_tokens += event.tokens
+                    if metered is not None:
+                        metered.lane.served(completion_tokens=event.tokens)
+                elif isinstance(event, ChoiceFinished):
+                    progress.ended_tokens += event.completion_tokens
+                    await io.send(ChoiceEnd(request_id=rid, index=event.index,
+                                            finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                                            completion_tokens=event.completion_tokens,
+                                            token_ids=tuple(event.token_ids)))
+        extra = max(0, progress.ended_tokens - progress.completion_tokens)  # tokens folded into ChoiceEnd
+        progress.completion_tokens += extra
+        if metered is not None and extra:
+            metered.lane.served(completion_tokens=extra)
+        await io.send(Done(request_id=rid, usage=Usage(prompt_tokens=progress.prompt_tokens,
+                                                       completion_tokens=progress.completion_tokens),
+                           load=self.load()))
 
-    async def _watch(self, io: _StreamIO, scope: trio.CancelScope, rid: str) -> None:
-        """The client's side of the stream: EOF or reset means stop generating now."""
+    async def _watch(self, io: _StreamIO, scope: trio.CancelScope, rid: str, metered: _Metered | None) -> None:
+        """The client's side of the stream: vouchers; EOF or reset means stop generating now."""
         try:
             while True:
                 frame = await io.recv()
                 if frame is None:
                     break
-                log.debug("%s ignoring %s frame from the client", rid, type(frame).__name__)
+                if isinstance(frame, Voucher) and metered is not None:
+                    await metered.on_voucher(frame)
+                else:
+                    log.debug("%s ignoring %s frame from the client", rid, type(frame).__name__)
         except (StreamClosed, MalformedMessage):
             pass  # a reset or garbage from the client: either way it is gone
-        log.info("%s client closed the stream; cancelling generation", rid)
+        log.info("%s client closed the stream", rid)
         scope.cancel()
 
 

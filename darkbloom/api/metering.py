@@ -1,0 +1,117 @@
+"""The shim's side of paying nodes: one ledger lane per request slot, vouchers signed as tokens arrive.
+
+`ConsumerMeter` opens lanes at the ledger (`/darkbloom/ledger/1.0.0` on a relay) with the
+shim's own key, at the prices in the node's capability record, and lends each request a
+lane nobody else is using (a lane's request hash chain is sequential, so concurrent
+requests to one node use separate lanes). The infer client (`darkbloom.api.client`) does
+the per-stream work with the lent `ConsumerLane`: begin the request, count what arrives,
+send a voucher every `voucher_every_tokens` and a final one, keep the node's countersigned
+copies. A lane goes back to the pool only after a clean finish; after a broken stream the
+two sides may disagree about the chain, so it is dropped (its unused reserve is released by
+the ledger at expiry).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from darkbloom.config import LedgerConfig
+from darkbloom.errors import DarkbloomError, LedgerError
+from darkbloom.identity import Identity
+from darkbloom.ledger.client import LedgerClient
+from darkbloom.ledger.lanes import ConsumerLane
+from darkbloom.log import short_id
+from darkbloom.p2p.keys import public_key_from_peer_id
+from darkbloom.wire.codec import encode
+from darkbloom.wire.ledger import LEDGER_PROTOCOL
+
+__all__ = ["ConsumerMeter"]
+
+log = logging.getLogger(__name__)
+
+
+class ConsumerMeter:
+    """Lanes per node for one consumer account (the shim's key)."""
+
+    def __init__(
+        self,
+        network: Any,
+        identity: Identity,
+        config: LedgerConfig,
+        *,
+        ledger_peer: str,
+        ledger_addrs: tuple[str, ...] = (),
+        ledger_key: str = "",
+    ) -> None:
+        self.network = network
+        self.identity = identity
+        self.config = config
+        self.ledger_peer = ledger_peer
+        self.ledger_addrs = ledger_addrs
+        # The relay's key signs reservations; its peer id carries that key.
+        self.ledger_key = ledger_key or public_key_from_peer_id(ledger_peer).hex()
+        self._client: LedgerClient | None = None
+        self._client_lock = trio.Lock()
+        self._idle: dict[str, list[ConsumerLane]] = {}  # node peer id -> lanes free for a request
+        self.opened = 0
+
+    @property
+    def account(self) -> str:
+        return self.identity.public_key.hex()
+
+    async def _ledger(self) -> LedgerClient:
+        async with self._client_lock:
+            if self._client is None:
+                stream = await self.network.open_stream(self.ledger_peer, LEDGER_PROTOCOL, addrs=self.ledger_addrs)
+                self._client = LedgerClient(stream, self.identity, ledger_key=self.ledger_key)
+            return self._client
+
+    async def acquire(self, node_peer_id: str, *, price_input_per_m: int, price_output_per_m: int) -> ConsumerLane:
+        """A lane to `node_peer_id` for one request: an idle one, or a new one opened at the ledger.
+
+        Raises InsufficientFunds (the account cannot reserve `lane_reserve`) or another
+        LedgerError / P2PError when the ledger cannot be reached.
+        """
+        idle = self._idle.get(node_peer_id)
+        while idle:
+            lane = idle.pop()
+            if lane.headroom() > 0 and lane.reservation.price_input_per_m == price_input_per_m \
+                    and lane.reservation.price_output_per_m == price_output_per_m:
+                return lane
+        node_account = public_key_from_peer_id(node_peer_id).hex()
+        client = await self._ledger()
+        try:
+            reservation = await client.open_lane(node_account, self.config.lane_reserve,
+                                                 price_input_per_m=price_input_per_m,
+                                                 price_output_per_m=price_output_per_m)
+        except DarkbloomError as exc:
+            if not isinstance(exc, LedgerError):  # the ledger stream broke: reconnect next time
+                self._client = None
+            raise
+        self.opened += 1
+        log.info("lane %s opened to node %s (cap %d)", reservation.lane[:8], short_id(node_peer_id), reservation.cap)
+        return ConsumerLane(self.identity, reservation, voucher_every_tokens=self.config.voucher_every_tokens)
+
+    def release(self, node_peer_id: str, lane: ConsumerLane, *, clean: bool) -> None:
+        """Give a lane back after a request; only a cleanly finished one is reused."""
+        if clean:
+            self._idle.setdefault(node_peer_id, []).append(lane)
+        else:
+            log.info("lane %s to node %s dropped after an unfinished request", lane.lane[:8], short_id(node_peer_id))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            with trio.move_on_after(2, shield=True):
+                try:
+                    await self._client.close()
+                except DarkbloomError:
+                    pass  # the ledger stream is gone already
+            self._client = None
+
+
+def session_bytes(lane: ConsumerLane) -> bytes:
+    """What goes into `InferRequest.session`: the encoded reservation."""
+    return encode(lane.reservation)
