@@ -237,9 +237,11 @@ def create_app(
                                      prompt_tokens=frame.prompt_tokens, encoding_format=parsed.encoding_format)
             while await next_frame(session, started) is not None:
                 pass  # up to Done, so a paid lane settles the request cleanly
-        finally:
+        except BaseException:
             with trio.CancelScope(shield=True):
                 await session.aclose()
+            raise
+        close_later(session)
         stats.add_tokens(parsed.model, frame.prompt_tokens, 0)
         if auth is not None:
             await auth.record(who, model=parsed.model, prompt_tokens=frame.prompt_tokens, completion_tokens=0)
@@ -275,9 +277,11 @@ def create_app(
             try:
                 while (frame := await next_frame(session, started)) is not None:
                     feed(comp, frame)
-            except (DarkbloomError, ValueError) as exc:
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await session.aclose()
                 # Nothing reached the client yet: a non-streamed answer can start over elsewhere.
-                if isinstance(exc, (InvalidRequest, ModelNotFound)):
+                if not isinstance(exc, (DarkbloomError, ValueError)) or isinstance(exc, (InvalidRequest, ModelNotFound)):
                     raise
                 tried.add(session.node_id)
                 stats.failovers += 1
@@ -286,13 +290,15 @@ def create_app(
                 if len(tried) >= cfg.max_attempts:
                     raise api_errors.upstream_failed(parsed.model, len(tried), type(exc).__name__) from None
                 continue
-            finally:
-                with trio.CancelScope(shield=True):
-                    await session.aclose()
+            close_later(session)
             if not comp.finished:
                 raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
             await finish(who, parsed, request_id, session, comp, started)
             return _json(comp.response(), headers=_node_headers(session, request_id))
+
+    def close_later(session: Session) -> None:
+        """Close after the answer is sent: a paid lane's final countersign needs no client waiting."""
+        app.add_background_task(session.aclose)
 
     async def next_frame(session: Session, started: float) -> Any:
         """The session's next frame, or a typed error when the node stalls or the request overruns."""

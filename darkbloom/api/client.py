@@ -94,7 +94,7 @@ class InferCall:
         decoder: FrameDecoder,
         *,
         lane: Any | None = None,
-        on_release: Callable[[bool], None] | None = None,
+        on_release: Callable[[str], None] | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.stream = stream
@@ -179,29 +179,35 @@ class InferCall:
         if self._closed:
             return
         self._closed = True
-        clean = False
+        outcome = "unclean"
         with trio.move_on_after(FINAL_VOUCHER_WAIT_S + 2, shield=True):
             try:
                 if self.done is not None:
                     if self.lane is not None:
-                        clean = await self._await_final_countersign()
+                        outcome = await self._await_final_countersign()
                     await self.stream.close()
                 else:
                     await self.stream.reset()
             except DarkbloomError:
                 pass  # the stream is already gone, which is all we wanted
         if self.lane is not None and self._on_release is not None:
-            self._on_release(clean)
+            self._on_release(outcome)
 
-    async def _await_final_countersign(self) -> bool:
-        """After Done and the final voucher: read until the node's countersigned copy arrives."""
+    async def _await_final_countersign(self) -> str:
+        """After Done and the final voucher: read until the node's countersigned copy arrives.
+
+        "clean" when it did; "unmetered" when the node closed without ever countersigning on
+        this lane (it serves free); "unclean" otherwise.
+        """
         with trio.move_on_after(FINAL_VOUCHER_WAIT_S):
             while self.lane.countersigned_latest is not self.lane.latest:
                 frame = await read_frame(self.stream.read, self._decoder, (Voucher,))
                 if frame is None:
+                    if self.lane.countersigned_latest is None:
+                        return "unmetered"
                     break
                 self._countersigned(frame)
-        return self.lane.countersigned_latest is self.lane.latest
+        return "clean" if self.lane.countersigned_latest is self.lane.latest else "unclean"
 
     async def _reset(self) -> None:
         self.done = None
@@ -216,14 +222,14 @@ async def open_infer(
     addrs: Sequence[str] = (),
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     lane: Any | None = None,
-    on_release: Callable[[bool], None] | None = None,
+    on_release: Callable[[str], None] | None = None,
 ) -> InferCall:
     """Open a stream to `peer_id`, send `request`, return once the node has accepted it.
 
     Raises PeerUnreachable / ProtocolMismatch (from the network), StreamClosed or
     MalformedMessage (broken answer), or the error the node answered. With `lane`, the
-    request must carry that lane's reservation in `session`; `on_release(clean)` is called
-    once the call is closed.
+    request must carry that lane's reservation in `session`; `on_release(outcome)` is called
+    once the call is closed ("clean", "unclean" or "unmetered", see `InferCall.aclose`).
     """
     decoder = FrameDecoder(max_frame_bytes)
     stream = None
@@ -254,4 +260,4 @@ async def open_infer(
                         pass  # already closed by the node after its error frame
             if lane is not None and on_release is not None:
                 # Untouched unless the request began on the lane (then the two chains may differ).
-                on_release(call is None or not call.began)
+                on_release("clean" if call is None or not call.began else "unclean")

@@ -59,7 +59,7 @@ async def _serve(config: Config) -> None:
 
     identity = load_or_create_identity(shim_dir(config))
     async with open_network(config.p2p, identity, role="shim") as network:
-        async with open_shim(config, network) as shim:
+        async with open_shim(config, network, identity=identity) as shim:
             mode = "hosted" if config.api.hosted else "local"
             sys.stdout.write(f"darkbloom shim ({mode}): OpenAI-compatible API at {shim.url}/v1\n")
             sys.stdout.flush()

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from darkbloom.config import LedgerConfig
-from darkbloom.errors import DarkbloomError, LedgerError
+from darkbloom.errors import DarkbloomError, P2PError
 from darkbloom.identity import Identity
 from darkbloom.ledger.client import LedgerClient
 from darkbloom.ledger.lanes import ConsumerLane
@@ -31,6 +31,9 @@ from darkbloom.wire.ledger import LEDGER_PROTOCOL
 __all__ = ["ConsumerMeter"]
 
 log = logging.getLogger(__name__)
+
+LEDGER_RETRY_S = 60.0  # after the ledger could not be reached, go unpaid this long before trying again
+FREE_NODE_RECHECK_S = 600.0  # a node that served without countersigning gets no lane for this long
 
 
 class ConsumerMeter:
@@ -56,6 +59,8 @@ class ConsumerMeter:
         self._client: LedgerClient | None = None
         self._client_lock = trio.Lock()
         self._idle: dict[str, list[ConsumerLane]] = {}  # node peer id -> lanes free for a request
+        self._free: dict[str, float] = {}  # node peer id -> when it was seen serving without vouchers
+        self._ledger_down_until = -float("inf")
         self.opened = 0
 
     @property
@@ -69,36 +74,52 @@ class ConsumerMeter:
                 self._client = LedgerClient(stream, self.identity, ledger_key=self.ledger_key)
             return self._client
 
-    async def acquire(self, node_peer_id: str, *, price_input_per_m: int, price_output_per_m: int) -> ConsumerLane:
+    async def acquire(self, node_peer_id: str, *, price_input_per_m: int, price_output_per_m: int) -> ConsumerLane | None:
         """A lane to `node_peer_id` for one request: an idle one, or a new one opened at the ledger.
 
+        None when the node was seen serving free (it never countersigned), or when the ledger
+        cannot be reached: the request then goes without a lane.
+
         Raises InsufficientFunds (the account cannot reserve `lane_reserve`) or another
-        LedgerError / P2PError when the ledger cannot be reached.
+        LedgerError the ledger answered (e.g. VoucherRejected).
         """
+        free_since = self._free.get(node_peer_id)
+        if free_since is not None and trio.current_time() - free_since < FREE_NODE_RECHECK_S:
+            return None
         idle = self._idle.get(node_peer_id)
         while idle:
             lane = idle.pop()
             if lane.headroom() > 0 and lane.reservation.price_input_per_m == price_input_per_m \
                     and lane.reservation.price_output_per_m == price_output_per_m:
                 return lane
+        if trio.current_time() < self._ledger_down_until:
+            return None
         node_account = public_key_from_peer_id(node_peer_id).hex()
-        client = await self._ledger()
         try:
+            client = await self._ledger()
             reservation = await client.open_lane(node_account, self.config.lane_reserve,
                                                  price_input_per_m=price_input_per_m,
                                                  price_output_per_m=price_output_per_m)
-        except DarkbloomError as exc:
-            if not isinstance(exc, LedgerError):  # the ledger stream broke: reconnect next time
-                self._client = None
-            raise
+        except P2PError as exc:
+            # No ledger to pay through: ask for free serving for a while (nodes that require
+            # payment refuse, and the router tries others) rather than failing every request.
+            self._client = None
+            self._ledger_down_until = trio.current_time() + LEDGER_RETRY_S
+            log.warning("ledger %s unreachable (%s): requests go unpaid for %.0f s", short_id(self.ledger_peer),
+                        type(exc).__name__, LEDGER_RETRY_S)
+            return None
         self.opened += 1
         log.info("lane %s opened to node %s (cap %d)", reservation.lane[:8], short_id(node_peer_id), reservation.cap)
         return ConsumerLane(self.identity, reservation, voucher_every_tokens=self.config.voucher_every_tokens)
 
-    def release(self, node_peer_id: str, lane: ConsumerLane, *, clean: bool) -> None:
-        """Give a lane back after a request; only a cleanly finished one is reused."""
-        if clean:
+    def release(self, node_peer_id: str, lane: ConsumerLane, outcome: str) -> None:
+        """Give a lane back after a request ("clean", "unclean" or "unmetered"); only clean ones are reused."""
+        if outcome == "clean":
+            self._free.pop(node_peer_id, None)
             self._idle.setdefault(node_peer_id, []).append(lane)
+        elif outcome == "unmetered":
+            self._free[node_peer_id] = trio.current_time()
+            log.info("node %s serves free: no lanes for it for a while", short_id(node_peer_id))
         else:
             log.info("lane %s to node %s dropped after an unfinished request", lane.lane[:8], short_id(node_peer_id))
 

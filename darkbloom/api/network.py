@@ -255,10 +255,11 @@ class NetworkBackend:
                     meter = self.meter
                     lane = await meter.acquire(cand.peer_id, price_input_per_m=cand.price_input_per_m,
                                                price_output_per_m=cand.price_output_per_m)
-                    request = dataclasses.replace(request, session=session_bytes(lane))
+                    if lane is not None:
+                        request = dataclasses.replace(request, session=session_bytes(lane))
 
-                    def release(clean: bool, _lane: Any = lane, _peer: str = cand.peer_id) -> None:
-                        meter.release(_peer, _lane, clean=clean)
+                        def release(outcome: str, _lane: Any = lane, _peer: str = cand.peer_id) -> None:
+                            meter.release(_peer, _lane, outcome)
 
                 call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs, lane=lane,
                                         on_release=release)

@@ -1,9 +1,14 @@
-"""Assembles the shim: `NetworkBackend` over a PeerNetwork, optional key store, the HTTP app.
+"""Assembles the shim: `NetworkBackend` over a PeerNetwork, payment lanes, key store, the HTTP app.
 
 Daemons call `open_shim(config, network)` (an async context manager that owns its nursery
 and yields a `Shim` once the HTTP listener is up) or `run_shim(config, network,
 task_status=...)`. The network is the caller's: a libp2p `open_network(..., role="shim")`
 (a DHT client with the shim's own identity) or a memory network in tests.
+
+Paying nodes: when a ledger is known (`ledger.ledger_peer`, else the first bootstrap relay),
+the shim opens lanes there with its own key (<data dir>/shim/identity.key, the account
+`darkbloom up` funds) and signs vouchers for what it receives; with no ledger it asks for
+free serving (nodes that require payment refuse, and the router tries others).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from darkbloom.api.app import serve
 from darkbloom.api.keys import KeyAuthenticator, KeyStore
 from darkbloom.api.metrics import Metrics
 from darkbloom.api.network import NetworkBackend
-from darkbloom.config import Config
+from darkbloom.api.metering import ConsumerMeter
+from darkbloom.config import Config, bundled_bootstrap_file, load_bootstrap_file
+from darkbloom.identity import Identity, load_or_create_identity
 
-__all__ = ["Shim", "default_known_models", "open_shim", "run_shim", "shim_dir"]
+__all__ = ["Shim", "default_known_models", "ledger_target", "open_shim", "run_shim", "shim_dir"]
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Shim:
     backend: NetworkBackend
     metrics: Metrics
     keys: KeyStore | None
+    meter: ConsumerMeter | None  # None: no ledger known, requests ask for free serving
 
 
 def shim_dir(config: Config) -> Path:
@@ -46,25 +54,53 @@ def default_known_models(config: Config) -> set[str]:
     return set(BUNDLED) | {m.id for m in config.inference.models}
 
 
+def ledger_target(config: Config) -> tuple[str, tuple[str, ...]] | None:
+    """(peer id, addrs) of the ledger: `ledger.ledger_peer`, else the first bootstrap relay."""
+    addrs: list[str] = []
+    if config.ledger.ledger_peer:
+        addrs.append(config.ledger.ledger_peer)
+    addrs += config.p2p.bootstrap
+    if config.p2p.bootstrap_file:
+        addrs += load_bootstrap_file(config.p2p.bootstrap_file)
+    elif config.p2p.use_bundled_bootstrap and bundled_bootstrap_file().exists():
+        addrs += load_bootstrap_file(bundled_bootstrap_file())
+    for addr in addrs:
+        if "/p2p/" in addr and "/p2p-circuit" not in addr:
+            return addr.rsplit("/p2p/", 1)[1], (addr,)
+    return None
+
+
 @asynccontextmanager
 async def open_shim(
     config: Config,
     network: Any,
     *,
+    identity: Identity | None = None,
     known_models: Iterable[str] | None = None,
     metrics: Metrics | None = None,
+    pay: bool = True,
 ) -> AsyncIterator[Shim]:
+    """The running shim. `identity` signs vouchers (default: the shim's key in its data dir);
+    `pay=False` never opens lanes."""
     api = config.api
     keys = KeyStore(shim_dir(config)) if (api.hosted or api.require_api_key) else None
     auth = KeyAuthenticator(keys) if keys is not None else None
-    backend = NetworkBackend(network, api, known_models=default_known_models(config) if known_models is None else known_models)
+    meter = None
+    target = ledger_target(config) if pay else None
+    if target is not None:
+        identity = identity or load_or_create_identity(shim_dir(config))
+        meter = ConsumerMeter(network, identity, config.ledger, ledger_peer=target[0], ledger_addrs=target[1])
+    backend = NetworkBackend(network, api, meter=meter,
+                             known_models=default_known_models(config) if known_models is None else known_models)
     metrics = metrics or Metrics()
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(partial(serve, api, backend, auth=auth, metrics=metrics))
-            yield Shim(url=url, backend=backend, metrics=metrics, keys=keys)
+            yield Shim(url=url, backend=backend, metrics=metrics, keys=keys, meter=meter)
             nursery.cancel_scope.cancel()
     finally:
+        if meter is not None:
+            await meter.aclose()
         if keys is not None:
             keys.close()
 
@@ -73,10 +109,11 @@ async def run_shim(
     config: Config,
     network: Any,
     *,
+    identity: Identity | None = None,
     known_models: Iterable[str] | None = None,
     task_status: trio.TaskStatus[Shim] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started(shim)` once listening."""
-    async with open_shim(config, network, known_models=known_models) as shim:
+    async with open_shim(config, network, identity=identity, known_models=known_models) as shim:
         task_status.started(shim)
         await trio.sleep_forever()
