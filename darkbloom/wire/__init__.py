@@ -12,12 +12,13 @@ from darkbloom.wire.codec import (
     message_types,
     read_frame,
 )
-from darkbloom.wire import infer, ledger
+from darkbloom.wire import caps, infer, ledger
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "FrameDecoder",
     "canonical_bytes",
+    "caps",
     "decode",
     "decode_frame",
     "encode",
