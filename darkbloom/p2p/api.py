@@ -65,6 +65,7 @@ class Provider:
     route_hint: Route = "direct"  # "relayed" when it is reachable only through a circuit
 
 
+@runtime_checkable
 class PeerNetwork(Protocol):
     """What the rest of Darkbloom needs from the peer-to-peer layer."""
 
