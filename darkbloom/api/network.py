@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from darkbloom.api.client import InferCall, is_final, open_infer
 from darkbloom.api.metering import session_bytes
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
-from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity
+from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError
 from darkbloom.wire.caps import CapabilityRecord
 from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 
@@ -205,7 +206,8 @@ class NetworkBackend:
         ranked, reason = router.rank(cands, stats, hints, now)
         ranked = [c for c in ranked if c.peer_id not in exclude]
         if self.trust is not None and ranked:
-            ranked = self.trust.order(ranked, hints.features, now)
+            await self._run_canaries(ranked, hints.features, request.model)
+            ranked = self.trust.order(ranked, hints.features, trio.current_time())
             reason = reason or "every provider is circuit-broken, quarantined or not yet verified"
         if not ranked:
             raise api_errors.no_provider(request.model, reason.removeprefix(f"no provider for model {request.model}").strip(" ,")
@@ -232,6 +234,44 @@ class NetworkBackend:
             raise self._all_failed(request, [exc for _, exc in opened.outcome.failures])
         session.trust_ttft_s = opened.ttft_s
         return session
+
+    async def _run_canaries(self, ranked: list[Candidate], features: frozenset[str], model: str) -> None:
+        """Prove the features a request needs on the peers it may go to, before it goes (trust layer)."""
+        assert self.trust is not None
+        needed = self.trust.canaries_needed(ranked[: max(1, self.config.max_attempts)], features, trio.current_time())
+        if not needed:
+            return
+        by_peer = {c.peer_id: c for c in ranked}
+        async with trio.open_nursery() as nursery:
+            for peer, feats in needed.items():
+                for feature in feats:
+                    nursery.start_soon(self._canary, by_peer[peer], feature, model)
+
+    async def _canary(self, cand: Candidate, feature: str, model: str) -> None:
+        from darkbloom.api.trust.canary import CanaryResult, make_canary, reply_from_frames
+
+        assert self.trust is not None
+        canary = make_canary(feature, self.trust.rng)
+        request = InferRequest(request_id=f"canary-{secrets.token_hex(8)}", kind="chat", model=model,
+                               params=canary.params)
+        frames: list[Any] = []
+        try:
+            with trio.fail_after(self.config.first_token_timeout_s * 2):
+                session = await self._attempt(cand, request)
+                try:
+                    while (frame := await session.receive()) is not None:
+                        frames.append(frame)
+                finally:
+                    await session.aclose()
+            result = canary.check(reply_from_frames(frames))
+        except (NoCapacity, trio.TooSlowError, P2PError) as exc:
+            log.info("canary %s to %s not run (%s)", feature, cand.peer_id[-8:], type(exc).__name__)
+            return  # unknown, not failed: the peer stays unproven and out of such requests for now
+        except DarkbloomError as exc:  # the node refused or broke a request it claims to serve
+            result = CanaryResult(False, f"{type(exc).__name__}")
+        self.trust.canaries.record(cand.peer_id, feature, result, trio.current_time())
+        if not result.ok:
+            log.warning("peer %s failed the %s canary: %s", cand.peer_id[-8:], feature, result.reason)
 
     def _all_failed(self, request: InferRequest, failures: list[BaseException]) -> DarkbloomError:
         self._cache.pop(request.model, None)  # the next request looks the providers up afresh

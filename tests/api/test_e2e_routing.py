@@ -111,3 +111,26 @@ async def test_trusted_routing_hedges_to_a_second_node(tiny_model_dir):
             now = trio.current_time()
             assert trust.book.peers[fast.peer_id].stats.success_rate(now) == 1.0
             assert trust.book.usable(slow.peer_id, now)  # a lost race is not a failure
+
+
+async def test_trusted_routing_proves_features_with_canaries_first(tiny_model_dir):
+    trust = TrustedRouting()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    with trio.fail_after(TIMEOUT):
+        async with network(tiny_model_dir, [{}], trust=trust) as net:
+            node = net.nodes[0]
+            async with aclient(net.url) as client:
+                r = await client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "ok?"}], max_tokens=20, logprobs=True,
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+                assert r.choices[0].logprobs.content
+                assert [s.request_id.startswith("canary-") for s in node.served].count(True) == 2
+                plain = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
+                                                             max_tokens=2)
+            now = trio.current_time()
+            assert trust.canaries.status(node.peer_id, "json", now) == "passed"
+            assert trust.canaries.status(node.peer_id, "logprobs", now) == "passed"
+            assert trust.canaries.status(node.peer_id, "tools", now) == "unknown"  # never needed
+            assert plain.usage.completion_tokens <= 2
+            assert len(node.served) == 4  # two canaries, then the two requests: canaries are cached
