@@ -7,15 +7,21 @@ Pure core: `receipts` (sign, verify, hash, price), `merkle`, `settlement`, `lane
 """
 
 from darkbloom.ledger.book import VoucherBook
+from darkbloom.ledger.client import LedgerClient, run_submitter, submit_unsettled
 from darkbloom.ledger.lanes import ConsumerLane, NodeLane, check_reservation
 from darkbloom.ledger.receipts import chain_next, cost_of, request_hash, sign, sign_voucher, verify, verify_voucher
+from darkbloom.ledger.service import AsyncLedger, LedgerService, LedgerStream
 from darkbloom.ledger.settlement import LaneState, check_voucher, settle_epoch
 from darkbloom.ledger.store import LedgerStore, SqliteStore, open_store
 
 __all__ = [
+    "AsyncLedger",
     "ConsumerLane",
     "LaneState",
+    "LedgerClient",
+    "LedgerService",
     "LedgerStore",
+    "LedgerStream",
     "NodeLane",
     "SqliteStore",
     "VoucherBook",
@@ -25,9 +31,11 @@ __all__ = [
     "cost_of",
     "open_store",
     "request_hash",
+    "run_submitter",
     "settle_epoch",
     "sign",
     "sign_voucher",
+    "submit_unsettled",
     "verify",
     "verify_voucher",
 ]

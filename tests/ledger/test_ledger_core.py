@@ -23,7 +23,7 @@ from darkbloom.ledger.receipts import (
 )
 from darkbloom.ledger.settlement import LaneState, settle_epoch, share_ppm, split
 from darkbloom.wire.codec import encode
-from darkbloom.wire.ledger import NETWORK_ACCOUNT, EpochSummary, LaneReservation, Voucher
+from darkbloom.wire.ledger import NETWORK_ACCOUNT, LaneReservation, Voucher
 
 from .helpers import LEDGER, LEDGER_KEY, PPM, PRICE_IN, PRICE_OUT, Pair, make_reservation, seeded
 
