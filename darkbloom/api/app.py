@@ -155,6 +155,13 @@ def create_app(
                     if err.status >= 500:
                         logger.warning("%s answered %d: %s", name, err.status, err.code)
                     response = _error_response(err)
+                except Exception as exc:  # a bug: answer 500, log where (never the message: it may hold text)
+                    tb = exc.__traceback__
+                    while tb is not None and tb.tb_next is not None:
+                        tb = tb.tb_next
+                    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+                    logger.error("%s failed: %s at %s", name, type(exc).__name__, where)
+                    response = _error_response(api_errors.to_api_error(exc))
                 stats.request(name, response.status_code)
                 return response
 

@@ -271,3 +271,19 @@ async def test_a_stalled_node_ends_the_stream_with_an_error_not_a_hang():
                 assert gave_up.value.status_code == 503 and gave_up.value.body["code"] == "providers_failed"
     assert len(backend.sessions) == 1 + 3
     assert all(s.closed.is_set() for s in backend.sessions)
+
+
+async def test_a_bug_is_a_500_without_details(caplog):
+    class BrokenFakeBackend(FakeEngineBackend):
+        async def list_models(self):
+            raise RuntimeError("private text that must not leak")
+
+    with trio.fail_after(30):
+        async with running_shim(BrokenFakeBackend()) as url:
+            async with openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0) as client:
+                with pytest.raises(openai.InternalServerError) as failed:
+                    await client.models.list()
+    assert failed.value.status_code == 500 and failed.value.body["code"] == "internal_error"
+    assert "private text" not in failed.value.message
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RuntimeError" in logged and "private text" not in logged
