@@ -89,9 +89,11 @@ class NetworkSession:
             try:
                 frame = await self.call.receive()
             except DarkbloomError as exc:
-                trust = self.backend.trust
-                if trust is not None and not is_final(exc):
-                    trust.failed_midstream(self.node_id, trio.current_time())
+                if not is_final(exc):  # the node broke an answer it had started: count it against it
+                    now = trio.current_time()
+                    router.record_failure(self.backend._stats(self.node_id), now)
+                    if self.backend.trust is not None:
+                        self.backend.trust.failed_midstream(self.node_id, now)
                 raise
         if isinstance(frame, Delta):
             self.tokens += frame.tokens
