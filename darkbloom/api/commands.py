@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", dest="cfg__api__host", metavar="HOST", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", dest="cfg__api__port", type=int, metavar="PORT", help="listen port (default 8080)")
     parser.add_argument("--hosted", dest="cfg__api__hosted", action="store_const", const=True,
-                        help="public mode: TLS and API keys required")
+                        help="public mode: TLS and API keys required; listens on 0.0.0.0 unless --host")
     parser.add_argument("--tls-cert", dest="cfg__api__tls_cert", metavar="FILE", help="TLS certificate (PEM), hosted mode")
     parser.add_argument("--tls-key", dest="cfg__api__tls_key", metavar="FILE", help="TLS private key (PEM), hosted mode")
     parser.add_argument("--require-key", dest="cfg__api__require_api_key", action="store_const", const=True,
@@ -46,8 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     if getattr(args, "shim_command", None) == "keys":
         return _keys(args, config)
+    import dataclasses
+
     import trio
 
+    if config.api.hosted and args.cfg__api__host is None and config.api.host == "127.0.0.1":
+        # Hosted means public: listen on every interface unless told otherwise.
+        config = dataclasses.replace(config, api=dataclasses.replace(config.api, host="0.0.0.0"))
     trio.run(_serve, config)
     return 0
 
