@@ -287,3 +287,20 @@ async def test_a_bug_is_a_500_without_details(caplog):
     assert "private text" not in failed.value.message
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "RuntimeError" in logged and "private text" not in logged
+
+
+async def test_quart_test_client_without_sockets():
+    from darkbloom.api.app import create_app
+
+    app = create_app(FakeEngineBackend())
+    with trio.fail_after(30):
+        async with app.test_app() as test_app:
+            client = test_app.test_client()
+            r = await client.post("/v1/chat/completions", json={"model": "fake-chat", "messages": MSG, "n": 2})
+            body = await r.get_json()
+            spec = await (await client.get("/openapi.json")).get_json()
+            missing = await client.post("/v1/embeddings", json={"model": "fake-embed"})
+    assert r.status_code == 200 and len(body["choices"]) == 2
+    assert body["usage"]["completion_tokens"] == 12
+    assert spec["openapi"].startswith("3.")
+    assert missing.status_code == 400 and (await missing.get_json())["error"]["param"] == "input"
