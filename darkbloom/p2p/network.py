@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal
 
 import multiaddr
@@ -20,19 +20,22 @@ from libp2p.abc import INotifee
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 
-from darkbloom.config import P2PConfig, bundled_bootstrap_file, load_bootstrap_file
+from darkbloom.config import P2PConfig, RelayConfig, bundled_bootstrap_file, load_bootstrap_file
 from darkbloom.errors import ConfigError, P2PError, PeerUnreachable, ProtocolMismatch, RecordRejected, StreamClosed
 from darkbloom.identity import Identity
 from darkbloom.log import short_id
-from darkbloom.p2p.api import Route
+from darkbloom.p2p.api import Route, recv_message, send_message
 from darkbloom.p2p.core import NetworkCore
 from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
 from darkbloom.p2p.host import DarkbloomHost, build_host
+from darkbloom.p2p.relay import DIALBACK_PROTOCOL, DarkbloomHop, RelayClient, relay_limits, serve_dialback
+from darkbloom.wire.caps import DialBackReply, DialBackRequest
 from darkbloom.wire.codec import FrameDecoder
 
-__all__ = ["LibP2PNetwork", "LibP2PStream", "Role", "open_network"]
+__all__ = ["LibP2PNetwork", "LibP2PStream", "Role", "open_network", "open_relay_service"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,7 @@ class LibP2PNetwork(NetworkCore):
         role: Role = "node",
         bootstrap: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
+        relay_config: RelayConfig | None = None,
     ) -> None:
         super().__init__(
             identity,
@@ -185,7 +189,15 @@ class LibP2PNetwork(NetworkCore):
         self._join_changed = trio.Event()
         self._watcher = _Watcher()
         self._nursery: trio.Nursery | None = None
-        self.relayed_addrs: list[str] = []  # set by darkbloom.p2p.relay when a reservation holds
+        self.relay_config = relay_config or RelayConfig()
+        self.relay_client = RelayClient(self.host)
+        self.hop: DarkbloomHop | None = None
+        self.dcutr = DCUtRProtocol(self.host)
+        self.hole_punched: set[str] = set()
+        self.hole_punch_results: dict[str, bool] = {}  # peer id -> outcome of the last attempt
+        self.reachability_known = trio.Event()
+        self._reserve_now = trio.Event()
+        self.relay_ready = trio.Event()  # a reservation holds and circuit addrs are advertised
 
     # --- addresses ------------------------------------------------------------------
 
@@ -252,12 +264,28 @@ class LibP2PNetwork(NetworkCore):
             except Exception as exc:  # libp2p raises SwarmException, OpenConnectionError, OSError...
                 errors.append(f"direct: {exc}")
         if circuit:
-            dial = getattr(self, "_dial_circuit", None)
-            if dial is not None:
-                await dial(pid, circuit)
-                return
-            errors.append("this network has no relay client")
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    await self.relay_client.dial(pid, circuit)  # defect 3: swarm cannot dial these
+            except trio.TooSlowError:
+                raise PeerUnreachable(peer_id, "; ".join(errors + ["relay dial timed out"])) from None
+            if self._nursery is not None and self.role != "relay":
+                self._nursery.start_soon(self._try_hole_punch, pid)
+            return
         raise PeerUnreachable(peer_id, "; ".join(errors) or "no known address")
+
+    async def _try_hole_punch(self, pid: ID) -> None:
+        """DCUtR direct upgrade after a relayed dial; the relayed path stays if it fails."""
+        ok = False
+        with trio.move_on_after(self.config.dial_timeout_s):
+            try:
+                ok = await self.dcutr.initiate_hole_punch(pid)
+            except Exception as exc:  # DCUtR raises many kinds; the circuit keeps working
+                log.debug("hole punch to %s failed: %s", short_id(str(pid)), exc)
+        self.hole_punch_results[str(pid)] = ok
+        if ok:
+            self.hole_punched.add(str(pid))
+        log.info("hole punch to %s: %s", short_id(str(pid)), "direct" if ok else "failed, staying relayed")
 
     def _known(self, pid: ID) -> bool:
         try:
@@ -374,14 +402,86 @@ class LibP2PNetwork(NetworkCore):
                 await self._watcher.changed.wait()
 
     async def _on_joined(self, first: bool) -> None:
-        """Hook: announce again after a (re)join; the relay client also re-reserves."""
+        """Announce again after a (re)join; re-reserve when relayed."""
+        self._reserve_now.set()
         if not first:
             self.request_announce()
+
+    # --- reachability and reservations ------------------------------------------------
+
+    async def _check_reachability(self) -> None:
+        """Nodes: ask a relay to dial us back; unreachable nodes go relayed."""
+        await self._joined.wait()
+        if self.config.reachability == "auto":
+            reachable = await self._dial_back()
+            if reachable is not None and not reachable:
+                self.reachability = "relayed"
+        if self.reachability == "relayed":
+            await self.dht.switch_mode(DHTMode.CLIENT)
+            log.warning("%s is not reachable from outside: serving through relays", short_id(self.peer_id))
+        self.reachability_known.set()
+        if self.reachability == "relayed":
+            await self._reservation_loop()
+
+    async def _dial_back(self) -> list[str] | None:
+        """Addresses a relay reached; None when no relay could answer."""
+        listen = [a.split("/p2p/")[0] for a in self.listen_addrs]
+        for info in self._bootstrap_infos:
+            try:
+                with trio.fail_after(self.config.dial_timeout_s):
+                    stream = await self.open_stream(str(info.peer_id), DIALBACK_PROTOCOL)
+                    await send_message(stream, DialBackRequest(addrs=tuple(listen)))
+                    reply = await recv_message(stream, DialBackReply)
+                    await stream.close()
+            except (trio.TooSlowError, P2PError) as exc:
+                log.debug("dial-back through %s failed: %s", short_id(str(info.peer_id)), exc)
+                continue
+            if reply is not None:
+                return list(reply.reachable)
+        return None
+
+    async def _reservation_loop(self) -> None:
+        while True:
+            self._reserve_now = trio.Event()
+            circuits: list[str] = []
+            expiries: list[int] = []
+            for info, addr in zip(self._bootstrap_infos, self.bootstrap):
+                if not self.host.get_network().get_connections(info.peer_id):
+                    continue
+                try:
+                    with trio.fail_after(self.config.dial_timeout_s):
+                        expiry = await self.relay_client.reserve(info.peer_id)
+                except (trio.TooSlowError, Exception) as exc:  # noqa: BLE001 - dial errors vary
+                    log.warning("reservation on %s failed: %s", short_id(str(info.peer_id)), exc)
+                    continue
+                if expiry:
+                    circuits.append(addr + "/p2p-circuit")
+                    expiries.append(expiry)
+            if circuits:
+                # Defect 4: announce_addrs would mangle these; DarkbloomHost.get_addrs keeps them.
+                self.set_advertised(circuits)
+                log.info("%s reserved on %d relay(s); advertising %s", short_id(self.peer_id), len(circuits),
+                         ", ".join(self.announce_addrs))
+                self.request_announce()
+                self.relay_ready.set()
+            wait = max(5.0, (min(expiries) - time.time()) / 2) if expiries else 2.0
+            with trio.move_on_after(wait):
+                await self._reserve_now.wait()
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def _extra_services(self, nursery: trio.Nursery) -> None:
-        """Hook for subclasses (relay hop, relay client)."""
+        if self.role == "relay":
+            self.hop = DarkbloomHop(self.host, limits=relay_limits(self.relay_config), allow_hop=True)  # type: ignore[arg-type]
+            await nursery.start(_run_service, self.hop)
+            serve_dialback(self)
+        else:
+            await nursery.start(_run_service, self.relay_client.stop_protocol)
+            await nursery.start(_run_service, self.dcutr)
+            if self.role == "node":
+                nursery.start_soon(self._check_reachability)
+            else:
+                self.reachability_known.set()
 
     async def run(self, *, task_status: trio.TaskStatus[LibP2PNetwork] = trio.TASK_STATUS_IGNORED) -> None:
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
@@ -424,6 +524,13 @@ class LibP2PNetwork(NetworkCore):
                             log.debug("closing a connection failed", exc_info=True)
 
 
+async def _run_service(service: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async with background_trio_service(service):  # type: ignore[arg-type]
+        await service.event_started.wait()  # type: ignore[attr-defined]
+        task_status.started()
+        await trio.sleep_forever()
+
+
 def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
     text = str(addr)
     if "/p2p/" in text:
@@ -458,9 +565,14 @@ async def open_network(
     role: Role = "node",
     bootstrap: Sequence[str] = (),
     clock: Callable[[], float] = time.time,
+    relay_config: RelayConfig | None = None,
 ) -> AsyncIterator[LibP2PNetwork]:
-    """A running LibP2PNetwork (listening) for the duration of the block."""
-    net = LibP2PNetwork(config, identity, role=role, bootstrap=bootstrap, clock=clock)
+    """A running LibP2PNetwork (listening) for the duration of the block.
+
+    role="relay" is the relay service: DHT server, circuit relay hop with
+    `relay_config` limits, dial-back; see also `open_relay_service`.
+    """
+    net = LibP2PNetwork(config, identity, role=role, bootstrap=bootstrap, clock=clock, relay_config=relay_config)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
         try:
@@ -468,3 +580,10 @@ async def open_network(
         finally:
             nursery.cancel_scope.cancel()
 
+
+
+def open_relay_service(
+    config: P2PConfig, identity: Identity, relay_config: RelayConfig, *, bootstrap: Sequence[str] = ()
+) -> AbstractAsyncContextManager[LibP2PNetwork]:
+    """What `darkbloom relay` runs: DHT server + circuit relay hop + dial-back."""
+    return open_network(config, identity, role="relay", bootstrap=bootstrap, relay_config=relay_config)

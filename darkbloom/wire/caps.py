@@ -12,7 +12,7 @@ from typing import Literal
 
 from darkbloom.wire.codec import message
 
-__all__ = ["CAPS_NAMESPACE", "CapabilityRecord", "ModelCap", "Reachability"]
+__all__ = ["CAPS_NAMESPACE", "CapabilityRecord", "DialBackReply", "DialBackRequest", "ModelCap", "Reachability"]
 
 CAPS_NAMESPACE = "darkbloom"  # DHT key namespace: /darkbloom/caps/<peer-id>
 
@@ -58,3 +58,20 @@ class CapabilityRecord:
             if m.id == model_id:
                 return m
         return None
+
+
+@message("dialback.request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DialBackRequest:
+    """Node -> relay on `/darkbloom/dialback/1.0.0`: can you reach me at these addresses?"""
+
+    addrs: tuple[str, ...]  # the node's listen multiaddrs (/ip4/.../tcp/...), at most 8 are tried
+
+
+@message("dialback.reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DialBackReply:
+    """Relay -> node: the addresses (listen or observed IP + listen port) that accepted TCP."""
+
+    reachable: tuple[str, ...]  # /ip4/<ip>/tcp/<port>, empty when the node is behind a NAT
+    observed_ip: str = ""  # the node's IP as the relay sees it
