@@ -14,6 +14,7 @@ from darkbloom.cli import main
 from .netharness import CHAT, network
 
 TIMEOUT = 120
+CANARY = "canary-51d0c0ffee-prompt"
 
 
 def test_keys_create_list_revoke(tmp_path, capsys):
@@ -45,10 +46,11 @@ async def test_shim_daemon_serves_the_network(tiny_model_dir, tmp_path):
                 "DARKBLOOM_P2P_BOOTSTRAP": relay,
                 "DARKBLOOM_P2P_USE_BUNDLED_BOOTSTRAP": "false",
             }
+            log_file = open(tmp_path / "shim.log", "wb")  # noqa: SIM115 - closed below
             async with trio.open_nursery() as nursery:
                 proc = await nursery.start(lambda task_status: trio.run_process(
-                    [sys.executable, "-m", "darkbloom", "-q", "shim", "--port", "0"], env=env,
-                    stdout=-1, check=False, task_status=task_status))
+                    [sys.executable, "-m", "darkbloom", "-v", "shim", "--port", "0"], env=env,
+                    stdout=-1, stderr=log_file, check=False, task_status=task_status))
                 try:
                     out = b""
                     while out.count(b"\n") < 2:  # the listening line, then the joined line
@@ -60,8 +62,8 @@ async def test_shim_daemon_serves_the_network(tiny_model_dir, tmp_path):
                     assert joined.startswith("darkbloom shim: joined the network as ")
                     url = listening.rsplit(" ", 1)[1]
                     async with openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0) as client:
-                        r = await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}],
-                                                                 max_tokens=3)
+                        r = await client.chat.completions.create(model=CHAT, max_tokens=3,
+                                                                 messages=[{"role": "user", "content": CANARY}])
                         # a model outside the catalog is listed once the shim has met a provider
                         models = await client.models.list()
                     assert r.usage.completion_tokens <= 3 and r.system_fingerprint
@@ -69,4 +71,10 @@ async def test_shim_daemon_serves_the_network(tiny_model_dir, tmp_path):
                     assert (tmp_path / "shim" / "identity.key").exists()
                 finally:
                     proc.terminate()
+            log_file.close()
     assert proc.returncode is not None
+    # no prompt retention: not in the shim's debug log, not in any file of its data dir
+    assert "routed to" in (tmp_path / "shim.log").read_text()  # the request was logged, by id
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
