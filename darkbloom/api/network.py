@@ -26,7 +26,7 @@ from darkbloom.api.client import InferCall, is_final, open_infer
 from darkbloom.api.metering import session_bytes
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
-from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError
+from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError, PeerUnreachable
 from darkbloom.wire.caps import CapabilityRecord
 from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 
@@ -217,13 +217,21 @@ class NetworkBackend:
         if self.trust is not None:
             return await self._open_trusted(request, ranked)
         failures: list[BaseException] = []
-        for cand in ranked[: max(1, self.config.max_attempts)]:
+        budget = max(1, self.config.max_attempts)
+        queue = list(ranked[:budget])
+        redialled: set[str] = set()
+        while queue and len(failures) < budget:
+            cand = queue.pop(0)
             try:
                 return await self._attempt(cand, request)
             except (DarkbloomError, trio.TooSlowError) as exc:
                 if is_final(exc):
                     raise
                 failures.append(exc)
+                if isinstance(exc, PeerUnreachable) and len(ranked) < budget and cand.peer_id not in redialled:
+                    # Too few peers to fail over to: a connection that just broke is worth one redial.
+                    redialled.add(cand.peer_id)
+                    queue.append(cand)
         raise self._all_failed(request, failures)
 
     async def _open_trusted(self, request: InferRequest, order: list[Candidate]) -> NetworkSession:
