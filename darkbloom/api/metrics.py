@@ -57,8 +57,7 @@ class Metrics:
         family("darkbloom_shim_stream_errors_total", "counter", "streams ended by a node failure after the first byte",
                [((), self.stream_errors)])
         family("darkbloom_shim_inflight_requests", "gauge", "requests being served now", [((), self.inflight)])
-        family("darkbloom_shim_time_to_first_token_seconds", "summary", "request to first content frame",
-               [((("quantile", "sum"),), self.ttft_sum_s)][:0])
+        family("darkbloom_shim_time_to_first_token_seconds", "summary", "request to first content frame", [])
         out.append(f"darkbloom_shim_time_to_first_token_seconds_sum {self.ttft_sum_s:g}")
         out.append(f"darkbloom_shim_time_to_first_token_seconds_count {self.ttft_count}")
         return "\n".join(out) + "\n"

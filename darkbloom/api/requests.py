@@ -3,20 +3,20 @@
 The shim checks what it needs to route (model, stream, n, the `darkbloom` extras, required
 features) and rejects known-but-unsupported fields; unknown fields are ignored as OpenAI
 does. Generation parameters are checked by the engine's own parser
-(`darkbloom.inference.params`) when it is installed, so shim and node agree on one rule set.
+(`darkbloom.inference.params`), so shim and node agree on one rule set.
 What goes to the node is the body without the shim-only fields (`stream`, `stream_options`,
 `user`, `darkbloom`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from darkbloom.api.errors import unsupported
 from darkbloom.api.router import RouteHints
 from darkbloom.errors import ApiError, InvalidRequest
+from darkbloom.inference.params import parse_chat, parse_completion
 
 __all__ = ["ShimRequest", "parse_chat_request", "parse_completion_request", "parse_embedding_request"]
 
@@ -154,14 +154,8 @@ def _hints(body: dict[str, Any], model: str, features: frozenset[str]) -> RouteH
 
 
 def _engine_check(kind: Literal["chat", "completion"], body: dict[str, Any]) -> None:
-    """Run the engine's own parser when it is installed: one rule set for shim and node."""
-    try:
-        params = importlib.import_module("darkbloom.inference.params")
-    except ModuleNotFoundError:
-        return
-    parse = getattr(params, "parse_chat" if kind == "chat" else "parse_completion", None)
-    if parse is None:
-        return
+    """Run the engine's own parser (pure, no MLX): one rule set for shim and node."""
+    parse = parse_chat if kind == "chat" else parse_completion
     try:
         parse(body)
     except InvalidRequest as exc:
