@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -126,8 +125,6 @@ def run_store(store: SqlStore, count: int, tag: int) -> dict[str, float]:
         "verified_and_settled_per_cpu_s": count / (c2 - c0),
         "proof_bytes": proof_bytes,
         "proof_steps": len(path),
-        # the summary carries per-node stats; without them the proof is the row, the path and the signed root
-        "proof_bytes_without_node_stats": len(encode(ProofReply(row=row, path=path, summary=dataclasses.replace(summary, nodes=())))),
     }
 
 

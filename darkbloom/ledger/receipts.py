@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TypeVar
 
+import msgpack
 import nacl.bindings
 import nacl.exceptions
 
@@ -23,6 +25,7 @@ from darkbloom.wire.ledger import (
     BalanceQuery,
     EpochSummary,
     LaneReservation,
+    NodeEpochStats,
     OpenLane,
     SettlementRow,
     SubmitVouchers,
@@ -44,6 +47,7 @@ __all__ = [
     "row_hash",
     "sign",
     "sign_voucher",
+    "stats_hash",
     "summary_hash",
     "verify",
     "verify_voucher",
@@ -95,7 +99,14 @@ def row_hash(row: SettlementRow) -> bytes:
 
 
 def summary_hash(summary: EpochSummary) -> bytes:
-    return hashlib.sha256(encode(summary)).digest()
+    """What the next summary's `prev_summary` holds: the hash of the signed fields and signature."""
+    return hashlib.sha256(signed_bytes(summary, "ledger") + summary.signature).digest()
+
+
+def stats_hash(nodes: Sequence[NodeEpochStats]) -> bytes:
+    """The hash an epoch summary's signature covers in place of its per-node stats."""
+    rows = [[n.node, n.prompt_tokens, n.completion_tokens, n.paying_consumers, n.paid] for n in nodes]
+    return hashlib.sha256(b"darkbloom/epoch-stats/v1\x00" + msgpack.packb(rows, use_bin_type=True)).digest()
 
 
 # --- signatures ----------------------------------------------------------------------
@@ -116,9 +127,15 @@ def sign(identity: Identity, msg: M) -> M:
 
 
 def verify(msg: object, signer: str) -> None:
-    """Raise InvalidSignature unless `msg.signature` is `signer`'s (hex key) signature."""
+    """Raise InvalidSignature unless `msg.signature` is `signer`'s (hex key) signature.
+
+    For an epoch summary that carries its node stats, they must match the signed hash; a
+    summary without them (as in an inclusion proof) verifies on its other fields.
+    """
     if not _verify(signer, signed_bytes(msg, _ROLE[type(msg)]), msg.signature):  # type: ignore[attr-defined]
         raise InvalidSignature(type(msg).TYPE, signer)  # type: ignore[attr-defined]
+    if isinstance(msg, EpochSummary) and msg.nodes and stats_hash(msg.nodes) != msg.stats_hash:
+        raise InvalidSignature("epoch summary node stats", signer)
 
 
 def sign_voucher(identity: Identity, voucher: Voucher, role: str) -> Voucher:

@@ -23,7 +23,7 @@ import msgpack
 from darkbloom.errors import LedgerError, MalformedMessage, ReceiptReplay, UnknownLane, VoucherRejected
 from darkbloom.identity import Identity
 from darkbloom.ledger import merkle
-from darkbloom.ledger.receipts import ZERO_HASH, cost_of, decode_strict, row_hash, sign, verify_voucher, voucher_hash
+from darkbloom.ledger.receipts import ZERO_HASH, cost_of, decode_strict, row_hash, sign, stats_hash, verify_voucher, voucher_hash
 from darkbloom.wire.ledger import NETWORK_ACCOUNT, EpochSummary, NodeEpochStats, SettlementRow, Voucher, encode_flat
 
 __all__ = [
@@ -241,6 +241,10 @@ def settle_epoch(
             released += unused
             outcome_lanes[lane_key] = new
 
+    node_stats = tuple(
+        NodeEpochStats(node=n, prompt_tokens=s[0], completion_tokens=s[1], paying_consumers=len(s[2]), paid=s[3])
+        for n, s in sorted(stats.items())
+    )
     summary = sign(
         ledger,
         EpochSummary(
@@ -252,10 +256,8 @@ def settle_epoch(
             prev_summary=prev_summary_hash,
             total_paid=total_paid,
             released=released,
-            nodes=tuple(
-                NodeEpochStats(node=n, prompt_tokens=s[0], completion_tokens=s[1], paying_consumers=len(s[2]), paid=s[3])
-                for n, s in sorted(stats.items())
-            ),
+            nodes=node_stats,
+            stats_hash=stats_hash(node_stats),
             ledger=ledger.public_key.hex(),
         ),
     )

@@ -65,6 +65,7 @@ NETWORK_ACCOUNT = "network"  # receives the fee share; the only account that is 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _SIGNATURE_FIELDS = ("signature", "consumer_sig", "node_sig")
+_UNSIGNED = {"ledger.epoch": ("nodes",)}  # covered through a hash field instead
 
 
 def is_account(value: str) -> bool:
@@ -89,7 +90,7 @@ def signed_body(msg: object) -> bytes:
     """
     names = _flat_fields(type(msg))
     if names is None:
-        return canonical_bytes(msg, exclude=_SIGNATURE_FIELDS)
+        return canonical_bytes(msg, exclude=_SIGNATURE_FIELDS + _UNSIGNED.get(type(msg).TYPE, ()))  # type: ignore[attr-defined]
     return type(msg).DOMAIN + msgpack.packb([getattr(msg, n) for n in names if n not in _SIGNATURE_FIELDS], use_bin_type=True)  # type: ignore[attr-defined]
 
 
@@ -231,7 +232,10 @@ class EpochSummary:
     prev_summary: bytes  # sha256 of the previous summary's encoding (zeros for epoch 1)
     total_paid: int
     released: int  # unused reserve returned to consumers from expired lanes
+    # Per-node stats (input to reputation). Not signed directly: the signature covers
+    # `stats_hash`, so a proof can carry the summary without them and stay small.
     nodes: tuple[NodeEpochStats, ...] = ()
+    stats_hash: bytes = b""  # sha256 of the node stats (see darkbloom.ledger.receipts.stats_hash)
     ledger: str = ""
     signature: bytes = b""
 

@@ -405,3 +405,21 @@ def test_any_flipped_bit_in_an_exported_proof_is_refused(data):
     blob[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises((MalformedMessage, InvalidSignature)):
         merkle.check_proof(decode_strict(bytes(blob), ProofReply), LEDGER_KEY)
+
+
+def test_node_stats_are_covered_by_the_signature_but_not_needed_in_proofs():
+    from darkbloom.ledger.receipts import summary_hash
+
+    p = pair()
+    v = p.use(prompt=100, completion=100)
+    lane = _state(p.reservation)
+    summary = _settle({lane.lane: lane}, [encode(v)]).summary
+    verify(summary, LEDGER_KEY)
+    inflated = dataclasses.replace(summary, nodes=(dataclasses.replace(summary.nodes[0], paying_consumers=99),))
+    with pytest.raises(InvalidSignature, match="node stats"):
+        verify(inflated, LEDGER_KEY)
+    stripped = dataclasses.replace(summary, nodes=())
+    verify(stripped, LEDGER_KEY)
+    assert summary_hash(stripped) == summary_hash(summary)
+    with pytest.raises(InvalidSignature):
+        verify(dataclasses.replace(stripped, stats_hash=bytes(32)), LEDGER_KEY)
