@@ -80,7 +80,7 @@ def relay_p2p_config(config: Config):
 
 @asynccontextmanager
 async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> AsyncIterator[Relay]:
-    from darkbloom.p2p.network import open_network  # only p2p imports libp2p; load it lazily
+    from darkbloom.p2p.network import open_relay_service  # only p2p imports libp2p; load it lazily
 
     data_dir = config.data_path
     identity = load_or_create_identity(data_dir)
@@ -88,7 +88,7 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
     metrics = RoleMetrics("relay")
     try:
         ledger = LedgerService(store, identity, config.ledger)
-        async with open_network(relay_p2p_config(config), identity, role="relay", bootstrap=bootstrap) as net:
+        async with open_relay_service(relay_p2p_config(config), identity, config.relay, bootstrap=bootstrap) as net:
             net.serve(LEDGER_PROTOCOL, ledger.handle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(ledger.run)
