@@ -25,6 +25,12 @@ def configure(level: str | int = "INFO", *, stream=None) -> None:
         if not isinstance(level, int):
             level = logging.INFO
     root = logging.getLogger()
+    # `import libp2p` (done lazily, after this runs) clears the libp2p logger's handlers and
+    # stops propagation, which leaves its warnings to Python's last-resort handler: they
+    # would print bare lines such as "Failed to read DHT message from stream" on every
+    # normal EOF. Every logger of ours propagates to the root handler, so nothing else
+    # relies on the last resort.
+    logging.lastResort = None
     if not _configured:
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
