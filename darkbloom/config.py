@@ -52,6 +52,7 @@ class P2PConfig:
     announce_interval_s: float = 120.0  # re-provide and re-put the record this often
     providers_cache_s: float = 5.0  # find_providers answers from cache this long, then asks the DHT
     dial_timeout_s: float = 10.0  # per connection attempt (direct or through a relay)
+    hole_punch: bool = True  # after a relayed dial, try a direct upgrade (DCUtR)
     bootstrap_retry_max_s: float = 60.0  # backoff ceiling while no bootstrap peer answers
     max_streams_per_peer: int = 64
     max_record_bytes: int = 16384
