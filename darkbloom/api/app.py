@@ -280,7 +280,7 @@ def create_app(
                 prompt_tokens=session.accepted.prompt_tokens,
             )
             if parsed.stream:
-                return stream_response(who, parsed, session, comp, started)
+                return stream_response(who, parsed, session, comp, started, infer)
             try:
                 while (frame := await next_frame(session, started)) is not None:
                     feed(comp, frame)
@@ -300,7 +300,7 @@ def create_app(
             close_later(session)
             if not comp.finished:
                 raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
-            await finish(who, parsed, request_id, session, comp, started)
+            await finish(who, parsed, request_id, session, comp, started, infer)
             return _json(comp.response(), headers=_node_headers(session, request_id))
 
     def close_later(session: Session) -> None:
@@ -331,8 +331,13 @@ def create_app(
                        code="provider_failed")
 
     async def finish(who: Principal, parsed: ShimRequest, request_id: str, session: Session, comp: Completion,
-                     started: float) -> None:
+                     started: float, infer: InferRequest | None = None) -> None:
         stats.add_tokens(parsed.model, comp.prompt_tokens, comp.completion_tokens)
+        wanted = getattr(backend, "spot_check_wanted", None)
+        if infer is not None and comp.finished and wanted is not None and wanted(infer):
+            # After the answer: a second node scores these tokens; the client does not wait.
+            app.add_background_task(backend.spot_check, infer, session.node_id,  # type: ignore[attr-defined]
+                                    session.accepted.digest, comp.choices[0].token_ids)
         if auth is not None:
             with trio.CancelScope(shield=True):
                 await auth.record(who, model=parsed.model, prompt_tokens=comp.prompt_tokens,
@@ -342,7 +347,7 @@ def create_app(
                     (trio.current_time() - started) * 1000)
 
     def stream_response(who: Principal, parsed: ShimRequest, session: Session, comp: Completion,
-                        started: float) -> Response:
+                        started: float, infer: InferRequest) -> Response:
         request_id = comp.id
 
         async def events() -> AsyncIterator[bytes]:
@@ -372,7 +377,7 @@ def create_app(
                     if not ended:
                         stats.client_disconnects += 1
                         logger.info("%s client disconnected after %d tokens", request_id, comp.completion_tokens)
-                    await finish(who, parsed, request_id, session, comp, started)
+                    await finish(who, parsed, request_id, session, comp, started, infer if ended else None)
 
         response = Response(events(), content_type="text/event-stream",
                             headers={**_node_headers(session, request_id), "Cache-Control": "no-cache",

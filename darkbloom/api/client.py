@@ -36,6 +36,7 @@ from darkbloom.errors import (
 )
 from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
 from darkbloom.wire.ledger import Voucher
+from darkbloom.wire.trust import ScoreAttestation
 from darkbloom.wire.infer import (
     INFER_PROTOCOL,
     Accepted,
@@ -52,7 +53,7 @@ __all__ = ["InferCall", "error_from_frame", "is_final", "open_infer"]
 log = logging.getLogger(__name__)
 
 _REPLY = (Accepted, ErrorFrame)
-_FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame, Voucher)
+_FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame, Voucher, ScoreAttestation)
 FINAL_VOUCHER_WAIT_S = 2.0  # after Done: how long aclose waits for the node's countersigned copy
 
 
@@ -144,7 +145,7 @@ class InferCall:
         except DarkbloomError as exc:  # a node that signs something else is misbehaving; stop here
             raise MalformedMessage(f"countersigned voucher refused: {exc}") from None
 
-    async def receive(self) -> Delta | ChoiceEnd | Embeddings | Done | None:
+    async def receive(self) -> Delta | ChoiceEnd | Embeddings | ScoreAttestation | Done | None:
         """The next frame; None after Done. Typed errors for ErrorFrame, EOF or garbage."""
         if self.done is not None:
             return None
@@ -163,6 +164,10 @@ class InferCall:
                     raise MalformedMessage("a voucher on a free stream")
                 self._countersigned(frame)
                 continue
+            if isinstance(frame, ScoreAttestation):  # the answer to a `score` request (spot check)
+                if self.request.kind != "score":
+                    raise MalformedMessage("a score attestation on a generation stream")
+                return frame
             if frame.request_id != self.request.request_id:
                 await self._reset()
                 raise MalformedMessage(f"frame for request {frame.request_id!r} on the stream of {self.request.request_id!r}")

@@ -41,6 +41,7 @@ class _Choice:
     tokens: int = 0  # completion tokens passed on
     finish_reason: str | None = None
     started: bool = False  # role chunk sent
+    token_ids: tuple[int, ...] = ()  # output token ids from ChoiceEnd (for spot checks; never sent)
 
 
 @dataclass(slots=True)
@@ -121,6 +122,7 @@ class Completion:
             c.started = True
         # The node may fold the last (stop) token into ChoiceEnd; the whole choice reached us.
         c.tokens = max(c.tokens, e.completion_tokens)
+        c.token_ids = tuple(e.token_ids)
         reason = e.finish_reason
         if reason == "stop" and c.tool_calls:
             reason = "tool_calls"

@@ -30,11 +30,25 @@ from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError
 from darkbloom.wire.caps import CapabilityRecord
 from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 
-__all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record"]
+__all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record", "spot_checkable"]
 
 log = logging.getLogger(__name__)
 
 CANDIDATES_TTL_S = 10.0  # reuse a model's provider list this long; failures force a fresh lookup
+
+
+def spot_checkable(params: dict[str, Any]) -> bool:
+    """Can a second node reproduce the distribution this answer was sampled from? (pure)
+
+    Not with logit_bias, penalties, a grammar (JSON mode, tools), n > 1 or a changed top_p.
+    """
+    rf = params.get("response_format")
+    return not (
+        params.get("logit_bias") or params.get("presence_penalty") or params.get("frequency_penalty")
+        or (params.get("tools") and params.get("tool_choice") != "none")
+        or (isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"))
+        or (params.get("n") or 1) != 1 or params.get("top_p") not in (None, 1, 1.0)
+    )
 
 
 def candidates_from_record(record: CapabilityRecord, model_id: str, *, relayed: bool = False) -> Candidate | None:
@@ -129,6 +143,7 @@ class NetworkBackend:
         self.network = network
         self.trust = trust
         self.meter = meter  # a darkbloom.api.metering.ConsumerMeter: pay nodes through ledger lanes
+        self.on_spot_check: Any | None = None  # called (served_by, verdict or None) after each spot check
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
@@ -282,6 +297,69 @@ class NetworkBackend:
         self.trust.canaries.record(cand.peer_id, feature, result, trio.current_time())
         if not result.ok:
             log.warning("peer %s failed the %s canary: %s", cand.peer_id[-8:], feature, result.reason)
+
+    # --- spot checks (with the trust layer) ---------------------------------------------------
+
+    def spot_check_wanted(self, request: InferRequest) -> bool:
+        """Draw whether to spot-check this finished request (trust layer, checkable requests only)."""
+        if self.trust is None or request.kind not in ("chat", "completion"):
+            return False
+        return self.trust.want_spot_check(spot_checkable(request.params))
+
+    async def spot_check(self, request: InferRequest, served_by: str, digest: str, output_ids: tuple[int, ...]) -> Any:
+        """Ask another node serving the same weights to score `served_by`'s output; judge it.
+
+        Returns the Verdict (also recorded in the trust book), or None when no verifier could
+        run it. Runs after the answer was delivered; the client never waits for it.
+        """
+        from darkbloom.api.trust.evidence import scored_from_attestation, token_hash
+        from darkbloom.api.trust.verify import spot_check_window
+        from darkbloom.identity import verify_signature
+        from darkbloom.p2p.keys import public_key_from_peer_id
+        from darkbloom.wire.ledger import signed_bytes
+        from darkbloom.wire.trust import ScoreAttestation
+
+        assert self.trust is not None
+        window = spot_check_window(output_ids, self.trust.verify_policy)
+        if len(window) < self.trust.verify_policy.min_tokens:
+            return None
+        now = trio.current_time()
+        cands = [c for c in await self._candidates(request.model) if c.peer_id != served_by and c.digest == digest]
+        stats = self.trust.router_stats({c.peer_id for c in cands}, now, self.stats)
+        ranked, _ = router.rank(cands, stats, RouteHints(model=request.model, digest=digest), now)
+        verifiers = [c for c in ranked if self.trust.book.usable(c.peer_id, now)]
+        score_request = InferRequest(
+            request_id=f"spot-{secrets.token_hex(8)}", kind="score", model=request.model, digest=digest,
+            params={"request": request.params, "request_kind": request.kind, "output_token_ids": list(window)})
+        for cand in verifiers[:2]:
+            attestation = None
+            try:
+                with trio.fail_after(self.config.first_token_timeout_s * 2):
+                    session = await self._attempt(cand, score_request)
+                    try:
+                        while (frame := await session.receive()) is not None:
+                            if isinstance(frame, ScoreAttestation):
+                                attestation = frame
+                    finally:
+                        await session.aclose()
+            except (DarkbloomError, trio.TooSlowError) as exc:
+                log.info("spot check of %s on %s not run (%s)", served_by[-8:], cand.peer_id[-8:], type(exc).__name__)
+                continue
+            key = public_key_from_peer_id(cand.peer_id)
+            if (attestation is None or attestation.verifier != key.hex() or attestation.output_hash != token_hash(window)
+                    or not verify_signature(key, signed_bytes(attestation, "verifier"), attestation.signature)):
+                log.warning("verifier %s sent no valid score attestation", cand.peer_id[-8:])
+                self.trust.failed_midstream(cand.peer_id, trio.current_time(), "bad_attestation")
+                continue
+            verdict = self.trust.judge_spot_check(served_by, scored_from_attestation(attestation), trio.current_time())
+            log.info("spot check of %s by %s: %s", served_by[-8:], cand.peer_id[-8:],
+                     "flagged " + verdict.reason if verdict.flagged else ("inconclusive" if verdict.inconclusive else "ok"))
+            if self.on_spot_check is not None:
+                self.on_spot_check(served_by, verdict)
+            return verdict
+        if self.on_spot_check is not None:
+            self.on_spot_check(served_by, None)  # no usable verifier this time
+        return None
 
     def _all_failed(self, request: InferRequest, failures: list[BaseException]) -> DarkbloomError:
         self._cache.pop(request.model, None)  # the next request looks the providers up afresh

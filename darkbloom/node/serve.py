@@ -59,6 +59,8 @@ __all__ = ["EmbedFn", "InferenceService", "NodeMeter", "ServedRequest", "open_em
 log = logging.getLogger(__name__)
 
 REQUEST_READ_TIMEOUT_S = 30.0  # a client that opens a stream and sends nothing is dropped
+SCORE_TOP_K = 100  # spot checks: "inside" means among the verifier's top 100 (trust.verify.DEFAULT_POLICY)
+MAX_SCORED_TOKENS = 256  # a score request scores at most this many output tokens
 EmbedFn = Callable[[Sequence[str]], Awaitable[tuple[np.ndarray, int]]]  # texts -> (float32 [n, dim], tokens)
 
 
@@ -238,7 +240,9 @@ class InferenceService:
     `digests` maps model id -> weights digest advertised in the capability record;
     `embedders` maps model id -> an async embed function (see `EmbedFn`);
     `paused()` says whether operator controls pause serving; `on_served` observes outcomes;
-    `meter` (a `NodeMeter`) makes serving paid through ledger lanes; None serves free.
+    `meter` (a `NodeMeter`) makes serving paid through ledger lanes; None serves free;
+    `identity` (the node's key) lets it answer `score` requests: teacher-forced logprobs of
+    another node's output, signed (`ScoreAttestation`), for the shim's spot checks.
     """
 
     def __init__(
@@ -250,10 +254,12 @@ class InferenceService:
         paused: Callable[[], bool] | None = None,
         on_served: Callable[[ServedRequest], None] | None = None,
         meter: NodeMeter | None = None,
+        identity: Any | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         node_version: str = __version__,
     ) -> None:
         self.engine = engine
+        self.identity = identity  # signs score attestations (spot checks); None: this node does not verify
         self.digests = dict(digests)
         self.embedders = dict(embedders or {})
         self.paused = paused or (lambda: False)
@@ -323,6 +329,8 @@ class InferenceService:
         rid = req.request_id
         digest = self.digests.get(req.model)
         known = digest is not None and (req.model in self.embedders if req.kind == "embedding" else self.engine is not None)
+        if req.kind == "score" and self.identity is None:
+            known = False
         if not known:
             await io.send(ErrorFrame(request_id=rid, code="model_not_found", message=f"model {req.model!r} is not served here",
                                      param="model"))
@@ -340,7 +348,7 @@ class InferenceService:
         metered: _Metered | None = None
         try:
             metered = self._metered(io, req, digest)
-            if req.kind not in ("chat", "completion", "embedding"):
+            if req.kind not in ("chat", "completion", "embedding", "score"):
                 raise InvalidRequest(f"request kind {req.kind!r} is not served", param="kind")
             await self._answer(io, req, digest, progress, metered)
             outcome = "done"
@@ -375,6 +383,8 @@ class InferenceService:
             try:
                 if req.kind == "embedding":
                     await self._embed(io, req, digest, progress, metered)
+                elif req.kind == "score":
+                    await self._score(io, req, digest, progress, metered)
                 else:
                     await self._generate(io, req, digest, progress, metered)
                 finished = True
@@ -413,6 +423,41 @@ class InferenceService:
                                  prompt_tokens=tokens))
         await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=tokens, completion_tokens=0),
                            load=self.load()))
+
+    async def _score(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress,
+                     metered: _Metered | None) -> None:
+        """Spot check: score another node's output tokens for the same request, and sign the result.
+
+        params: {"request": <OpenAI body>, "request_kind": "chat"|"completion", "output_token_ids": [...]}.
+        """
+        from darkbloom.api.trust.evidence import attest_scores
+        from darkbloom.inference.params import parse_chat, parse_completion
+
+        body, kind, output = req.params.get("request"), req.params.get("request_kind"), req.params.get("output_token_ids")
+        if not isinstance(body, dict) or kind not in ("chat", "completion"):
+            raise InvalidRequest("score needs the original request body and its kind", param="request")
+        if not isinstance(output, list) or not output or not all(isinstance(t, int) and t >= 0 for t in output):
+            raise InvalidRequest("output_token_ids must be a non-empty list of token ids", param="output_token_ids")
+        if len(output) > MAX_SCORED_TOKENS:
+            raise InvalidRequest(f"at most {MAX_SCORED_TOKENS} tokens are scored", param="output_token_ids")
+        gen_req = (parse_chat if kind == "chat" else parse_completion)(dict(body))
+        prompt_ids = await self.engine.prompt_ids(req.model, gen_req)
+        progress.prompt_tokens = len(prompt_ids) + len(output)
+        if metered is not None:
+            metered.begin(req, digest, progress.prompt_tokens)
+        await io.send(Accepted(request_id=req.request_id, node_version=self.node_version, digest=digest,
+                               prompt_tokens=progress.prompt_tokens, load=self.load()))
+        if metered is not None:
+            await metered.gate()
+        scores = await self.engine.score(req.model, prompt_ids, output, top_k=SCORE_TOP_K)
+        attestation = attest_scores(
+            self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
+            logprobs=[s.logprob for s in scores], ranks=[0 if s.in_top_k else SCORE_TOP_K for s in scores],
+            time_ms=int(time.time() * 1000),
+        )
+        await io.send(attestation)
+        await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=progress.prompt_tokens,
+                                                                  completion_tokens=0), load=self.load()))
 
     async def _generate(self, io: _StreamIO, req: InferRequest, digest: str, progress: _Progress,
                         metered: _Metered | None) -> None:

@@ -8,6 +8,7 @@ engine thread on a test model, its capability record and provider entry), a shim
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from darkbloom.api.metrics import Metrics
 from darkbloom.api.network import NetworkBackend
 from darkbloom.config import ApiConfig
 from darkbloom.inference.catalog import model_info
-from darkbloom.inference.engine import Admitted, open_engine
+from darkbloom.inference.engine import Admitted, ChoiceFinished, open_engine
 from darkbloom.node.serve import InferenceService, ServedRequest, open_embedder, serve_inference
 from darkbloom.p2p.testing import Member, Swarm, swarm
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
@@ -52,6 +53,32 @@ class HoldingEngine:
                 if isinstance(event, Admitted):
                     self.admitted.set()
                     await self.release.wait()
+
+
+class LyingEngine:
+    """A real engine whose node then claims other output tokens than it generated (a cheat)."""
+
+    def __init__(self, engine: Any, vocab: int = 2048) -> None:
+        self.engine = engine
+        self.vocab = vocab
+
+    def load(self):
+        return self.engine.load()
+
+    async def prompt_ids(self, model_id: str, req: Any):
+        return await self.engine.prompt_ids(model_id, req)
+
+    async def score(self, *args: Any, **kwargs: Any):
+        return await self.engine.score(*args, **kwargs)
+
+    async def generate(self, model_id: str, req: Any):
+        rng = random.Random(7)
+        async with aclosing(self.engine.generate(model_id, req)) as events:
+            async for event in events:
+                if isinstance(event, ChoiceFinished):
+                    event = dataclasses.replace(event, token_ids=tuple(rng.randrange(5, self.vocab - 8)
+                                                                       for _ in event.token_ids))
+                yield event
 
 
 @dataclass
@@ -107,6 +134,7 @@ async def run_node(
     max_concurrent: int = 4,
     max_queue: int = 8,
     hold: bool = False,
+    lie: bool = False,
     region: str = "",
     reachability: str = "public",
     task_status: trio.TaskStatus[RunningNode] = trio.TASK_STATUS_IGNORED,
@@ -123,6 +151,8 @@ async def run_node(
                 [(CHAT, chat_dir)], max_concurrent=max_concurrent, max_queue=max_queue, self_benchmark=False))
             if hold:
                 engine = HoldingEngine(engine)
+            if lie:
+                engine = LyingEngine(engine)
             caps.append(ModelCap(id=CHAT, digest=info.digest, context_length=info.context_length,
                                  quantization=info.quantization, features=info.features))
             digests[CHAT] = info.digest
@@ -134,7 +164,8 @@ async def run_node(
             digests[EMBED] = info.digest
         member = await s.add("node", reachability=reachability)
         node = RunningNode(member=member, service=None, engine=engine)  # type: ignore[arg-type]
-        node.service = InferenceService(engine, digests=digests, embedders=embedders, on_served=node.on_served)
+        node.service = InferenceService(engine, digests=digests, embedders=embedders, on_served=node.on_served,
+                                        identity=member.identity)
         serve_inference(member.net, node.service)
         await member.net.put_record(CapabilityRecord(
             peer_id="", seq=0, issued_at_ms=0, expires_at_ms=0, models=tuple(caps), decode_tps=decode_tps,
