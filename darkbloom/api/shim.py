@@ -83,8 +83,9 @@ async def open_shim(
 ) -> AsyncIterator[Shim]:
     """The running shim. `identity` signs vouchers (default: the shim's key in its data dir);
     `pay=False` never opens lanes; `trust` is a `darkbloom.api.trust.routing.TrustedRouting`
-    (reputation mix, breaker, canaries before feature requests, hedging), made here when
-    `api.hedge` is set; without it routing uses the plain router and breaker."""
+    (reputation mix, breaker, canaries before feature requests, hedging, spot checks), made
+    here when `api.hedge` or `api.spot_check_probability` is set; without it routing uses the
+    plain router and breaker."""
     api = config.api
     keys = KeyStore(shim_dir(config)) if (api.hosted or api.require_api_key) else None
     auth = KeyAuthenticator(keys) if keys is not None else None
@@ -93,11 +94,11 @@ async def open_shim(
     if target is not None:
         identity = identity or load_or_create_identity(shim_dir(config))
         meter = ConsumerMeter(network, identity, config.ledger, ledger_peer=target[0], ledger_addrs=target[1])
-    if trust is None and api.hedge:
+    if trust is None and (api.hedge or api.spot_check_probability > 0):
         from darkbloom.api.trust.hedge import HedgePolicy
         from darkbloom.api.trust.routing import TrustedRouting
 
-        trust = TrustedRouting(hedge=HedgePolicy(enabled=True), max_attempts=api.max_attempts,
+        trust = TrustedRouting(hedge=HedgePolicy(enabled=api.hedge), max_attempts=api.max_attempts,
                                spot_check_probability=api.spot_check_probability)
     backend = NetworkBackend(network, api, meter=meter, trust=trust,
                              known_models=default_known_models(config) if known_models is None else known_models)
