@@ -329,11 +329,13 @@ class InferenceService:
         rid = req.request_id
         digest = self.digests.get(req.model)
         known = digest is not None and (req.model in self.embedders if req.kind == "embedding" else self.engine is not None)
-        if req.kind == "score" and self.identity is None:
-            known = False
         if not known:
             await io.send(ErrorFrame(request_id=rid, code="model_not_found", message=f"model {req.model!r} is not served here",
                                      param="model"))
+            return
+        if req.kind == "score" and self.identity is None:
+            await io.send(ErrorFrame(request_id=rid, code="bad_request", param="kind",
+                                     message="this node does not verify other nodes' output (no identity)"))
             return
         if req.digest and req.digest != digest:
             await io.send(ErrorFrame(request_id=rid, code="model_not_found", param="darkbloom.digest",
