@@ -90,6 +90,7 @@ class Engine:
         self.max_queue = max_queue
         self._ids = itertools.count(1)
         self._in_flight = 0
+        self.closed = False  # set when open_engine exits; the thread is gone then
 
     @property
     def models(self) -> dict[str, ModelStatus]:
@@ -109,8 +110,8 @@ class Engine:
         first iteration. Closing the iterator early cancels the request in the engine.
         """
         self._check_model(model_id)
-        if self._worker.dead:
-            raise EngineFailed("the engine thread failed; restart the node")
+        if self._worker.dead or self.closed:
+            raise EngineFailed("the engine is not running" if self.closed else "the engine thread failed; restart the node")
         batching.check_admission(self._in_flight, req.n, max_concurrent=self.max_concurrent, max_queue=self.max_queue)
         send, recv = trio.open_memory_channel[Any](math.inf)
         rid = next(self._ids)
@@ -135,6 +136,8 @@ class Engine:
                 self._worker.commands.put(("cancel", rid))
 
     async def _call(self, fn: Callable[[Worker], Any]) -> Any:
+        if self._worker.dead or self.closed:
+            raise EngineFailed("the engine is not running")
         send, recv = trio.open_memory_channel[Any](1)
         self._worker.commands.put(("call", fn, send))
         async with recv:
@@ -242,7 +245,11 @@ async def open_engine(
             if isinstance(exc, DarkbloomError):
                 raise exc
             raise EngineFailed(f"loading models failed: {type(exc).__name__}: {exc}") from exc
-        yield Engine(worker, max_concurrent=max_concurrent, max_queue=max_queue)
+        engine = Engine(worker, max_concurrent=max_concurrent, max_queue=max_queue)
+        try:
+            yield engine
+        finally:
+            engine.closed = True
     finally:
         worker.commands.put(Stop())
         with trio.CancelScope(shield=True):

@@ -329,3 +329,34 @@ async def test_n_greedy_choices_share_one_prefill_and_agree(tiny_model_dir: Path
     want = one["finished"][0].token_ids
     assert [many["finished"][i].token_ids for i in range(3)] == [want, want, want]
     assert many["admitted"].prompt_tokens == one["admitted"].prompt_tokens
+
+
+async def test_prompts_and_outputs_never_reach_the_logs(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    canary = "zebra-canary-7731"
+    async with engine(tiny_model_dir) as eng:
+        r = await run(eng, chat(f"My secret is {canary}.", max_tokens=12, logprobs=True, logit_bias={"2": -100}))
+        with pytest.raises(ContextLengthExceeded):
+            await run(eng, chat(f"{canary} " * 3000, max_tokens=4))
+    output = r["text"][0]
+    assert output
+    for rec in caplog.records:
+        line = rec.getMessage()
+        assert canary not in line
+        if len(output.strip()) >= 12:  # long enough not to occur in a log line by chance
+            assert output not in line
+    assert any("done" in rec.getMessage() for rec in caplog.records)  # the engine did log, just not text
+
+
+async def test_a_closed_engine_refuses_work(tiny_model_dir: Path) -> None:
+    from darkbloom.errors import EngineFailed
+
+    async with engine(tiny_model_dir) as eng:
+        pass
+    with pytest.raises(EngineFailed):
+        async for _ in eng.generate(MODEL, chat()):
+            pass
+    with pytest.raises(EngineFailed):
+        await eng.score(MODEL, [1, 2], [3], 1)
