@@ -360,3 +360,22 @@ async def test_a_closed_engine_refuses_work(tiny_model_dir: Path) -> None:
             pass
     with pytest.raises(EngineFailed):
         await eng.score(MODEL, [1, 2], [3], 1)
+
+
+async def test_a_failed_decode_step_fails_its_requests_and_the_engine_recovers(tiny_model_dir: Path) -> None:
+    from darkbloom.errors import EngineFailed
+
+    async with engine(tiny_model_dir) as eng:
+        m = eng._worker.models[MODEL]
+        broken = m.generator
+
+        def boom() -> Any:
+            raise RuntimeError("simulated MLX failure")
+
+        broken.next = boom  # the engine thread picks this up on its next step
+        with pytest.raises(EngineFailed):
+            await run(eng, chat(max_tokens=4))
+        assert m.generator is not broken  # replaced by a fresh batch generator
+        r = await run(eng, chat(max_tokens=3))
+        assert r["finished"][0].completion_tokens >= 1
+        assert not eng._worker.jobs
