@@ -193,7 +193,9 @@ class NetworkCore:
 
         async def check(peer_id: str, limiter: trio.CapacityLimiter) -> None:
             async with limiter:
-                record = await self.get_record(peer_id, fresh=fresh)
+                # A valid cached record is reused even on a fresh provider query: expiry
+                # bounds its age, and the provider list (who still announces) is fresh.
+                record = await self.get_record(peer_id)
             if record is None or record.model(model_id) is None:
                 return  # no valid record: the peer stopped announcing or lies
             addrs = tuple(record.addrs) or tuple(sorted(merged[peer_id]))

@@ -198,6 +198,8 @@ class LibP2PNetwork(NetworkCore):
         self.reachability_known = trio.Event()
         self._reserve_now = trio.Event()
         self.relay_ready = trio.Event()  # a reservation holds and circuit addrs are advertised
+        self._dial_locks: dict[str, trio.Lock] = {}
+        self._circuit_dialed: set[str] = set()
 
     # --- addresses ------------------------------------------------------------------
 
@@ -241,10 +243,25 @@ class LibP2PNetwork(NetworkCore):
         self.host.set_stream_handler(protocol, on_stream)  # type: ignore[arg-type]
 
     async def connect(self, peer_id: str, addrs: Sequence[str] = ()) -> None:
-        """Make sure a connection to `peer_id` exists (dialling `addrs` or known ones)."""
+        """Make sure a connection to `peer_id` exists (dialling `addrs` or known ones).
+
+        Concurrent callers for one peer share one dial: without this, 100 requests to a
+        relayed node opened 100 circuits and hit the per-peer connection limit.
+        """
         pid = ID.from_base58(peer_id)
         if self.host.get_network().get_connections(pid):
             return
+        lock = self._dial_locks.setdefault(peer_id, trio.Lock())
+        try:
+            async with lock:
+                if self.host.get_network().get_connections(pid):
+                    return
+                await self._dial(pid, peer_id, addrs)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._dial_locks.pop(peer_id, None)
+
+    async def _dial(self, pid: ID, peer_id: str, addrs: Sequence[str]) -> None:
         direct = [multiaddr.Multiaddr(a) for a in addrs if "/p2p-circuit" not in a]
         circuit = [a for a in addrs if "/p2p-circuit" in a]
         if not direct and not circuit:
@@ -267,9 +284,10 @@ class LibP2PNetwork(NetworkCore):
             try:
                 with trio.fail_after(self.config.dial_timeout_s):
                     await self.relay_client.dial(pid, circuit)  # defect 3: swarm cannot dial these
+                self._circuit_dialed.add(peer_id)  # a later direct connection is a hole punch
             except trio.TooSlowError:
                 raise PeerUnreachable(peer_id, "; ".join(errors + ["relay dial timed out"])) from None
-            if self._nursery is not None and self.role != "relay":
+            if self._nursery is not None and self.role != "relay" and self.config.hole_punch:
                 self._nursery.start_soon(self._try_hole_punch, pid)
             return
         raise PeerUnreachable(peer_id, "; ".join(errors) or "no known address")
@@ -307,7 +325,7 @@ class LibP2PNetwork(NetworkCore):
             raise PeerUnreachable(peer_id, f"stream: {exc}") from exc
         conn = raw.muxed_conn
         route = _route_of(conn)
-        if route == "direct" and peer_id in getattr(self, "hole_punched", set()):
+        if route == "direct" and (peer_id in self.hole_punched or peer_id in self._circuit_dialed):
             route = "hole-punched"
         return LibP2PStream(raw, peer_id, protocol, route, self.config.max_frame_bytes)
 
@@ -477,7 +495,8 @@ class LibP2PNetwork(NetworkCore):
             serve_dialback(self)
         else:
             await nursery.start(_run_service, self.relay_client.stop_protocol)
-            await nursery.start(_run_service, self.dcutr)
+            if self.config.hole_punch:
+                await nursery.start(_run_service, self.dcutr)
             if self.role == "node":
                 nursery.start_soon(self._check_reachability)
             else:

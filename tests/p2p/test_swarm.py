@@ -227,3 +227,45 @@ def test_peer_id_of_identity_is_stable(tmp_path):
     pid = ID.from_pubkey(key_pair_from_identity(ident).public_key).to_base58()
     assert pid == ID.from_pubkey(key_pair_from_identity(again).public_key).to_base58()
     assert pid == peer_id_from_public_key(ident.public_key)
+
+
+async def test_defect8_stock_find_providers_answers_from_cache_ours_asks_the_network():
+    from darkbloom.p2p.keys import model_cid
+
+    with trio.fail_after(TIMEOUT):
+        async with swarm(nodes=2, relays=1, clients=1) as s:
+            first, second = s.nodes
+            client = s.clients[0].net
+            await announce(first, "model-a")
+            assert {p.peer_id for p in await client.find_providers("model-a")} == {first.peer_id}
+            await announce(second, "model-a")
+            stock = await client.dht.find_providers(model_cid("model-a"))
+            assert {str(p.peer_id) for p in stock} == {first.peer_id}  # the defect: cache only
+            ours = await client.find_providers("model-a", fresh=True)
+            assert {p.peer_id for p in ours} == {first.peer_id, second.peer_id}
+
+
+async def test_defect12_a_stopped_peer_closes_the_connections_it_dialled():
+    with trio.fail_after(TIMEOUT):
+        async with swarm(nodes=1, relays=1, clients=1) as s:
+            node, client = s.nodes[0].net, s.clients[0]
+            await client.net.connect(node.peer_id, node.listen_addrs)  # the client dials the node
+            assert client.peer_id in node.peers()
+            gone = client.peer_id
+            await client.stop()
+            while gone in node.peers():  # wakes on each disconnect; would hang without the fix
+                node._watcher.changed = trio.Event()
+                if gone in node.peers():
+                    await node._watcher.changed.wait()
+            assert gone not in node.peers()
+
+
+def test_defect1_only_noise_is_offered():
+    from darkbloom.identity import Identity
+    from darkbloom.p2p.host import build_host
+
+    host = build_host(Identity.generate(), listen_addrs=["/ip4/127.0.0.1/tcp/0"])
+    upgrader = host.get_network().upgrader
+    offered = set(upgrader.security_multistream.transports)
+    assert {str(p) for p in offered} == {"/noise"}
+    assert host.get_network().connection_config.max_connections_per_peer == 1  # defect 2
