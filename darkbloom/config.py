@@ -91,6 +91,7 @@ class NodeConfig:
     status_host: str = "127.0.0.1"
     status_port: int = 8181
     grace_period_s: float = 20.0  # on SIGINT/SIGTERM, let in-flight work finish this long
+    require_payment: bool = True  # refuse requests that bring no ledger lane (False: serve free too)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

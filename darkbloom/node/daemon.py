@@ -10,10 +10,11 @@ shuts down gracefully: stop announcing, refuse new work, let in-flight requests 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,7 +27,9 @@ from darkbloom.identity import Identity, load_or_create_identity
 from darkbloom.log import short_id
 from darkbloom.metrics import RoleMetrics
 from darkbloom.node.controls import Controls
-from darkbloom.node.serve import InferenceService, ServedRequest, open_embedder, serve_inference
+from darkbloom.errors import DarkbloomError
+from darkbloom.ledger.book import VoucherBook
+from darkbloom.node.serve import InferenceService, NodeMeter, ServedRequest, open_embedder, serve_inference
 from darkbloom.node.status import ModelStatus, NodeStatus, render_html, to_json
 from darkbloom.statushttp import serve_status
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
@@ -89,6 +92,7 @@ class Node:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     earnings: list[tuple[int, int]] = field(default_factory=list)
+    _final_submit: Callable[[], Awaitable[None]] | None = None
     reputation: float | None = None
     _idle: trio.Event = field(default_factory=trio.Event)
 
@@ -215,6 +219,53 @@ async def _watch_market(node: Node) -> None:
         await trio.sleep(MARKET_REFRESH_S)
 
 
+def _ledger_of(config: Config, bootstrap: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]] | None:
+    """(ledger key hex, ledger peer id, addrs): `ledger.ledger_peer`, else the first bootstrap relay."""
+    from darkbloom.api.shim import ledger_target
+    from darkbloom.p2p.keys import public_key_from_peer_id
+
+    target = ledger_target(dataclasses.replace(config, p2p=dataclasses.replace(
+        config.p2p, bootstrap=tuple(config.p2p.bootstrap) + tuple(bootstrap))))
+    if target is None:
+        return None
+    peer_id, addrs = target
+    return public_key_from_peer_id(peer_id).hex(), peer_id, addrs
+
+
+def _node_meter(config: Config, identity: Identity, ledger_key: str, book: VoucherBook) -> NodeMeter:
+    async def store(voucher) -> None:
+        await trio.to_thread.run_sync(book.put, voucher, limiter=book.limiter)
+
+    return NodeMeter(
+        identity, ledger_key=ledger_key,
+        price_input_per_m=config.node.price_input_per_m, price_output_per_m=config.node.price_output_per_m,
+        voucher_every_tokens=config.ledger.voucher_every_tokens, voucher_timeout_s=config.ledger.voucher_timeout_s,
+        require_payment=config.node.require_payment, store=store, latest=book.latest,
+    )
+
+
+async def _connect_ledger(net, ledger: tuple[str, str, tuple[str, ...]]):
+    from darkbloom.wire.ledger import LEDGER_PROTOCOL
+
+    return await net.open_stream(ledger[1], LEDGER_PROTOCOL, addrs=ledger[2])
+
+
+async def _final_submit(book, connect, identity, ledger) -> None:
+    from darkbloom.ledger.client import LedgerClient, submit_unsettled
+
+    try:
+        stream = await connect()
+        client = LedgerClient(stream, identity, ledger_key=ledger[0])
+        try:
+            summary = await submit_unsettled(book, client)
+            log.info("final voucher submission: %d queued, %d duplicate, %d rejected",
+                     summary.queued, summary.duplicate, summary.rejected)
+        finally:
+            await client.close()
+    except (DarkbloomError, OSError) as exc:  # the ledger is down: vouchers stay in the book for next time
+        log.warning("final voucher submission failed (%s); they stay on disk for the next start", exc)
+
+
 @asynccontextmanager
 async def open_node(
     config: Config,
@@ -260,13 +311,30 @@ async def open_node(
             embedders[m.id] = await stack.enter_async_context(open_embedder(m.path, model_id=m.id))
         net = await stack.enter_async_context(open_network(config.p2p, identity, role="node", bootstrap=bootstrap))
         node = Node(config, identity, net, None, models, controls, metrics, NodeStats())  # type: ignore[arg-type]
+        ledger = _ledger_of(config, bootstrap)
+        book = None
+        meter = None
+        if ledger is not None:
+            book = VoucherBook(config.data_path / "vouchers.sqlite3")
+            stack.callback(book.close)
+            meter = _node_meter(config, identity, ledger[0], book)
+        else:
+            log.warning("no ledger known (no bootstrap relay or ledger.ledger_peer): serving unpaid")
         node.service = InferenceService(
             engine, digests={m.id: m.digest for m in models}, embedders=embedders,
             paused=node.paused, on_served=node._served, max_frame_bytes=config.p2p.max_frame_bytes,
+            meter=meter, identity=identity,
         )
         serve_inference(net, node.service)
         serve_p2p_status(net, node.status_reply)
         nursery = await stack.enter_async_context(trio.open_nursery())
+        if book is not None and ledger is not None:
+            from darkbloom.ledger.client import run_submitter
+
+            connect = partial(_connect_ledger, net, ledger)
+            nursery.start_soon(partial(run_submitter, book, connect, identity, interval_s=config.ledger.epoch_s,
+                                       ledger_key=ledger[0]))
+            node._final_submit = partial(_final_submit, book, connect, identity, ledger)
         await nursery.start(controls.run)
         node.status_url = await nursery.start(
             partial(
@@ -284,4 +352,9 @@ async def open_node(
         finally:
             with trio.CancelScope(shield=True):
                 await node.drain(config.node.grace_period_s)
+                if node._final_submit is not None:
+                    # Hand the ledger what was served before leaving (bounded: it may be down;
+                    # whatever is not accepted stays in the voucher book for the next start).
+                    with trio.move_on_after(10):
+                        await node._final_submit()
             nursery.cancel_scope.cancel()

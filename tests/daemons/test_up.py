@@ -135,6 +135,21 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
     assert code == 0, "".join(up.output[-30:])
     assert not group_alive(up.proc.pid)
 
+    # The chat node handed its countersigned vouchers to the relay's ledger on the way out;
+    # closing an epoch pays it.
+    from darkbloom.identity import Identity
+
+    node_key = (tmp_path / "up" / "node-chat" / "identity.key").read_text().strip()
+    node_account = Identity.from_seed(bytes.fromhex(node_key)).public_key.hex()
+    relay_dir = str(tmp_path / "up" / "relay")
+    settle = subprocess.run([sys.executable, "-m", "darkbloom", "ledger", "--data-dir", relay_dir, "settle"],
+                            capture_output=True, text=True, timeout=120)
+    assert settle.returncode == 0, settle.stderr
+    payouts = subprocess.run([sys.executable, "-m", "darkbloom", "ledger", "--data-dir", relay_dir, "payouts", "--epoch", "1"],
+                             capture_output=True, text=True, timeout=120)
+    assert payouts.returncode == 0, payouts.stderr
+    assert node_account in payouts.stdout, payouts.stdout
+
     keys = sorted((tmp_path / "up").rglob("identity.key"))
     assert len(keys) == 4  # relay, two nodes, shim
     before = {k: k.read_text() for k in keys}
