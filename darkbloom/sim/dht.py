@@ -50,6 +50,7 @@ class QueryStats:
 
     rpcs: int = 0
     rpc_failures: int = 0
+    answered: int = 0  # requests this node served (as a DHT server)
 
 
 def _key_bytes(key: int) -> bytes:
@@ -102,6 +103,7 @@ class DhtNode:
 
     def answer(self, req: KadRequest, sender: str, now: float) -> KadReply:
         """The reply to `req` from `sender` at unix time `now`; updates stores and table."""
+        self.stats.answered += 1
         self.observe(sender)
         key = int.from_bytes(req.key, "big") if req.key else 0
         if req.op == "ping":

@@ -476,8 +476,14 @@ class Simulation:
         sc = self.sc
         async with trio.open_nursery() as nursery:
             await nursery.start(self.world.run)
+            t0 = time.process_time()
             self.warm_start()
+            log.info("warm start: %d nodes joined in %.1f s CPU", len(self.peers), time.process_time() - t0)
+            t0 = time.process_time()
             await self.warm_announce()
+            log.info("warm announce: %d providers in %.1f s CPU", len(self.models_of), time.process_time() - t0)
+            for peer in self.peers.values():  # count only what happens in the scenario
+                peer.dht.stats.answered = peer.dht.stats.rpcs = peer.dht.stats.rpc_failures = 0
             interval = sc.records.announce_interval_s
             for pid, peer in list(self.peers.items()):
                 if pid in self.models_of:  # re-announce on each node's own phase
@@ -515,6 +521,13 @@ def simulate(scenario: Scenario) -> SimResult:
     wall = time.perf_counter() - wall0
     rpcs = sum(p.dht.stats.rpcs for p in sim.peers.values())
     stats = dict(sim.world.stats)
+    answered = sorted((n.net.dht.stats.answered for n in sim.world.nodes.values() if n.net is not None), reverse=True)
+    total_answered = sum(answered) or 1
+    stats.update(
+        answers_max_per_node=answered[0] if answered else 0,
+        answers_top20_share=round(sum(answered[:20]) / total_answered, 4),
+        answers_median_per_server=answered[len([a for a in answered if a > 0]) // 2] if answered else 0,
+    )
     stats.update(
         wall_s=round(wall, 3),
         cpu_s=round(time.process_time() - cpu0, 3),
