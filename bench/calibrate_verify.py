@@ -182,7 +182,15 @@ async def collect(args: argparse.Namespace) -> dict[str, Any]:
     return {"samples": samples, "generate_s": gen_s, "score_s": score_s, "vocab": vocab, "max_tokens": args.max_tokens}
 
 
+TIERS = {"greedy": "honest_t0.0", "low": "honest_t0.7", "high": "honest_t1.0"}
+CHEATS = ("other_model", "random_tokens", "replayed_answer")
+
+
 def analyse(data: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Per sampling tier: calibrate on half the prompts, report rates on the other half and on all.
+
+    Two rank regimes: k fixed at 100 (what a node reports today: in/out of its top 100) and k
+    chosen freely (needs exact ranks from the verifier)."""
     samples = data["samples"]
     prompts = sorted({s["prompt"] for s in samples})
     rng = random.Random(seed)
@@ -194,26 +202,26 @@ def analyse(data: dict[str, Any], seed: int) -> dict[str, Any]:
 
     cal = [s for s in samples if s["prompt"] in cal_prompts]
     held = [s for s in samples if s["prompt"] not in cal_prompts]
-    honest_cal = [obs(s) for s in cal if s["kind"].startswith("honest")]
     cheat_cal = [obs(s) for s in cal if s["kind"] in ("other_model", "random_tokens")]
-    policy = verify.calibrate(honest_cal, cheat_cal)
-    rows = []
-    for kind in sorted({s["kind"] for s in samples}):
-        for split, group in (("calibration", cal), ("held-out", held), ("all", samples)):
-            xs = [obs(s) for s in group if s["kind"] == kind]
-            flagged = sum(1 for x in xs if verify.judge(x, policy).flagged)
-            n = len(xs)
-            honest = kind.startswith("honest")
-            ok = n - flagged if honest else flagged
-            rate = ok / n if n else math.nan
-            bound = (3.0 / n) if n and ok == n else None  # 95% upper bound on the miss rate when none missed
-            rows.append({"kind": kind, "split": split, "n": n, "flagged": flagged, "correct_rate": rate, "rule_of_three_miss_bound": bound})
+    results: dict[str, Any] = {}
+    for regime, ks in (("k100", (100,)), ("free_k", (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))):
+        policies: dict[str, Any] = {}
+        rows = []
+        for tier, honest_kind in TIERS.items():
+            policy = verify.calibrate([obs(s) for s in cal if s["kind"] == honest_kind], cheat_cal, ks=ks)
+            policies[tier] = verify.policy_to_dict(policy)
+            for kind in (honest_kind, *CHEATS):
+                for split, group in (("held-out", held), ("all", samples)):
+                    xs = [obs(s) for s in group if s["kind"] == kind]
+                    flagged = sum(1 for x in xs if verify.judge(x, policy).flagged)
+                    n = len(xs)
+                    ok = n - flagged if kind.startswith("honest") else flagged
+                    rows.append({"tier": tier, "kind": kind, "split": split, "n": n, "flagged": flagged,
+                                 "correct_rate": ok / n if n else math.nan,
+                                 "rule_of_three_miss_bound": (3.0 / n) if n and ok == n else None})
+        results[regime] = {"policies": policies, "rows": rows}
     tok_counts = [len(s["lp"]) for s in samples if s["kind"].startswith("honest")]
-    return {
-        "policy": verify.policy_to_dict(policy),
-        "rows": rows,
-        "honest_mean_tokens": sum(tok_counts) / max(1, len(tok_counts)),
-    }
+    return {"regimes": results, "honest_mean_tokens": sum(tok_counts) / max(1, len(tok_counts))}
 
 
 def main() -> int:
@@ -238,11 +246,14 @@ def main() -> int:
         Path(args.samples).write_text(json.dumps(data))
     result = analyse(data, args.seed)
     result.update({k: data[k] for k in ("generate_s", "score_s", "vocab", "max_tokens")})
-    print(f"policy: {result['policy']}")
-    print(f"{'kind':<18} {'split':<12} {'n':>5} {'flagged':>8} {'correct':>9}  95% miss bound")
-    for r in result["rows"]:
-        b = f"<= {r['rule_of_three_miss_bound']:.4f}" if r["rule_of_three_miss_bound"] else ""
-        print(f"{r['kind']:<18} {r['split']:<12} {r['n']:>5} {r['flagged']:>8} {r['correct_rate']:>9.4f}  {b}")
+    for regime, r in result["regimes"].items():
+        print(f"== {regime}")
+        for tier, pol in r["policies"].items():
+            print(f"  {tier}: top_k={pol['top_k']} max_outside={pol['max_outside']} min_mean_logprob={pol['min_mean_logprob']}")
+        print(f"  {'tier':<7} {'kind':<16} {'split':<9} {'n':>4} {'flagged':>7} {'correct':>8}  95% miss bound")
+        for row in r["rows"]:
+            b = f"<= {row['rule_of_three_miss_bound']:.4f}" if row["rule_of_three_miss_bound"] else ""
+            print(f"  {row['tier']:<7} {row['kind']:<16} {row['split']:<9} {row['n']:>4} {row['flagged']:>7} {row['correct_rate']:>8.4f}  {b}")
     print(f"generation {data['generate_s']:.0f}s, scoring {data['score_s']:.0f}s, honest mean {result['honest_mean_tokens']:.1f} tokens")
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from darkbloom.api.trust.verify import (
+    DEFAULT_POLICIES,
     DEFAULT_POLICY,
     ScoredOutput,
     VerifyPolicy,
@@ -97,8 +98,9 @@ def test_verdict_is_monotone(tokens) -> None:
     """Making any token more likely (higher logprob, better rank) never turns a pass into a flag."""
     x = ScoredOutput(tuple(t[0] for t in tokens), tuple(t[1] for t in tokens))
     better = ScoredOutput(tuple(min(0.0, lp + 1.0) for lp in x.logprobs), tuple(r // 2 for r in x.ranks))
-    if not judge(x, DEFAULT_POLICY).flagged:
-        assert not judge(better, DEFAULT_POLICY).flagged
+    for policy in (DEFAULT_POLICY, DEFAULT_POLICIES.greedy, DEFAULT_POLICIES.low, DEFAULT_POLICIES.high):
+        if not judge(x, policy).flagged:
+            assert not judge(better, policy).flagged
 
 
 def test_calibrate_separates_and_keeps_every_honest_sample() -> None:

@@ -30,7 +30,7 @@ from darkbloom.api.router import PeerStats
 from darkbloom.api.trust.canary import CanaryBook
 from darkbloom.api.trust.hedge import HedgeOutcome, HedgePolicy, hedge_delay, race
 from darkbloom.api.trust.reputation_mix import TrustBook
-from darkbloom.api.trust.verify import DEFAULT_POLICY, ScoredOutput, Verdict, VerifyPolicy, judge, should_spot_check
+from darkbloom.api.trust.verify import DEFAULT_POLICY, PolicySet, ScoredOutput, Verdict, VerifyPolicy, judge, should_spot_check
 from darkbloom.errors import DarkbloomError, NoCapacity, PeerUnreachable, ProtocolMismatch, StreamClosed
 
 __all__ = ["BreakerRefused", "Opened", "TrustedRouting", "failure_kind"]
@@ -78,7 +78,8 @@ class TrustedRouting:
     book: TrustBook = field(default_factory=TrustBook)
     canaries: CanaryBook = field(default_factory=CanaryBook)
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
-    verify_policy: VerifyPolicy = DEFAULT_POLICY
+    verify_policy: VerifyPolicy = DEFAULT_POLICY  # used when the request's temperature is not given
+    policies: PolicySet | None = None  # per-temperature policies (verify.DEFAULT_POLICIES for SmolLM2)
     spot_check_probability: float = 0.0
     max_attempts: int = 3
     rng: random.Random = field(default_factory=random.Random)
@@ -169,11 +170,20 @@ class TrustedRouting:
     def want_spot_check(self, eligible: bool) -> bool:
         return should_spot_check(self.spot_check_probability, self.rng, eligible=eligible)
 
-    def judge_spot_check(self, peer_id: str, scored: ScoredOutput, now: float) -> Verdict:
-        verdict = judge(scored, self.verify_policy)
+    def policy_for(self, temperature: float | None) -> VerifyPolicy:
+        if temperature is None or self.policies is None:
+            return self.verify_policy
+        return self.policies.for_temperature(temperature)
+
+    def judge_spot_check(self, peer_id: str, scored: ScoredOutput, now: float, *, temperature: float | None = None) -> Verdict:
+        """Judge a verifier's scores of `peer_id`'s output. Pass the request's `temperature`
+        (OpenAI default 1.0 when absent) so greedy and low-temperature answers get the
+        stricter policies."""
+        policy = self.policy_for(temperature)
+        verdict = judge(scored, policy)
         self.book.record_spot_check(peer_id, now, verdict)
         if verdict.flagged:
             log.warning("peer %s failed a spot check (%s, mean logprob %.2f, %d/%d outside top-%d)", peer_id[-8:],
-                        verdict.reason, verdict.mean_logprob, verdict.outside_top_k, verdict.tokens, self.verify_policy.top_k)
+                        verdict.reason, verdict.mean_logprob, verdict.outside_top_k, verdict.tokens, policy.top_k)
         return verdict
 

@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "DEFAULT_POLICIES",
     "DEFAULT_POLICY",
+    "GREEDY_POLICY",
+    "HIGH_TEMPERATURE_POLICY",
+    "LOW_TEMPERATURE_POLICY",
+    "NO_RANK_RULE",
+    "PolicySet",
     "ScoredOutput",
     "Verdict",
     "VerifyPolicy",
@@ -49,9 +55,24 @@ class VerifyPolicy:
     max_scored_tokens: int = 32  # only the first this many output tokens are sent for scoring
 
 
-# Calibrated on the bundled SmolLM2-135M (bench/calibrate_verify.py; figures in the module
-# docstring of that script's JSON output, bench/results/verify_calibration.json).
-DEFAULT_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-4.5)
+# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py (240 prompts; per tier
+# 240 honest answers of <= 20 tokens from the real engine, 240 answers of another model, 240
+# random-token answers; thresholds chosen on half the prompts). k = 100 because a verifying
+# node reports in/out of its top 100 (node.serve.SCORE_TOP_K). Measured (all 240 per row):
+#   greedy  honest 240/240 pass; other model 240/240 caught; random 240/240; replayed answer 225/240
+#   t=0.7   honest 240/240 pass; other model 203/240 caught; random 240/240; replayed answer 35/240
+#   t=1.0   honest 240/240 pass; other model 159/240 caught; random 240/240; replayed answer 0/240
+# 240/240 bounds the honest false-flag rate below 1.25% (95%, rule of three); the >= 99.9% goal
+# rests on the margins: greedy and t=0.7 means sit 5-6 standard deviations above the
+# threshold and the t=0.7 rank rule fails an honest 32-token window with p ~ 6e-4 (binomial on
+# the measured 0.5% per-token rate). Higher temperature (t=1.0) has a heavy honest tail (one
+# answer at mean -7.3 nats), so only the mean rule is used there and catches less.
+NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
+GREEDY_POLICY = VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04)
+LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-3.47)
+HIGH_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=NO_RANK_RULE, min_mean_logprob=-8.07)
+# When the request's temperature is unknown: the policy every honest tier passes.
+DEFAULT_POLICY = HIGH_TEMPERATURE_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +145,25 @@ def should_spot_check(probability: float, rng: random.Random, *, eligible: bool 
     return rng.random() < probability
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicySet:
+    """One verdict policy per sampling regime: honest sampling at a higher temperature strays
+    further from the verifier's top-k, so it needs looser rules (and catches less)."""
+
+    greedy: VerifyPolicy  # temperature 0
+    low: VerifyPolicy  # 0 < temperature <= low_max_temperature (calibrated at 0.7)
+    high: VerifyPolicy  # above (calibrated at 1.0)
+    low_max_temperature: float = 0.8
+
+    def for_temperature(self, temperature: float) -> VerifyPolicy:
+        if temperature <= 0.0:
+            return self.greedy
+        return self.low if temperature <= self.low_max_temperature else self.high
+
+
+DEFAULT_POLICIES = PolicySet(greedy=GREEDY_POLICY, low=LOW_TEMPERATURE_POLICY, high=HIGH_TEMPERATURE_POLICY)
+
+
 def _passes(x: ScoredOutput, k: int, max_outside: int, threshold: float, min_tokens: int) -> bool:
     return not judge(x, VerifyPolicy(top_k=k, max_outside=max_outside, min_mean_logprob=threshold, min_tokens=min_tokens)).flagged
 
@@ -132,8 +172,8 @@ def calibrate(
     honest: Sequence[ScoredOutput],
     cheats: Sequence[ScoredOutput],
     *,
-    ks: Sequence[int] = (5, 10, 20, 50, 100, 200, 500, 1000),
-    max_outsides: Sequence[int] = (0, 1, 2, 3),
+    ks: Sequence[int] = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+    max_outsides: Sequence[int] = tuple(range(0, 11)),
     margin_nats: float = 0.75,
     min_tokens: int = 4,
 ) -> VerifyPolicy:
