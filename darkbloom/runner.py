@@ -1,4 +1,4 @@
-"""Running a role until SIGINT/SIGTERM: the first signal starts a graceful stop, a second forces it."""
+"""Running a role: joining the network (bounded wait), and running until SIGINT/SIGTERM (graceful, then forced)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-__all__ = ["run_until_signal"]
+__all__ = ["JOIN_WAIT_S", "join_network", "run_until_signal"]
 
 log = logging.getLogger(__name__)
+
+JOIN_WAIT_S = 30.0  # how long a starting role waits for a bootstrap relay before going on alone
+
+
+async def join_network(net) -> None:
+    """Wait (bounded) until a bootstrap peer answered, so announcements and lookups reach the network."""
+    with trio.move_on_after(JOIN_WAIT_S) as waited:
+        await net.wait_joined()
+    if waited.cancelled_caught:
+        log.warning("no bootstrap relay answered within %.0f s; going on, and joining in the background", JOIN_WAIT_S)
 
 
 async def run_until_signal(body: Callable[[trio.Event], Awaitable[None]]) -> int:

@@ -69,6 +69,7 @@ async def open_local_network(config: Config, *, chat_models: tuple[ModelSpec, ..
     from darkbloom.node.daemon import open_node
     from darkbloom.p2p.network import open_network
     from darkbloom.relay.daemon import open_relay
+    from darkbloom.runner import join_network
 
     started = time.monotonic()
     base = config.data_path / "up"
@@ -98,6 +99,7 @@ async def open_local_network(config: Config, *, chat_models: tuple[ModelSpec, ..
             await trio.to_thread.run_sync(lambda: relay.store.deposit(account, TEST_CREDITS, now_ms=int(time.time() * 1000)))
             log.info("funded the local account %s with %d test micro-credits", account[:16], TEST_CREDITS)
         network = await stack.enter_async_context(open_network(shim_cfg.p2p, identity, role="shim", bootstrap=bootstrap))
+        await join_network(network)
         shim = await stack.enter_async_context(open_shim(shim_cfg, network))
         yield LocalNetwork(base, relay, nodes, shim, account, time.monotonic() - started)
 

@@ -61,19 +61,22 @@ async def _serve(config: Config) -> None:
     from darkbloom.api.shim import open_shim, shim_dir
     from darkbloom.identity import load_or_create_identity
     from darkbloom.p2p.network import open_network
+    from darkbloom.runner import join_network, run_until_signal
 
     identity = load_or_create_identity(shim_dir(config))
-    async with open_network(config.p2p, identity, role="shim") as network:
-        async with open_shim(config, network, identity=identity) as shim:
-            mode = "hosted" if config.api.hosted else "local"
-            sys.stdout.write(f"darkbloom shim ({mode}): OpenAI-compatible API at {shim.url}/v1\n")
-            sys.stdout.flush()
-            import trio
 
-            await network.wait_joined()
-            sys.stdout.write(f"darkbloom shim: joined the network as {network.peer_id}\n")
-            sys.stdout.flush()
-            await trio.sleep_forever()
+    async def body(stop) -> None:
+        async with open_network(config.p2p, identity, role="shim") as network:
+            await join_network(network)
+            async with open_shim(config, network, identity=identity) as shim:
+                mode = "hosted" if config.api.hosted else "local"
+                sys.stdout.write(f"darkbloom shim ({mode}): OpenAI-compatible API at {shim.url}/v1\n")
+                state = "joined the network" if network.joined else "still looking for a bootstrap relay"
+                sys.stdout.write(f"darkbloom shim: {state} as {network.peer_id}\n")
+                sys.stdout.flush()
+                await stop.wait()
+
+    await run_until_signal(body)
 
 
 def _keys(args: argparse.Namespace, config: Config) -> int:

@@ -31,6 +31,7 @@ from darkbloom.errors import DarkbloomError
 from darkbloom.ledger.book import VoucherBook
 from darkbloom.node.serve import InferenceService, NodeMeter, ServedRequest, open_embedder, serve_inference
 from darkbloom.node.status import ModelStatus, NodeStatus, render_html, to_json
+from darkbloom.runner import join_network
 from darkbloom.statushttp import serve_status
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
 from darkbloom.wire.infer import PROTOCOL_VERSION, StatusReply
@@ -93,6 +94,8 @@ class Node:
     draining: bool = False
     earnings: list[tuple[int, int]] = field(default_factory=list)
     _final_submit: Callable[[], Awaitable[None]] | None = None
+    _ledger: tuple[Callable[[], Awaitable[object]], str] | None = None  # (connect, ledger key)
+    _earned: dict[int, int] = field(default_factory=dict)
     reputation: float | None = None
     _idle: trio.Event = field(default_factory=trio.Event)
 
@@ -159,6 +162,31 @@ class Node:
             self._idle.set()
         elif self._idle.is_set():
             self._idle = trio.Event()
+
+    async def refresh_earnings(self) -> None:
+        """Fetch the ledger's signed epoch summaries not seen yet; keep what this node earned."""
+        from darkbloom.ledger.client import LedgerClient
+
+        if self._ledger is None:
+            return
+        connect, ledger_key = self._ledger
+        account = self.identity.public_key.hex()
+        try:
+            client = LedgerClient(await connect(), self.identity, ledger_key=ledger_key)  # type: ignore[arg-type]
+            try:
+                latest = await client.epoch(0)
+                if latest is not None:
+                    for n in range(max(1, latest.epoch - EARNINGS_EPOCHS + 1), latest.epoch + 1):
+                        if n not in self._earned:
+                            summary = latest if n == latest.epoch else await client.epoch(n)
+                            if summary is not None:
+                                self._earned[n] = sum(s.paid for s in summary.nodes if s.node == account)
+            finally:
+                with trio.move_on_after(1, shield=True):
+                    await client.close()
+        except (DarkbloomError, OSError) as exc:  # the ledger is unreachable: keep the last figures
+            log.debug("earnings lookup failed: %s", exc)
+        self.earnings = sorted(self._earned.items())[-EARNINGS_EPOCHS:]
 
     def status_reply(self) -> StatusReply:
         return StatusReply(
@@ -250,6 +278,16 @@ async def _connect_ledger(net, ledger: tuple[str, str, tuple[str, ...]]):
     return await net.open_stream(ledger[1], LEDGER_PROTOCOL, addrs=ledger[2])
 
 
+EARNINGS_EPOCHS = 10  # epochs shown on the status page
+
+
+async def _watch_earnings(node: Node, interval_s: float) -> None:
+    """Refresh the earnings figures now and then."""
+    while True:
+        await node.refresh_earnings()
+        await trio.sleep(interval_s)
+
+
 async def _final_submit(book, connect, identity, ledger) -> None:
     from darkbloom.ledger.client import LedgerClient, submit_unsettled
 
@@ -335,6 +373,8 @@ async def open_node(
             nursery.start_soon(partial(run_submitter, book, connect, identity, interval_s=config.ledger.epoch_s,
                                        ledger_key=ledger[0]))
             node._final_submit = partial(_final_submit, book, connect, identity, ledger)
+            node._ledger = (connect, ledger[0])
+            nursery.start_soon(_watch_earnings, node, min(60.0, config.ledger.epoch_s))
         await nursery.start(controls.run)
         node.status_url = await nursery.start(
             partial(
@@ -342,6 +382,7 @@ async def open_node(
                 status_json=lambda: to_json(node.status()), page=lambda: render_html(node.status()), metrics=(metrics,),
             )
         )
+        await join_network(net)
         node.record = await net.put_record(_template(node, bench))
         for m in models:
             await net.provide(m.id)
