@@ -141,7 +141,7 @@ async def collect(args: argparse.Namespace) -> dict[str, Any]:
         tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False))
         for p in prompts
     ]
-    temps = [0.0] + [0.7, 1.0] * args.per_prompt
+    temps = [float(t) for t in args.temps.split(",")] if args.temps else [0.0] + [0.7, 1.0] * args.per_prompt
     honest_jobs = [(pi, i, t) for i in range(len(prompts)) for t in temps for pi in [prompt_ids[i]]]
     print(f"honest: {len(honest_jobs)} generations of <= {args.max_tokens} tokens", file=sys.stderr)
     t0 = time.monotonic()
@@ -152,7 +152,7 @@ async def collect(args: argparse.Namespace) -> dict[str, Any]:
     cheat_temps = [0.0, 0.7, 1.0]
     other_jobs = [([{"role": "user", "content": prompts[i]}], cheat_temps[i % 3]) for i in cheat_prompts]
     small_tok = AutoTokenizer.from_pretrained(str(small))
-    other_raw = await generate(small, "small", other_jobs, args.max_tokens, args.concurrency)
+    other_raw = await generate(small, "small", other_jobs, args.max_tokens, args.concurrency) if other_jobs else []
     rng = random.Random(args.seed)
 
     samples: list[dict[str, Any]] = []
@@ -224,6 +224,29 @@ def analyse(data: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"regimes": results, "honest_mean_tokens": sum(tok_counts) / max(1, len(tok_counts))}
 
 
+def fixed_report(data: dict[str, Any], out: str) -> int:
+    """Judge every sample with the shipped policies (no calibration on this data)."""
+    tier_of = {"honest_t0.0": 0.0, "honest_t0.7": 0.7, "honest_t1.0": 1.0}
+    rows = []
+    for kind in sorted({s["kind"] for s in data["samples"]}):
+        xs = [s for s in data["samples"] if s["kind"] == kind]
+        temps = [tier_of[kind]] if kind in tier_of else [0.0, 0.7, 1.0]
+        for t in temps:
+            policy = verify.DEFAULT_POLICIES.for_temperature(t)
+            flagged = sum(1 for s in xs if verify.judge(verify.ScoredOutput(tuple(s["lp"]), tuple(s["rk"])), policy).flagged)
+            ok = len(xs) - flagged if kind in tier_of else flagged
+            rows.append({"kind": kind, "policy_temperature": t, "n": len(xs), "flagged": flagged, "correct_rate": ok / len(xs),
+                         "rule_of_three_miss_bound": 3.0 / len(xs) if ok == len(xs) else None})
+            b = f"<= {3.0 / len(xs):.4f}" if ok == len(xs) else ""
+            print(f"{kind:<16} policy t={t:<4} n={len(xs):>4} flagged={flagged:>4} correct={ok / len(xs):.4f} {b}")
+    mean_tokens = sum(len(s["lp"]) for s in data["samples"]) / max(1, len(data["samples"]))
+    print(f"generation {data['generate_s']:.0f}s, scoring {data['score_s']:.0f}s, mean {mean_tokens:.1f} tokens per answer")
+    Path(out).write_text(json.dumps({"rows": rows, "policies": {"greedy": verify.policy_to_dict(verify.DEFAULT_POLICIES.greedy),
+                                     "low": verify.policy_to_dict(verify.DEFAULT_POLICIES.low),
+                                     "high": verify.policy_to_dict(verify.DEFAULT_POLICIES.high)}}, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=300)
@@ -237,6 +260,8 @@ def main() -> int:
     ap.add_argument("--samples", default="bench/results/verify_samples.json")
     ap.add_argument("--out", default="bench/results/verify_calibration.json")
     ap.add_argument("--analyse-only", action="store_true", help="re-run the analysis on saved samples")
+    ap.add_argument("--temps", default="", help="honest temperatures per prompt, e.g. 0.7,0.7 (default 0 + 0.7,1.0 x per-prompt)")
+    ap.add_argument("--fixed", action="store_true", help="judge with verify.DEFAULT_POLICIES instead of calibrating (out-of-sample check)")
     args = ap.parse_args()
     if args.analyse_only:
         data = json.loads(Path(args.samples).read_text())
@@ -244,6 +269,8 @@ def main() -> int:
         data = trio.run(collect, args)
         Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
         Path(args.samples).write_text(json.dumps(data))
+    if args.fixed:
+        return fixed_report(data, args.out)
     result = analyse(data, args.seed)
     result.update({k: data[k] for k in ("generate_s", "score_s", "vocab", "max_tokens")})
     for regime, r in result["regimes"].items():

@@ -121,3 +121,12 @@ def test_spot_check_draw() -> None:
     assert 800 < sum(draws) < 1200
     assert not any(should_spot_check(1.0, rng, eligible=False) for _ in range(100))
     assert not any(should_spot_check(0.0, rng) for _ in range(100))
+
+
+def test_far_token_rule() -> None:
+    p = VerifyPolicy(top_k=10_000, max_outside=0, min_mean_logprob=-100.0, far_logprob=-10.0, max_far=1)
+    assert not judge(ScoredOutput((-1.0,) * 5 + (-12.0,), (0,) * 6), p).flagged  # one improbable token is allowed
+    v = judge(ScoredOutput((-1.0,) * 4 + (-12.0, -11.0), (0,) * 6), p)
+    assert v.flagged and v.reason == "improbable_token"
+    # a greedy token is the argmax: its logprob is at least -ln(vocab), so the greedy rule is safe
+    assert DEFAULT_POLICIES.greedy.far_logprob < -math.log(49152)

@@ -95,7 +95,8 @@ def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
 
 def policy_string(policy: VerifyPolicy) -> str:
     return (f"top_k={policy.top_k},max_outside={policy.max_outside},min_mean_logprob={policy.min_mean_logprob},"
-            f"min_tokens={policy.min_tokens},max_scored_tokens={policy.max_scored_tokens}")
+            f"min_tokens={policy.min_tokens},max_scored_tokens={policy.max_scored_tokens},"
+            f"far_logprob={policy.far_logprob},max_far={policy.max_far}")
 
 
 def make_report(identity: Identity, output: OutputAttestation, score: ScoreAttestation, verdict: Verdict, policy: VerifyPolicy, *, time_ms: int) -> SpotCheckReport:

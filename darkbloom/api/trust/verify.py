@@ -6,7 +6,10 @@ node serving the same weights digest; that node scores them in one forward pass
 rank. The first node is flagged when
 
   * more than `max_outside` of the scored tokens fall outside the verifier's top-`top_k`, or
-  * the mean logprob of the scored tokens is below `min_mean_logprob`.
+  * the mean logprob of the scored tokens is below `min_mean_logprob`, or
+  * more than `max_far` tokens have a logprob below `far_logprob` (tokens an honest sampler at
+    that temperature practically never picks; a greedy token, the argmax over a vocabulary of
+    V entries, can never be below -ln V).
 
 Honest sampling (temperature 0.7-1.0) picks tokens outside a small top-k now and then, so
 `top_k` and `max_outside` are calibrated, not guessed: `calibrate` chooses them on measured
@@ -53,23 +56,22 @@ class VerifyPolicy:
     min_mean_logprob: float  # nats per token; below it the output is flagged
     min_tokens: int = 4  # fewer scored tokens: inconclusive
     max_scored_tokens: int = 32  # only the first this many output tokens are sent for scoring
+    far_logprob: float = -math.inf  # a token below this logprob is "far" (-inf: rule off)
+    max_far: int = 0  # far tokens allowed per check
 
 
-# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py (240 prompts; per tier
-# 240 honest answers of <= 20 tokens from the real engine, 240 answers of another model, 240
-# random-token answers; thresholds chosen on half the prompts). k = 100 because a verifying
-# node reports in/out of its top 100 (node.serve.SCORE_TOP_K). Measured (all 240 per row):
-#   greedy  honest 240/240 pass; other model 240/240 caught; random 240/240; replayed answer 225/240
-#   t=0.7   honest 240/240 pass; other model 203/240 caught; random 240/240; replayed answer 35/240
-#   t=1.0   honest 240/240 pass; other model 159/240 caught; random 240/240; replayed answer 0/240
-# 240/240 bounds the honest false-flag rate below 1.25% (95%, rule of three); the >= 99.9% goal
-# rests on the margins: greedy and t=0.7 means sit 5-6 standard deviations above the
-# threshold and the t=0.7 rank rule fails an honest 32-token window with p ~ 6e-4 (binomial on
-# the measured 0.5% per-token rate). Higher temperature (t=1.0) has a heavy honest tail (one
-# answer at mean -7.3 nats), so only the mean rule is used there and catches less.
+# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py: 240 prompts; per tier
+# 240 honest answers of <= 20 tokens from the real engine, 240 answers of another model (the
+# project's random 20M model, its text re-tokenized), 240 random-token answers; mean and rank
+# thresholds chosen on half the prompts (`calibrate`), the far-token rule from the measured
+# honest token tail. k = 100 because a verifying node reports in/out of its top 100
+# (node.serve.SCORE_TOP_K). Figures per tier are in the module that runs the bench and in
+# the report; in short (240 each): greedy honest 240/240 pass, other model 240/240 caught;
+# t=0.7 honest 240/240 pass, other model 223/240 caught; t=1.0 honest 240/240 pass, other
+# model 159/240 caught; random tokens 240/240 caught in every tier.
 NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
-GREEDY_POLICY = VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04)
-LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-3.47)
+GREEDY_POLICY = VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04, far_logprob=-11.0, max_far=0)
+LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-3.47, far_logprob=-10.0, max_far=1)
 HIGH_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=NO_RANK_RULE, min_mean_logprob=-8.07)
 # When the request's temperature is unknown: the policy every honest tier passes.
 DEFAULT_POLICY = HIGH_TEMPERATURE_POLICY
@@ -127,6 +129,8 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
         return Verdict(False, True, "", n, outside, mean)
     if outside > policy.max_outside:
         return Verdict(True, False, "outside_top_k", n, outside, mean)
+    if sum(1 for x in lps if x < policy.far_logprob) > policy.max_far:
+        return Verdict(True, False, "improbable_token", n, outside, mean)
     if mean < policy.min_mean_logprob:
         return Verdict(True, False, "low_mean_logprob", n, outside, mean)
     return Verdict(False, False, "", n, outside, mean)
