@@ -21,7 +21,7 @@ from typing import Any
 
 from darkbloom.sim.engine import SimResult, scenario_dict, simulate
 from darkbloom.sim.scenario import load_scenario as load_scenario  # re-exported for commands
-from darkbloom.sim.metrics import timeline
+from darkbloom.sim.metrics import percentile, timeline
 from darkbloom.sim.scenario import Scenario
 
 __all__ = ["REPORT_SCENARIOS", "run_isolated", "run_report", "scaling_scenario", "write_result"]
@@ -68,33 +68,60 @@ def write_result(result: SimResult, out: Path) -> None:
 
 
 def plot_timeline(result: SimResult, path: Path, bin_s: float = 60.0) -> None:
+    sc = result.scenario
+    m = result.metrics
+    plot_rows(m.lookups, m.requests, m.events, path, title=f"{sc.name}: {sc.nodes} nodes, seed {sc.seed}", bin_s=bin_s)
+
+
+def replot(out: Path, bin_s: float = 60.0) -> None:
+    """Redraw timeline.png of a result directory from its CSV files."""
+
+    def load(name: str) -> list[dict[str, Any]]:
+        with open(out / name, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            for k, v in r.items():
+                if v in ("True", "False"):
+                    r[k] = v == "True"
+                elif k in ("t", "latency_s", "discovery_s"):
+                    r[k] = float(v)
+        return rows
+
+    doc = json.loads((out / "summary.json").read_text())
+    sc = doc["scenario"]
+    plot_rows(load("lookups.csv"), load("requests.csv"), load("events.csv"), out / "timeline.png",
+              title=f"{sc['name']}: {sc['nodes']} nodes, seed {sc['seed']}", bin_s=bin_s)
+
+
+def plot_rows(lookups, requests, events, path: Path, *, title: str, bin_s: float = 60.0) -> None:  # noqa: ANN001
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = result.metrics
-    served = [r for r in m.requests if r["ok"]]
-    for r in served:
-        r["_relayed"] = r["route"] == "relayed"
+    served = [dict(r, _relayed=r["route"] == "relayed") for r in requests if r["ok"]]
     panels = [
-        ("lookup success", timeline(m.lookups, bin_s=bin_s, flag="success")),
-        ("request success", timeline(m.requests, bin_s=bin_s, flag="ok")),
-        ("served through a relay", timeline(served, bin_s=bin_s, flag="_relayed")),
+        ("lookup success", timeline(lookups, bin_s=bin_s, flag="success"), (-0.05, 1.05)),
+        ("request success", timeline(requests, bin_s=bin_s, flag="ok"), (-0.05, 1.05)),
+        ("served through a relay", timeline(served, bin_s=bin_s, flag="_relayed"), (-0.05, 1.05)),
     ]
+    lat: dict[int, list[float]] = {}
     for r in served:
-        del r["_relayed"]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 7), sharex=True)
-    for ax, (title, rows) in zip(axes, panels):
-        ax.plot([r["t"] / 60 for r in rows], [r["share"] for r in rows], marker=".")
-        ax.set_ylabel(title, fontsize=8)
-        ax.set_ylim(-0.05, 1.05)
+        lat.setdefault(int(float(r["t"]) // bin_s), []).append(float(r["latency_s"]))
+    lat_rows = [{"t": b * bin_s, "share": percentile(v, 95)} for b, v in sorted(lat.items())]
+    panels.append(("request latency p95 (s)", lat_rows, None))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 8.5), sharex=True)
+    for ax, (label, rows, ylim) in zip(axes, panels):
+        ax.plot([float(r["t"]) / 60 for r in rows], [r["share"] for r in rows], marker=".")
+        ax.set_ylabel(label, fontsize=8)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        for ev in m.events:
+        for ev in events:
             if ev["kind"] != "re_reserve":
-                ax.axvline(ev["t"] / 60, color="red", alpha=0.4, linestyle="--")
+                ax.axvline(float(ev["t"]) / 60, color="red", alpha=0.4, linestyle="--")
     axes[-1].set_xlabel("virtual time (min); red: scenario events")
-    fig.suptitle(f"{result.scenario.name}: {result.scenario.nodes} nodes, seed {result.scenario.seed}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -88,3 +88,29 @@ def test_bundled_scenarios_parse_and_bad_ones_are_refused():
         parse_scenario({"name": "x", "events": [{"at_s": 1, "kind": "meteor"}]})
     with pytest.raises(ConfigError, match="no scenario"):
         load_scenario("no-such-scenario")
+
+
+def test_result_files_and_cli(tmp_path, capsys):
+    import csv
+    import json
+
+    from darkbloom.cli import main
+    from darkbloom.sim.report import replot
+
+    out = tmp_path / "run"
+    assert main(["sim", "baseline", "--nodes", "30", "--duration", "90", "--seed", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lookup_success" in printed and "wall / cpu / memory" in printed
+    doc = json.loads((out / "summary.json").read_text())
+    with open(out / "lookups.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert doc["summary"]["lookups"] == sum(1 for r in rows if float(r["t"]) >= doc["scenario"]["warmup_s"])
+    assert doc["scenario"]["nodes"] == 30 and doc["scenario"]["seed"] == 2
+    png = out / "timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    replot(out)
+    assert png.exists()
+    assert main(["sim", "no-such-scenario"]) == 2
+    assert "no scenario" in capsys.readouterr().err
+    assert main(["sim", "baseline", "--nodes", "0"]) == 2
