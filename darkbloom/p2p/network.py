@@ -8,6 +8,7 @@ client and relayed otherwise), "shim" (DHT client).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -169,6 +170,12 @@ class LibP2PNetwork(NetworkCore):
             providers_cache_s=config.providers_cache_s,
             clock=clock,
         )
+        if config.announce_interval_s >= config.record_ttl_s:
+            raise ConfigError(
+                f"announce_interval_s ({config.announce_interval_s}) must be below record_ttl_s "
+                f"({config.record_ttl_s}), or records expire between announcements",
+                key="p2p.announce_interval_s", hint="lower p2p.announce_interval_s to about a fifth of p2p.record_ttl_s",
+            )
         self.config = config
         self.role: Role = role
         self.bootstrap = bootstrap_addrs(config, bootstrap)
@@ -339,7 +346,10 @@ class LibP2PNetwork(NetworkCore):
 
     async def _raw_find_providers(self, key: str, fresh: bool) -> list[tuple[str, tuple[str, ...]]]:
         keep_local = self.dht.mode == DHTMode.SERVER
-        infos = await self.dht.fresh_providers(key, keep_local=keep_local)
+        try:
+            infos = await self.dht.fresh_providers(key, keep_local=keep_local)
+        except Exception as exc:  # libp2p's DHT raises many kinds; translate once here
+            raise P2PError(f"provider lookup failed: {exc}") from exc
         return [(str(i.peer_id), tuple(str(a) for a in i.addrs)) for i in infos]
 
     async def _raw_put_value(self, key: str, value: bytes) -> None:
@@ -351,7 +361,10 @@ class LibP2PNetwork(NetworkCore):
             raise RecordRejected(key, str(exc)) from exc
 
     async def _raw_get_value(self, key: str, fresh: bool) -> bytes | None:
-        return await self.dht.fresh_value(key, keep_local=self.dht.mode == DHTMode.SERVER)
+        try:
+            return await self.dht.fresh_value(key, keep_local=self.dht.mode == DHTMode.SERVER)
+        except Exception as exc:  # libp2p's DHT raises many kinds; translate once here
+            raise P2PError(f"record lookup failed: {exc}") from exc
 
     # --- bootstrap ------------------------------------------------------------------
 
@@ -505,6 +518,10 @@ class LibP2PNetwork(NetworkCore):
     async def run(self, *, task_status: trio.TaskStatus[LibP2PNetwork] = trio.TASK_STATUS_IGNORED) -> None:
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         async with self.host.run(listen_addrs=listen):
+            if listen and not self.host.get_network().listeners:
+                # py-libp2p 0.8.1 logs a failed listen (port in use, address not local) and
+                # carries on with no address; a role that cannot be dialled must stop here.
+                raise OSError(errno.EADDRINUSE, f"cannot listen on {', '.join(self.config.listen_addrs)}: address in use or not local")
             self.host.get_network().register_notifee(self._watcher)
             async with background_trio_service(self.dht):
                 async with trio.open_nursery() as nursery:
