@@ -109,3 +109,20 @@ def test_relay_rejects_bad_reports() -> None:
         check_report(make_report(SHIM, other_out, other_score, flagged, POLICY, time_ms=3), POLICY)
     with pytest.raises(ValueError):
         make_report(SHIM, out, score, judge(ScoredOutput((-0.5,) * 6, (0,) * 6), POLICY), POLICY, time_ms=3)
+
+
+def test_a_cheating_verifier_cannot_keep_an_honest_node_out() -> None:
+    book = TrustBook()
+    bad = judge(ScoredOutput((-12.0,) * 8, (5000,) * 8), POLICY)
+    book.record_spot_check("honest", 1.0, bad, verifier="cheat")  # the cheat verified the honest node
+    assert not book.usable("honest", 2.0)
+    book.record_spot_check("cheat", 3.0, bad, verifier="honest2")  # then the cheat is caught
+    assert book.usable("honest", 3.0) and book.peers["honest"].local_flags == 0
+    assert not book.usable("cheat", 3.0)
+    book.record_spot_check("honest", 4.0, bad, verifier="cheat")  # a flagged verifier is not heard
+    assert book.usable("honest", 4.0)
+    # flags from two verifiers: withdrawing one leaves the other standing
+    book.record_spot_check("x", 5.0, bad, verifier="v1")
+    book.record_spot_check("x", 5.0, bad, verifier="v2")
+    book.record_spot_check("v1", 6.0, bad, verifier="v3")
+    assert book.peers["x"].local_flags == 1 and not book.usable("x", 6.0)

@@ -43,6 +43,7 @@ class PeerTrust:
     local_flags: int = 0
     quarantined_until: float = -math.inf
     checks_passed: int = 0
+    flagged_by: list[str] = field(default_factory=list)  # verifier of each standing flag ("" unknown)
 
 
 @dataclass(slots=True)
@@ -110,17 +111,33 @@ class TrustBook:
         if p is not None:
             p.breaker.release_probe()
 
-    def record_spot_check(self, peer_id: str, now: float, verdict: Verdict) -> None:
+    def record_spot_check(self, peer_id: str, now: float, verdict: Verdict, *, verifier: str = "") -> None:
+        """A verifier's verdict on `peer_id`'s answer.
+
+        The verifier may itself be the cheat (it serves the same digest, and a node running
+        other weights scores honest tokens badly). So a flag from a verifier that is flagged
+        itself is ignored, and when a node gets flagged, the flags it raised as a verifier
+        against peers nobody else flagged are withdrawn (their quarantine lifted)."""
         p = self.peer(peer_id)
         if verdict.inconclusive:
             return
         if not verdict.flagged:
             p.checks_passed += 1
             return
+        if verifier and verifier in self.peers and self.peers[verifier].local_flags > 0:
+            return  # a flagged node's opinion of others does not count
         p.local_flags += 1
+        p.flagged_by.append(verifier)
         p.stats.record_failure(now, "spot_check_failed")
         q = min(self.policy.max_quarantine_s, self.policy.quarantine_s * 2 ** (p.local_flags - 1))
         p.quarantined_until = max(p.quarantined_until, now + q)
+        for other_id, other in self.peers.items():  # withdraw what the newly flagged node said as verifier
+            if other_id == peer_id or peer_id not in other.flagged_by:
+                continue
+            other.flagged_by = [v for v in other.flagged_by if v != peer_id]
+            other.local_flags = len(other.flagged_by)
+            if other.local_flags == 0:
+                other.quarantined_until = -math.inf
 
     def apply_table(self, table: ReputationTable, peer_of_key: dict[str, str] | None = None) -> bool:
         """Take a (verified: ledger.reputation.verify_table) relay table; older tables are ignored.

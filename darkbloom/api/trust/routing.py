@@ -175,13 +175,15 @@ class TrustedRouting:
             return self.verify_policy
         return self.policies.for_temperature(temperature)
 
-    def judge_spot_check(self, peer_id: str, scored: ScoredOutput, now: float, *, temperature: float | None = None) -> Verdict:
+    def judge_spot_check(self, peer_id: str, scored: ScoredOutput, now: float, *, temperature: float | None = None,
+                         verifier: str = "") -> Verdict:
         """Judge a verifier's scores of `peer_id`'s output. Pass the request's `temperature`
         (OpenAI default 1.0 when absent) so greedy and low-temperature answers get the
-        stricter policies."""
+        stricter policies. Pass the `verifier`'s peer id so a cheating verifier's flags can be
+        discounted (TrustBook.record_spot_check)."""
         policy = self.policy_for(temperature)
         verdict = judge(scored, policy)
-        self.book.record_spot_check(peer_id, now, verdict)
+        self.book.record_spot_check(peer_id, now, verdict, verifier=verifier)
         if verdict.flagged:
             log.warning("peer %s failed a spot check (%s, mean logprob %.2f, %d/%d outside top-%d)", peer_id[-8:],
                         verdict.reason, verdict.mean_logprob, verdict.outside_top_k, verdict.tokens, policy.top_k)
