@@ -62,6 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def engine_options(cfg: Any) -> dict[str, Any]:
     """open_engine keyword arguments from an `InferenceConfig`."""
     return {
@@ -147,7 +148,10 @@ class Engine:
         return value
 
     async def score(self, model_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int], top_k: int = 5) -> list[TokenScore]:
-        """Teacher-forced logprob of each output token and whether it was among the top_k."""
+        """Teacher-forced logprob of each output token and whether it was among the top_k.
+
+        One forward pass on the engine thread, between decode steps (it pauses decoding for
+        that long)."""
         self._check_model(model_id)
         p, o = list(prompt_token_ids), list(output_token_ids)
         return await self._call(lambda w: w.score(model_id, p, o, top_k))
