@@ -20,7 +20,8 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", metavar="SCENARIO",
                         help="a bundled scenario (baseline, churn, relay_failure, flash_crowd, regional_split), "
-                             "a scenario .toml file, or 'report' for the whole research report")
+                             "a scenario .toml file, 'report' for the whole research report, or 'real' to compare "
+                             "the simulator with up to 50 real libp2p hosts on 127.0.0.1")
     parser.add_argument("--out", metavar="DIR", help="where CSV, JSON and PNG go (default: sim-out/<scenario>)")
     parser.add_argument("--nodes", type=int, metavar="N", help="network size (overrides the scenario's)")
     parser.add_argument("--seed", type=int, metavar="S", help="random seed (overrides the scenario's)")
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report: network sizes for hops and latency against N")
     parser.add_argument("--scenario-nodes", type=int, metavar="N", help="report: size of the scenario runs (default: each file's)")
     parser.add_argument("--scenarios", metavar="A,B,...", help="report: which scenarios (default: churn, relay_failure, flash_crowd, regional_split)")
+    parser.add_argument("--requests", type=int, default=20, metavar="N", help="real: requests in the comparison")
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -41,6 +43,20 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     _positive(args.nodes, "--nodes")
     _positive(args.scenario_nodes, "--scenario-nodes")
+    if args.scenario == "real":
+        from darkbloom.sim.realhost import compare
+
+        nodes = args.nodes or 20
+        if not 1 <= nodes <= 50:
+            raise ConfigError("real-host mode runs 1 to 50 hosts", key="--nodes", source="command line")
+        _positive(args.requests, "--requests")
+        print(f"{nodes} real libp2p providers + 1 relay + 2 shims on 127.0.0.1, and the same in the simulator", flush=True)
+        rows = compare(nodes, args.requests, args.seed or 1)
+        print(f"  {'metric':<24}{'sim':>10}{'real':>10}  within 10 %")
+        for r in rows:
+            flag = "" if r["within_10pct"] is None else ("yes" if r["within_10pct"] else "NO")
+            print(f"  {r['metric']:<24}{r['sim']!s:>10}{r['real']!s:>10}  {flag}")
+        return 0 if all(r["within_10pct"] is not False for r in rows) else 1
     if args.scenario == "report":
         out = Path(args.out or "sim-report")
         try:

@@ -114,3 +114,13 @@ def test_result_files_and_cli(tmp_path, capsys):
     assert main(["sim", "no-such-scenario"]) == 2
     assert "no scenario" in capsys.readouterr().err
     assert main(["sim", "baseline", "--nodes", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_real_hosts_agree_with_the_simulator():
+    from darkbloom.sim.realhost import compare
+
+    rows = {r["metric"]: r for r in compare(nodes=4, requests=4, seed=2)}
+    for key in ("discovery_success", "providers_found_share", "record_success", "request_success"):
+        assert rows[key]["real"] > 0.0 and rows[key]["sim"] > 0.0
+        assert rows[key]["within_10pct"], rows[key]
