@@ -98,9 +98,18 @@ class Daemon:
                 lines.put(line)
         lines.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
-        """The first new output line matching `pattern` (AssertionError on exit or timeout)."""
+    def mark(self) -> int:
+        """A position in the output read so far, for `wait_for(..., after=mark)`."""
+        return len(self.output)
+
+    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S, *, after: int | None = None) -> re.Match[str]:
+        """The first output line matching `pattern`: a new one, or one read since `after`
+        (AssertionError on exit or timeout)."""
         regex = re.compile(pattern)
+        if after is not None:
+            for line in self.output[after:]:
+                if m := regex.search(line):
+                    return m
         deadline = time.monotonic() + timeout
         while True:
             try:
