@@ -214,10 +214,12 @@ async def test_private_node_re_reserves_after_relay_restart():
             node = member.net
             client = s.clients[0].net
             joins, client_joins = node.joins, client.joins
-            node.relay_ready = trio.Event()
-            await s.restart_relay()
-            await node.wait_joins(joins + 1)
-            await node.relay_ready.wait()
+            relay = await s.restart_relay()
+            await node.wait_joins(joins + 1)  # the rejoin asks for a new reservation
+            rm = relay.hop.resource_manager
+            while rm.get_reservation(_pid(node)) is None:
+                node.relay_ready = trio.Event()
+                await node.relay_ready.wait()
             await client.wait_joins(client_joins + 1)
             stream = await client.open_stream(node.peer_id, ECHO, addrs=node.announce_addrs)
             await stream.write(b"back")
