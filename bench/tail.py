@@ -1,6 +1,6 @@
 """Tail latency with one slow node among four: p50/p95/p99 TTFT with and without hedging.
 
-    .venv/bin/python bench/tail.py [--mode sim|live|both] [--requests 2000] [--live-requests 120]
+    .venv/bin/python bench/tail.py [--mode sim|live|net|both|all] [--requests 2000] [--live-requests 120]
                                    [--slow-delay-s 1.5] [--out bench/results/tail.json]
 
 Both modes use the real hedging code (darkbloom.api.trust.hedge: `hedge_delay` on a
@@ -16,6 +16,13 @@ cancelled loser's TTFT is unknown and not recorded.
   being admitted (standing in for a distant or overloaded machine; the delay is the only
   stand-in). TTFT is measured to the first generated text. Concurrency 1, so the numbers
   are about the tail, not about CPU contention between the four engines.
+- net: the whole path: four real nodes on libp2p (127.0.0.1) with the real node handler, the
+  real shim (NetworkBackend + TrustedRouting, hedging on or off) behind HTTP, the official
+  openai client streaming; TTFT = request to first content chunk at the client. All four
+  records claim the same speed; the slow node waits `--slow-delay-s` before each answer
+  (injected). Here routing itself learns to avoid the slow node after its first answers,
+  so the tail comes from load spreading (two clients at once) and re-probing. The first 12
+  requests (discovery, dials, engine warm-up) are not counted.
 Prints a table and writes JSON.
 """
 
@@ -146,9 +153,111 @@ def run_live(n: int, seed: int, slow_delay_s: float) -> dict[str, Any]:
     return results
 
 
+def run_net(n: int, slow_delay_s: float) -> dict[str, Any]:
+    from contextlib import AsyncExitStack, aclosing
+    from functools import partial
+
+    import openai
+
+    from darkbloom.api.app import serve
+    from darkbloom.api.metrics import Metrics
+    from darkbloom.api.network import NetworkBackend
+    from darkbloom.api.trust.routing import TrustedRouting
+    from darkbloom.config import ApiConfig
+    from darkbloom.inference.catalog import model_info
+    from darkbloom.inference.engine import open_engine
+    from darkbloom.inference.testmodel import make_test_model
+    from darkbloom.node.serve import InferenceService, serve_inference
+    from darkbloom.p2p.testing import swarm
+    from darkbloom.wire.caps import CapabilityRecord, ModelCap
+    from darkbloom.wire.infer import PROTOCOL_VERSION
+
+    import logging
+
+    logging.getLogger("libp2p").setLevel(logging.ERROR)  # DHT chatter between short-lived test hosts
+    warmup = 12  # first requests pay discovery, dials and engine warm-up: measured apart
+    model = "tiny-chat"
+    model_dir = make_test_model(Path("/tmp/darkbloom-bench-tail") / "tiny", "tiny", seed=0)
+    info = model_info(model, model_dir, "chat")
+
+    class Delayed:
+        """A real engine that waits before answering (the injected slowness of the slow node)."""
+
+        def __init__(self, engine: Any, delay_s: float) -> None:
+            self.engine, self.delay_s = engine, delay_s
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.engine, name)
+
+        async def generate(self, model_id: str, req: Any):
+            await trio.sleep(self.delay_s)
+            async with aclosing(self.engine.generate(model_id, req)) as events:
+                async for event in events:
+                    yield event
+
+    async def node(s, delay_s: float, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with AsyncExitStack() as stack:
+            engine = await stack.enter_async_context(open_engine([(model, model_dir)], max_concurrent=4, self_benchmark=False))
+            if delay_s:
+                engine = Delayed(engine, delay_s)
+            member = await s.add("node")
+            serve_inference(member.net, InferenceService(engine, digests={model: info.digest}, embedders={}))
+            cap = ModelCap(id=model, digest=info.digest, context_length=info.context_length,
+                           quantization=info.quantization, features=info.features)
+            await member.net.put_record(CapabilityRecord(
+                peer_id="", seq=0, issued_at_ms=0, expires_at_ms=0, models=(cap,), decode_tps=100.0, max_concurrent=4,
+                price_input_per_m=100, price_output_per_m=400, software_version="bench", protocol_version=PROTOCOL_VERSION))
+            await member.net.provide(model)
+            task_status.started(member.peer_id)
+            await trio.sleep_forever()
+
+    results: dict[str, Any] = {}
+
+    async def main() -> None:
+        for hedge in (False, True):
+            async with swarm(nodes=0, relays=1, clients=0) as s:
+                for delay in (0.0, 0.0, 0.0, slow_delay_s):
+                    await s.nursery.start(partial(node, s, delay))
+                shim = await s.add("shim")
+                cfg = ApiConfig(host="127.0.0.1", port=0, hedge=hedge)
+                trusted = TrustedRouting(hedge=HedgePolicy(enabled=hedge, min_samples=20, default_delay_s=1.0))
+                backend = NetworkBackend(shim.net, cfg, known_models={model}, trust=trusted)
+                ttfts: list[float] = []
+                async with trio.open_nursery() as http:
+                    url = await http.start(partial(serve, cfg, backend, metrics=Metrics()))
+                    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="local", max_retries=0) as client:
+                        counter = iter(range(n + warmup))
+
+                        async def user() -> None:
+                            for i in counter:
+                                t0 = time.monotonic()
+                                stream = await client.chat.completions.create(
+                                    model=model, max_tokens=4, temperature=0, stream=True,
+                                    messages=[{"role": "user", "content": f"Fact {i}: tell me."}])
+                                first = None
+                                async for chunk in stream:
+                                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                                        first = time.monotonic() - t0
+                                if i >= warmup:
+                                    ttfts.append(first if first is not None else time.monotonic() - t0)
+
+                        t = time.monotonic()
+                        async with trio.open_nursery() as users:
+                            for _ in range(2):
+                                users.start_soon(user)
+                        print(f"  net {'hedged' if hedge else 'plain'}: {time.monotonic() - t:.0f}s", file=sys.stderr)
+                    http.cancel_scope.cancel()
+                results["hedged" if hedge else "plain"] = {"ttft": summarise(ttfts), "n": len(ttfts), "hedged": None,
+                                                           "won_by_hedge": None}
+
+    trio.run(main)
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=("sim", "live", "both"), default="both")
+    ap.add_argument("--mode", choices=("sim", "live", "net", "both", "all"), default="both")
+    ap.add_argument("--net-requests", type=int, default=100)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--live-requests", type=int, default=120)
     ap.add_argument("--slow-delay-s", type=float, default=1.5)
@@ -156,19 +265,23 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/tail.json")
     args = ap.parse_args()
     report: dict[str, Any] = {"nodes": NODES}
-    if args.mode in ("sim", "both"):
+    if args.mode in ("sim", "both", "all"):
         report["sim"] = run_sim(args.requests, args.seed)
-    if args.mode in ("live", "both"):
+    if args.mode in ("net", "all"):
+        report["net"] = run_net(args.net_requests, args.slow_delay_s)
+    if args.mode in ("live", "both", "all"):
         report["live"] = run_live(args.live_requests, args.seed, args.slow_delay_s)
         report["live_slow_delay_s"] = args.slow_delay_s
     print(f"{'mode':<5} {'hedging':<8} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'hedged':>7} {'hedge won':>9}")
-    for mode in ("sim", "live"):
+    for mode in ("sim", "live", "net"):
         for key in ("plain", "hedged"):
             r = report.get(mode, {}).get(key)
             if r:
                 t = r["ttft"]
+                hedged = "-" if r["hedged"] is None else r["hedged"]
+                won = "-" if r["won_by_hedge"] is None else r["won_by_hedge"]
                 print(f"{mode:<5} {key:<8} {r['n']:>5} {t['p50'] * 1000:>8.0f} {t['p95'] * 1000:>8.0f} {t['p99'] * 1000:>8.0f} "
-                      f"{r['hedged']:>7} {r['won_by_hedge']:>9}")
+                      f"{hedged:>7} {won:>9}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
