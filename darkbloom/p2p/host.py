@@ -7,6 +7,7 @@ across restarts and matches `darkbloom.p2p.keys.peer_id_from_public_key`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import multiaddr
@@ -80,6 +81,11 @@ def build_host(
         raise ConfigError(
             "QUIC is not supported with py-libp2p 0.8.1", key="p2p.quic", hint="set p2p.quic = false (TCP is used)"
         )
+    # Defect 14 (found here): py-libp2p's Yamux sends a WINDOW_UPDATE after every read
+    # (PY_YAMUX_RELEASE_ON_READ defaults to on), more frames than data for streamed
+    # tokens; through a relay that tripled the per-token work. Off gives go-yamux's
+    # batching (update at half the window). The knob is the library's own, read per call.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     key_pair = key_pair_from_identity(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     try:
