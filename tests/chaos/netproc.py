@@ -38,6 +38,7 @@ class ProcNetwork:
     nodes: dict[str, Daemon] = field(default_factory=dict)
     node_status: dict[str, str] = field(default_factory=dict)  # name -> status page URL (latest start)
     node_ids: dict[str, str] = field(default_factory=dict)
+    node_ports: dict[str, int] = field(default_factory=dict)
     shim: Daemon | None = None
     shim_url: str = ""
 
@@ -72,14 +73,18 @@ class ProcNetwork:
 
     def node_config(self, name: str, *, reachability: str = "public", model_id: str = CHAT,
                     max_concurrent: int = 4, require_payment: bool = True) -> Path:
+        # A fixed port, as an operator's node has (p2p.listen_addrs defaults to tcp/4001): a restarted
+        # node comes back where its record says it is.
+        port = self.node_ports.setdefault(name, free_port())
         return write_config(
             self.root / f"{name}.toml",
-            p2p={"use_bundled_bootstrap": False, "listen_addrs": ["/ip4/127.0.0.1/tcp/0"],
+            p2p={"use_bundled_bootstrap": False, "listen_addrs": [f"/ip4/127.0.0.1/tcp/{port}"],
                  "bootstrap": [self.relay_addr], "reachability": reachability, "record_ttl_s": 60.0,
                  "announce_interval_s": 20.0, "dial_timeout_s": 5.0, "bootstrap_retry_max_s": 2.0},
             inference={"self_benchmark": False, "max_concurrent": max_concurrent, "max_queue": 16},
             node={"status_port": 0, "grace_period_s": 1.0, "pause_on_battery": False,
                   "require_payment": require_payment},
+            ledger={"epoch_s": 5},  # the node submits its vouchers this often (and on shutdown)
             models=[{"id": model_id, "path": str(self.model_dir)}],
         )
 
@@ -113,6 +118,17 @@ class ProcNetwork:
                            env=clean_env(), log_dir=self.logs)
         self.shim_url = self.shim.wait_for(r"OpenAI-compatible API at (http://\S+/v1)").group(1)
         self.shim.wait_for(r"joined the network")
+
+    def settle(self) -> str:
+        """`darkbloom ledger settle` on the relay's store (the relay stopped first)."""
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-m", "darkbloom", "--config", str(self.root / "relay.toml"),
+                              "--data-dir", str(self.root / "relay"), "ledger", "settle"],
+                             capture_output=True, text=True, env=clean_env(), timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
 
     def stop(self) -> None:
         for d in [self.shim, *self.nodes.values(), self.relay]:

@@ -26,6 +26,8 @@ READY_TIMEOUT_S = 180.0
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without DARKBLOOM_* variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARKBLOOM_")}
+    if os.environ.get("CHAOS_PYTHONPATH"):  # diagnosis runs: e.g. a sitecustomize that patches a library
+        env["PYTHONPATH"] = os.environ["CHAOS_PYTHONPATH"]
     env.update(extra)
     return env
 
