@@ -279,6 +279,7 @@ class LibP2PNetwork(NetworkCore):
         known = [a for a in self.host.get_peerstore().addrs(pid) if "/p2p-circuit" not in str(a)] if self._known(pid) else []
         errors: list[str] = []
         if direct or known:
+            self._forget_dial_failure(pid)
             try:
                 with trio.fail_after(self.config.dial_timeout_s):
                     await self.host.connect(PeerInfo(pid, [_strip_p2p(a) for a in direct] + known))
@@ -311,6 +312,15 @@ class LibP2PNetwork(NetworkCore):
         if ok:
             self.hole_punched.add(str(pid))
         log.info("hole punch to %s: %s", short_id(str(pid)), "direct" if ok else "failed, staying relayed")
+
+    def _forget_dial_failure(self, pid: ID) -> None:
+        # Workaround for 0.8.1 defect 15 (found here): after one failed dial the swarm
+        # refuses every dial to that peer for 60 s ("negative cache"), so a relay that
+        # restarts, or a node that comes back, stays unreachable for a minute. Our dials
+        # are deliberate (bootstrap with backoff, a request to this peer): let them try.
+        cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(str(pid))
 
     def _known(self, pid: ID) -> bool:
         try:
@@ -387,6 +397,7 @@ class LibP2PNetwork(NetworkCore):
             if info.peer_id == self.host.get_id():
                 continue
             self.dht.trust(info.peer_id)
+            self._forget_dial_failure(info.peer_id)
             try:
                 with trio.fail_after(self.config.dial_timeout_s):
                     await self.host.connect(info)

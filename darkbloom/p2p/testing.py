@@ -113,10 +113,11 @@ class Swarm:
         {"relay": self.relays, "node": self.nodes, "shim": self.clients}[role].append(member)
         return member
 
-    async def restart_relay(self, index: int = 0) -> LibP2PNetwork:
-        """Stop the relay and start it again with the same identity on the same port."""
+    async def restart_relay(self, index: int = 0, *, down_s: float = 0.0) -> LibP2PNetwork:
+        """Stop the relay and start it again (same identity, same port) after `down_s`."""
         member = self.relays[index]
         await member.stop()
+        await trio.sleep(down_s)  # the outage being simulated, not a synchronisation
         return await member.start()
 
 

@@ -138,7 +138,9 @@ async def test_relay_restart_peers_rejoin():
             assert len(await client.find_providers("model-a")) == 2
             before = {m.peer_id: m.net.joins for m in s.nodes + s.clients}
             announced = {m.peer_id: m.net.announcements for m in s.nodes}
-            relay = await s.restart_relay()
+            # Down long enough that every peer's redial fails at least once (defect 15:
+            # the swarm's 60 s negative dial cache would then keep them away).
+            relay = await s.restart_relay(down_s=2.0)
             assert relay.dht.provider_store.size() == 0  # it forgot everything
             for m in s.nodes + s.clients:
                 await m.net.wait_joins(before[m.peer_id] + 1)
