@@ -25,8 +25,9 @@ import trio
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = f"db{os.getpid() % 10000}"  # unique per run: parallel runs never collide
-PUB, R1, R2, H1, H2 = (f"{PREFIX}{n}" for n in ("pub", "r1", "r2", "h1", "h2"))
+PREFIX = f"db{os.getpid() % 10000}"  # interface names (15 characters at most), inside our namespaces
+NS_PREFIX = f"dbnat-{os.getpid()}-"  # namespace names carry the whole pid of the run that made them
+PUB, R1, R2, H1, H2 = (f"{NS_PREFIX}{n}" for n in ("pub", "r1", "r2", "h1", "h2"))
 NAMESPACES = (PUB, R1, R2, H1, H2)
 
 
@@ -86,7 +87,7 @@ def topology():
     finally:
         teardown_topology()
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert PREFIX not in left, "namespaces left behind"
+        assert NS_PREFIX not in left, "namespaces left behind"
 
 
 class Peer:
