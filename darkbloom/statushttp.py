@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,7 @@ def _app(
     status_json: Callable[[], dict[str, Any]],
     page: Callable[[], str] | None,
     metrics: tuple[RoleMetrics, ...],
+    refresh: Callable[[], Awaitable[None]] | None,
 ) -> QuartTrio:
     app = QuartTrio(name)
 
@@ -46,6 +47,8 @@ def _app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if refresh is not None:
+            await refresh()  # gauges that are cheaper to read at scrape time than to keep current
         return Response(render(*metrics), content_type=CONTENT_TYPE)
 
     @app.get("/health")
@@ -63,6 +66,7 @@ async def serve_status(
     status_json: Callable[[], dict[str, Any]],
     page: Callable[[], str] | None = None,
     metrics: tuple[RoleMetrics, ...] = (),
+    refresh: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started("http://host:port")` once listening."""
@@ -70,7 +74,7 @@ async def serve_status(
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    app = _app(name, status_json=status_json, page=page, metrics=metrics)
+    app = _app(name, status_json=status_json, page=page, metrics=metrics, refresh=refresh)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(hypercorn_serve, app, hc, shutdown_trigger=trio.sleep_forever))
         log.info("%s status page on %s", name, binds[0])

@@ -96,6 +96,7 @@ class Node:
     _final_submit: Callable[[], Awaitable[None]] | None = None
     _ledger: tuple[Callable[[], Awaitable[object]], str] | None = None  # (connect, ledger key)
     _earned: dict[int, int] = field(default_factory=dict)
+    _book: VoucherBook | None = None
     reputation: float | None = None
     _idle: trio.Event = field(default_factory=trio.Event)
 
@@ -187,6 +188,19 @@ class Node:
         except (DarkbloomError, OSError) as exc:  # the ledger is unreachable: keep the last figures
             log.debug("earnings lookup failed: %s", exc)
         self.earnings = sorted(self._earned.items())[-EARNINGS_EPOCHS:]
+
+    async def refresh_metrics(self) -> None:
+        """Scrape-time gauges: peers, requests in flight, relayed share, settlement lag."""
+        peers = self.network.peers()  # type: ignore[attr-defined]
+        self.metrics.peers.set(len(peers))
+        load = self.service.load()
+        self.metrics.active.set(load.active)
+        self.metrics.relayed_share.set(1.0 if getattr(self.network, "reachability", "public") == "relayed" else 0.0)
+        if self._book is not None:
+            book = self._book
+            pending = await trio.to_thread.run_sync(book.unsettled, 1000, limiter=book.limiter)
+            oldest = min((v.time_ms for v in pending), default=None)
+            self.metrics.settlement_lag.set(0.0 if oldest is None else max(0.0, time.time() - oldest / 1000))
 
     def status_reply(self) -> StatusReply:
         return StatusReply(
@@ -356,6 +370,7 @@ async def open_node(
             book = VoucherBook(config.data_path / "vouchers.sqlite3")
             stack.callback(book.close)
             meter = _node_meter(config, identity, ledger[0], book)
+            node._book = book
         else:
             log.warning("no ledger known (no bootstrap relay or ledger.ledger_peer): serving unpaid")
         node.service = InferenceService(
@@ -380,6 +395,7 @@ async def open_node(
             partial(
                 serve_status, "node", config.node.status_host, config.node.status_port,
                 status_json=lambda: to_json(node.status()), page=lambda: render_html(node.status()), metrics=(metrics,),
+                refresh=node.refresh_metrics,
             )
         )
         await join_network(net)

@@ -67,6 +67,9 @@ class Relay:
             "epochs_closed": self.ledger.epochs_closed,
         }
 
+    async def refresh_metrics(self) -> None:
+        self.metrics.peers.set(len(self.network.peers()))  # type: ignore[attr-defined]
+
     def bootstrap_entry(self, name: str = "relay") -> str:
         """The TOML line for bootstrap-nodes.toml."""
         addrs = ", ".join(f'"{a}"' for a in self.addrs)
@@ -96,7 +99,7 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
                 relay.status_url = await nursery.start(
                     partial(
                         serve_status, "relay", config.relay.status_host, config.relay.status_port,
-                        status_json=relay.status, metrics=(metrics,),
+                        status_json=relay.status, metrics=(metrics,), refresh=relay.refresh_metrics,
                     )
                 )
                 log.info("relay %s up: %s", short_id(relay.peer_id), ", ".join(relay.addrs))

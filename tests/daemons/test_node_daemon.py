@@ -53,5 +53,10 @@ async def test_node_earns_after_an_epoch(tmp_path, tiny_model_dir):
                 assert paid > 0
                 async with httpx.AsyncClient() as http:
                     status = (await http.get(f"{node.status_url}/status.json")).json()
+                    metrics = (await http.get(f"{node.status_url}/metrics")).text
+                    relay_metrics = (await http.get(f"{relay.status_url}/metrics")).text
+                assert 'darkbloom_requests_total{kind="chat",outcome="ok",role="node"} 1.0' in metrics
+                assert 'darkbloom_settlement_lag_seconds{role="node"} 0.0' in metrics  # all handed in
+                assert 'darkbloom_peers{role="relay"}' in relay_metrics
                 assert status["earnings"] == [[epoch, paid]]
                 assert status["requests_served"] == 1
