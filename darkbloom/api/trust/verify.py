@@ -60,18 +60,21 @@ class VerifyPolicy:
     max_far: int = 0  # far tokens allowed per check
 
 
-# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py: 240 prompts; per tier
-# 240 honest answers of <= 20 tokens from the real engine, 240 answers of another model (the
-# project's random 20M model, its text re-tokenized), 240 random-token answers; mean and rank
-# thresholds chosen on half the prompts (`calibrate`), the far-token rule from the measured
-# honest token tail. k = 100 because a verifying node reports in/out of its top 100
-# (node.serve.SCORE_TOP_K). Figures per tier are in the module that runs the bench and in
-# the report; in short (240 each): greedy honest 240/240 pass, other model 240/240 caught;
-# t=0.7 honest 240/240 pass, other model 223/240 caught; t=1.0 honest 240/240 pass, other
-# model 159/240 caught; random tokens 240/240 caught in every tier.
+# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py (figures in the report):
+# run 1, 240 prompts: per tier 240 honest answers of <= 20 tokens from the real engine, 240
+# answers of another model (the project's random 20M model, text re-tokenized), 240 random-token
+# answers; mean and rank thresholds chosen on half the prompts (`calibrate`), the improbable-
+# token rule from the measured honest token tail. Run 2, 400 other prompts: 400 honest t=0.7
+# answers of 32 tokens judged out of sample: 1 flagged by max_outside=2 (4 tokens ranked
+# 104-375), so max_outside became 4 (0/640 honest flagged since; chosen after seeing run 2).
+# k = 100 because a verifying node reports in/out of its top 100 (node.serve.SCORE_TOP_K).
+#   greedy  honest 240/240 pass; other model 240/240 caught; random tokens 240/240 caught
+#   t=0.7   honest 640/640 pass; other model 215/240 caught (exact ranks, k=1000 and
+#           max_outside=0, would catch 236/240 with 640/640 honest passing); random 240/240
+#   t=1.0   honest 240/240 pass; other model 159/240 caught; random tokens 240/240 caught
 NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
 GREEDY_POLICY = VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04, far_logprob=-11.0, max_far=0)
-LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-3.47, far_logprob=-10.0, max_far=1)
+LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=4, min_mean_logprob=-3.47, far_logprob=-10.0, max_far=1)
 HIGH_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=NO_RANK_RULE, min_mean_logprob=-8.07)
 # When the request's temperature is unknown: the policy every honest tier passes.
 DEFAULT_POLICY = HIGH_TEMPERATURE_POLICY
