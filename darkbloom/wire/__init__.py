@@ -12,7 +12,7 @@ from darkbloom.wire.codec import (
     message_types,
     read_frame,
 )
-from darkbloom.wire import caps, infer, ledger
+from darkbloom.wire import caps, infer, ledger, trust
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -28,4 +28,5 @@ __all__ = [
     "message",
     "message_types",
     "read_frame",
+    "trust",
 ]
