@@ -123,6 +123,8 @@ def run_sim(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, Any]:
             for peer in providers + shims:
                 await sim.join(peer)
             del relay
+            for p in providers:  # the real swarm's announce loop has re-announced by now
+                await p.announce_once()
             for p in providers:
                 p.serve(INFER_PROTOCOL, _fake_inference_responder)
             result = await _workload(shims, [p.peer_id for p in providers], requests, random.Random(seed))
