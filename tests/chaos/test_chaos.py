@@ -256,14 +256,15 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
             break
         except openai.APIStatusError as exc:
             assert exc.status_code in (502, 503), exc  # a clean "not yet", never a hang
-    assert relayed is not None and relayed.headers["x-darkbloom-route"] == "relayed"
+    # reached through the new reservation (on loopback DCUtR may then upgrade the circuit to a direct path)
+    assert relayed is not None and relayed.headers["x-darkbloom-route"] in ("relayed", "hole-punched")
     print(f"RELAY down {restarted_at - killed_at:.1f} s, re-reserved {reserved_in:.1f} s after restart, "
           f"relayed answer {time.monotonic() - restarted_at:.1f} s after restart")
 
     # --- the shim dies mid-stream: the node frees the slot ---------------------------------
     node = net.nodes["direct"]
     stream = client.chat.completions.create(model="tiny-direct", messages=[{"role": "user", "content": "go on"}],
-                                            max_tokens=5000, stream=True, extra_body={"logit_bias": NO_END})
+                                            max_tokens=4000, stream=True, extra_body={"logit_bias": NO_END})
     first = next(iter(stream))
     assert first.choices
     assert _status(net.node_status["direct"])["active"] == 1
@@ -272,7 +273,7 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     node.wait_for(r"outcome=cancelled", timeout=30, after=mark)
     status = _status(net.node_status["direct"])
     assert status["active"] == 0 and status["queued"] == 0
-    assert status["completion_tokens"] < 5000  # it stopped generating; it did not run to max_tokens
+    assert status["completion_tokens"] < 4000  # it stopped generating; it did not run to max_tokens
     client.close()
 
 
