@@ -134,6 +134,7 @@ def main() -> int:
     ap.add_argument("--window-s", type=float, default=60.0)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default="bench/results/soak.json")
+    ap.add_argument("--keep-log", metavar="PATH", help="copy the darkbloom up log (run with -v) here")
     args = ap.parse_args()
     WINDOW_S = args.window_s
     with tempfile.TemporaryDirectory(prefix="darkbloom-soak-") as tmp:
@@ -142,7 +143,9 @@ def main() -> int:
         env = clean_env(DARKBLOOM_INFERENCE_SELF_BENCHMARK="false")
         if os.environ.get("DARKBLOOM_INFERENCE_MODELS_DIR"):
             env["DARKBLOOM_INFERENCE_MODELS_DIR"] = os.environ["DARKBLOOM_INFERENCE_MODELS_DIR"]
-        up = Daemon("up", ["--data-dir", str(root / "data"), "up", "--port", "0"], env=env, log_dir=root / "logs")
+        verbose = ["-v"] if args.keep_log else []
+        up = Daemon("up", [*verbose, "--data-dir", str(root / "data"), "up", "--port", "0"], env=env,
+                    log_dir=root / "logs")
         try:
             base_url = up.wait_for(r"base_url: (http://\S+/v1)", timeout=600).group(1)
             up.wait_for(r"Press Ctrl-C to stop", timeout=600)
@@ -172,6 +175,10 @@ def main() -> int:
                     windows[index].samples.append(s)
         finally:
             code = up.interrupt(timeout=60)
+            if args.keep_log:
+                import shutil
+
+                shutil.copy(up.log_path, args.keep_log)
     rows = [w.row() for w in windows]
     total = sum(r["requests"] for r in rows)
     errors = sum(r["errors"] for r in rows)
