@@ -26,7 +26,7 @@ from darkbloom.wire.ledger import Voucher
 
 from .strategies import ALL_TYPES, instances, message_and_mutant, mutated_bytes
 
-PER_TYPE = settings(max_examples=15, deadline=None,
+PER_TYPE = settings(max_examples=10, deadline=None,
                     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow, HealthCheck.data_too_large])
