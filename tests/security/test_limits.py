@@ -210,3 +210,19 @@ async def test_a_record_flood_is_bounded_and_the_honest_record_still_served():
             assert honest.peer_id in {p.peer_id for p in found}
             with trio.fail_after(5):  # the relay still answers a lookup promptly
                 assert await flooder.get_record(honest.peer_id, fresh=True) is not None
+
+
+async def test_the_relay_daemon_applies_its_configured_circuit_limits(tmp_path):
+    """[relay] limits reach the circuit relay hop (py-libp2p's defaults are 4 reservations, 1 h, 1 GB)."""
+    from darkbloom.config import Config, RelayConfig
+    from darkbloom.relay.daemon import open_relay
+
+    relay_cfg = RelayConfig(listen_addrs=("/ip4/127.0.0.1/tcp/0",), status_port=0, max_reservations=3,
+                            max_circuits_per_peer=2, circuit_duration_s=120, circuit_max_bytes=1 << 20)
+    config = Config(data_dir=str(tmp_path), relay=relay_cfg,
+                    p2p=dataclasses.replace(P2PConfig(), use_bundled_bootstrap=False))
+    with trio.fail_after(TIMEOUT):
+        async with open_relay(config) as relay:
+            limits = relay.network.hop.limits
+            assert (limits.max_reservations, limits.max_circuit_conns, limits.duration, limits.data) == (
+                3, 2, 120, 1 << 20)
