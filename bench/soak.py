@@ -1,13 +1,18 @@
 """Soak: `darkbloom up` (relay, SmolLM2 node, MiniLM node, shim) under steady load for N minutes.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--clients 4] [--window-s 60] [--max-tokens 48]
-                                   [--out bench/results/soak.json]
+                                   [--out bench/results/soak.json] [--keep-log PATH]
+    .venv/bin/python bench/soak.py --engine-only [--minutes 3] [--clients 4] [--window-s 20]
 
 `darkbloom up --port 0` runs as a subprocess in a fresh data dir; `--clients` threads stream
 chat completions through the openai SDK back to back. Every window it records the resident
 memory of the whole `up` process group (from /proc), requests, errors (an OpenAI error or a
 stream without a finish reason), and time-to-first-token percentiles of the requests that
 started in that window. Prints a table and writes JSON. Not run in CI.
+
+`--engine-only` drives the MLX engine alone in this process (same model, same request mix) and
+prints its resident memory and MLX's active/cache memory per window: it separates the engine's
+memory (KV and prompt caches) from the rest of the network.
 """
 
 from __future__ import annotations
@@ -126,6 +131,73 @@ def client_loop(base_url: str, stop: threading.Event, out: list[Sample], lock: t
     client.close()
 
 
+def engine_only(args: argparse.Namespace) -> int:
+    """The engine alone: RSS and MLX memory per window under `--clients` concurrent requests."""
+    from darkbloom.inference.blas import ensure_blas
+
+    ensure_blas()
+    from contextlib import aclosing
+
+    import mlx.core as mx
+    import trio
+
+    from darkbloom.config import load_config
+    from darkbloom.inference.catalog import models_dir
+    from darkbloom.inference.engine import open_engine
+    from darkbloom.inference.params import parse_chat
+
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    async def run() -> list[dict]:
+        rows = []
+        model_dir = models_dir(load_config().inference) / MODEL
+        async with open_engine([(MODEL, model_dir)], max_concurrent=8, self_benchmark=False) as engine:
+            done = 0
+            began = time.monotonic()
+            rows.append({"minute": 0.0, "requests": 0, "rss_mb": round(rss_mb(), 1),
+                         "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1)})
+
+            async def client(k: int) -> None:
+                nonlocal done
+                i = k * 1000
+                while time.monotonic() - began < args.minutes * 60:
+                    i += 1
+                    req = parse_chat({"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({i})"}],
+                                      "max_tokens": args.max_tokens, "temperature": 0.7})
+                    async with aclosing(engine.generate(MODEL, req)) as events:
+                        async for _ in events:
+                            pass
+                    done += 1
+
+            async def sample() -> None:
+                for w in range(1, round(args.minutes * 60 / WINDOW_S) + 1):
+                    await trio.sleep_until(trio.current_time() - (time.monotonic() - began) + w * WINDOW_S)
+                    rows.append({"minute": round(w * WINDOW_S / 60, 2), "requests": done, "rss_mb": round(rss_mb(), 1),
+                                 "mlx_active_mb": round(mx.get_active_memory() / 2**20, 1),
+                                 "mlx_cache_mb": round(mx.get_cache_memory() / 2**20, 1)})
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sample)
+                for k in range(args.clients):
+                    nursery.start_soon(client, k)
+        return rows
+
+    rows = trio.run(run)
+    print(f"engine only: {MODEL}, {args.clients} concurrent requests of {args.max_tokens} tokens")
+    print(f"{'minute':>7} {'requests':>9} {'RSS MB':>8} {'MLX active MB':>14}")
+    for r in rows:
+        print(f"{r['minute']:>7} {r['requests']:>9} {r['rss_mb']:>8.0f} {r['mlx_active_mb']:>14.0f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"engine_only": True, "minutes": args.minutes, "clients": args.clients, "rows": rows},
+                              indent=2))
+    return 0
+
+
 def main() -> int:
     global WINDOW_S
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -135,8 +207,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default="bench/results/soak.json")
     ap.add_argument("--keep-log", metavar="PATH", help="copy the darkbloom up log (run with -v) here")
+    ap.add_argument("--engine-only", action="store_true", help="drive the MLX engine alone (memory of the engine)")
     args = ap.parse_args()
     WINDOW_S = args.window_s
+    if args.engine_only:
+        return engine_only(args)
     with tempfile.TemporaryDirectory(prefix="darkbloom-soak-") as tmp:
         root = Path(tmp)
         (root / "logs").mkdir()
