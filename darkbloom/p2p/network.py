@@ -268,6 +268,28 @@ class LibP2PNetwork(NetworkCore):
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._dial_locks.pop(peer_id, None)
 
+    async def find_node(self, peer_id: str, key: bytes, *, addrs: Sequence[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
+        """One Kademlia FIND_NODE to one peer: the peers it knows closest to `key`, with addrs.
+
+        For the crawler (read-only); PeerUnreachable when the peer cannot be dialled. An
+        empty list when it answers nothing in libp2p's query timeout.
+        """
+        await self.connect(peer_id, addrs)
+        pid = ID.from_base58(peer_id)
+        try:
+            found = await self.dht.peer_routing._query_peer_for_closest(pid, key)
+        except Exception as exc:  # libp2p raises many kinds; translate once here
+            raise P2PError(f"FIND_NODE to {peer_id[-8:]} failed: {exc}") from exc
+        store = self.host.get_peerstore()
+        out = []
+        for other in found:
+            try:
+                other_addrs = tuple(str(a) for a in store.addrs(other))
+            except Exception:  # the peerstore raises PeerStoreError for a peer without addrs
+                other_addrs = ()
+            out.append((str(other), other_addrs))
+        return out
+
     async def _dial(self, pid: ID, peer_id: str, addrs: Sequence[str]) -> None:
         direct = [multiaddr.Multiaddr(a) for a in addrs if "/p2p-circuit" not in a]
         circuit = [a for a in addrs if "/p2p-circuit" in a]

@@ -68,9 +68,6 @@ async def _crawl(args: argparse.Namespace, config: Config, bootstrap: list[str])
             raise P2PError(f"no bootstrap peer answered within {args.join_timeout:.0f} s",
                            hint="check the address and that the peer is up")
         port = LibP2PCrawlPort(net)
-        if not hasattr(net, "find_node"):
-            raise P2PError("this build's p2p layer cannot send FIND_NODE to one peer yet",
-                           hint="needs darkbloom.p2p find_node(peer_id, key); see docs/RESEARCH.md")
         seeds = [(a.rsplit("/p2p/", 1)[1], (a,)) for a in bootstrap]
 
         def progress(done: int, known: int) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 
-from darkbloom.errors import MalformedMessage, P2PError, StreamClosed
+from darkbloom.errors import MalformedMessage, StreamClosed
 from darkbloom.p2p.api import recv_message, send_message
 from darkbloom.p2p.keys import b58decode, model_cid
 from darkbloom.sim.crawl import PeerAddrs, preimage_in_bucket
@@ -73,8 +73,7 @@ class SimCrawlPort:
 class LibP2PCrawlPort:
     """Crawl the live network through a running libp2p PeerNetwork (client mode).
 
-    Needs `network.find_node(peer_id, key, addrs=...)`, a raw FIND_NODE to one peer, from
-    darkbloom.p2p; raises P2PError from each call until that exists.
+    Uses `network.find_node(peer_id, key, addrs=...)`, one FIND_NODE to one peer, from darkbloom.p2p.
     """
 
     def __init__(self, network: object) -> None:
@@ -85,10 +84,7 @@ class LibP2PCrawlPort:
         return [preimage_in_bucket(peer_key, i, rng) for i in range(count)]
 
     async def find_node(self, peer_id: str, addrs: Sequence[str], key: bytes) -> list[PeerAddrs]:
-        find_node = getattr(self.network, "find_node", None)
-        if find_node is None:
-            raise P2PError("this build's darkbloom.p2p has no find_node(peer_id, key) yet")
-        return list(await find_node(peer_id, key, addrs=tuple(addrs)))
+        return list(await self.network.find_node(peer_id, key, addrs=tuple(addrs)))  # type: ignore[attr-defined]
 
     async def get_record(self, peer_id: str) -> CapabilityRecord | None:
         return await self.network.get_record(peer_id, fresh=True)  # type: ignore[attr-defined]
