@@ -165,9 +165,9 @@ def test_requests_under_random_sigkills_end_cleanly_and_settle_exactly(procnet):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "defects: (1) py-libp2p's negative dial cache keeps a restarted node undialable for 60 s; (2) the shim answers "
-    "no_provider in bursts when the DHT servers nearest a model key are dead nodes, although the relay holds the "
-    "provider records and the shim knew live candidates a moment before (see docs/RELIABILITY.md)"))
+    "defect: the shim answers no_provider in bursts when the DHT servers nearest a model key are dead nodes, "
+    "although the relay holds the provider records and the shim knew live candidates a moment before "
+    "(NetworkBackend._all_failed drops the candidate cache; see docs/RELIABILITY.md, defect 2)"))
 def test_the_network_keeps_serving_through_the_storm():
     """Liveness under the storm above: with at least one node alive at every moment, no request is told
     that nobody serves the model, most complete, and all do once the nodes are back."""
