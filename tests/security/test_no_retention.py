@@ -94,6 +94,7 @@ def test_a_full_up_session_leaves_no_canary_anywhere(tmp_path, bundled_models_di
     control.mkdir()
     (control / "f.bin").write_bytes(b"x" * 100 + canary.encode() + b"y")
     assert _holding([(control, None)], needles), "the scanner must find a planted canary"
+    (control / "f.bin").unlink()
     leaks = _holding(roots, needles)
     assert not leaks, "\n".join(leaks)
     assert (data / "up" / "relay").is_dir() and any(_files(data))  # the session did write its state
