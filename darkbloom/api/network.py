@@ -351,7 +351,11 @@ class NetworkBackend:
                 log.warning("verifier %s sent no valid score attestation", cand.peer_id[-8:])
                 self.trust.failed_midstream(cand.peer_id, trio.current_time(), "bad_attestation")
                 continue
-            verdict = self.trust.judge_spot_check(served_by, scored_from_attestation(attestation), trio.current_time())
+            temperature = request.params.get("temperature")
+            verdict = self.trust.judge_spot_check(
+                served_by, scored_from_attestation(attestation), trio.current_time(),
+                temperature=float(temperature) if isinstance(temperature, (int, float)) else 1.0, verifier=cand.peer_id,
+            )
             log.info("spot check of %s by %s: %s", served_by[-8:], cand.peer_id[-8:],
                      "flagged " + verdict.reason if verdict.flagged else ("inconclusive" if verdict.inconclusive else "ok"))
             if self.on_spot_check is not None:

@@ -98,8 +98,10 @@ async def open_shim(
         from darkbloom.api.trust.hedge import HedgePolicy
         from darkbloom.api.trust.routing import TrustedRouting
 
+        from darkbloom.api.trust.verify import DEFAULT_POLICIES
+
         trust = TrustedRouting(hedge=HedgePolicy(enabled=api.hedge), max_attempts=api.max_attempts,
-                               spot_check_probability=api.spot_check_probability)
+                               spot_check_probability=api.spot_check_probability, policies=DEFAULT_POLICIES)
     backend = NetworkBackend(network, api, meter=meter, trust=trust,
                              known_models=default_known_models(config) if known_models is None else known_models)
     metrics = metrics or Metrics()
