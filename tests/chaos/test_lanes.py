@@ -1,8 +1,9 @@
 """A lane the shim reuses right after a clean finish must be accepted by the node.
 
 Memory network, real engine, real ledger service (SQLite) opening the lane, the shim's own
-`ConsumerMeter` and infer client; the node's voucher store is a slow disk (0.5 s per write on the
-store's worker thread, as an fsync on a busy machine), which makes the window deterministic: the shim has the node's
+`ConsumerMeter` and infer client; the node's voucher store is a slow disk (a write on the store's
+worker thread that completes when the test lets it, as an fsync on a busy machine), which makes
+the window deterministic: the shim has the node's
 countersigned final voucher (so it reuses the lane) while the node is still storing it.
 """
 
@@ -46,8 +47,14 @@ async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_d
     cfg = LedgerConfig(voucher_every_tokens=4)
     kept: list = []
 
-    def slow_put(voucher) -> None:  # a write that takes half a second, on the store's worker thread
-        time.sleep(0.5)
+    import threading
+
+    disk = threading.Event()  # the slow disk: once armed, a write completes when the test lets it (or after 5 s)
+    armed = threading.Event()
+
+    def slow_put(voucher) -> None:  # on the store's worker thread, as the daemon's VoucherBook.put
+        if armed.is_set():
+            disk.wait(5)
         kept.append(voucher)
 
     async def slow_disk_store(voucher) -> None:  # as the node daemon keeps each countersigned voucher
@@ -68,14 +75,32 @@ async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_d
                 lane = await consumer.acquire(node.peer_id, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
                 assert lane is not None
                 outcomes: list[str] = []
-                for i in range(2):
-                    request = InferRequest(request_id=f"r{i}", kind="chat", model=CHAT, session=session_bytes(lane),
-                                           params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
-                    call = await open_infer(shim_net, node.peer_id, request, lane=lane, on_release=outcomes.append)
-                    while await call.receive() is not None:
-                        pass
-                    await call.aclose()  # waits for the node's countersigned final voucher
-                    assert outcomes[-1] == "clean"  # so the shim would lend this lane again now
+                released = trio.Event()
+
+                def on_release(outcome: str) -> None:
+                    outcomes.append(outcome)
+                    released.set()
+
+                def request(i: int) -> InferRequest:
+                    return InferRequest(request_id=f"r{i}", kind="chat", model=CHAT, session=session_bytes(lane),
+                                        params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+                first = await open_infer(shim_net, node.peer_id, request(0), lane=lane, on_release=on_release)
+                while await first.receive() is not None:
+                    pass
+                armed.set()  # the final voucher (signed on Done) is the slow write
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(first.aclose)  # waits for the node's countersigned final voucher
+                    with trio.fail_after(4):  # before the slow write completes
+                        await released.wait()
+                    assert outcomes == ["clean"]  # the shim would lend this lane again now
+                    try:
+                        second = await open_infer(shim_net, node.peer_id, request(1), lane=lane)
+                        while await second.receive() is not None:
+                            pass
+                        await second.aclose()
+                    finally:
+                        disk.set()
                 assert kept
                 await consumer.aclose()
     finally:
