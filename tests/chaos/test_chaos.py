@@ -240,7 +240,8 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     net.start_relay()
     # the direct node serves unpaid requests too: with the ledger (on the relay) down the shim goes unpaid
     net.start_node("direct", model_id="tiny-direct", require_payment=False)
-    net.start_node("private", reachability="private", model_id="tiny-relayed")
+    # a long bootstrap backoff: while it sleeps, the node's ledger client (earnings every 5 s) reconnects first
+    net.start_node("private", reachability="private", model_id="tiny-relayed", bootstrap_retry_max_s=30.0)
     net.wait_node("direct")
     net.wait_node("private")
     net.nodes["private"].wait_for(r"reserved on 1 relay", after=0)
@@ -257,6 +258,7 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     assert {r.headers["x-darkbloom-route"] for r in while_down} == {"direct"}
 
     # --- it comes back on the same address: the private node holds a new reservation in 30 s
+    net.nodes["private"].wait_for(r"retrying in 16 s", timeout=60)  # its bootstrap loop sleeps 16 s now
     mark = net.nodes["private"].mark()
     net.relay.start()
     net.wait_relay()
