@@ -161,7 +161,7 @@ async def test_defect6_exists_in_raw_yamux_writes():
 
             async def raw_blast(stream):
                 try:
-                    await stream.raw.write(b"t" * (3 << 20))  # the library's own write
+                    await stream.raw.write(b"t" * (48 << 20))  # more than any window the library grows to
                 except Exception as exc:  # StreamReset after "Timed out waiting for window update"
                     failures.append(exc)
 
