@@ -111,10 +111,11 @@ class LibP2PStream:
 
 
 class _Watcher(INotifee):
-    """Wakes the bootstrap loop when a connection closes."""
+    """Wakes the bootstrap loop when a connection closes, and remembers whose."""
 
     def __init__(self) -> None:
         self.changed = trio.Event()
+        self.lost: set[str] = set()  # peer ids whose connection closed since the loop last looked
 
     async def opened_stream(self, network: object, stream: object) -> None:
         return None
@@ -126,6 +127,9 @@ class _Watcher(INotifee):
         return None
 
     async def disconnected(self, network: object, conn: object) -> None:
+        peer = getattr(getattr(conn, "muxed_conn", None), "peer_id", None)
+        if peer is not None:
+            self.lost.add(str(peer))
         self.changed.set()
 
     async def listen(self, network: object, multiaddr: object) -> None:
@@ -436,17 +440,20 @@ class LibP2PNetwork(NetworkCore):
         return any(net.get_connections(i.peer_id) for i in self._bootstrap_infos if i.peer_id != self.host.get_id())
 
     async def _bootstrap_loop(self) -> None:
-        if not [i for i in self._bootstrap_infos if i.peer_id != self.host.get_id()]:
+        bootstrap_ids = {str(i.peer_id) for i in self._bootstrap_infos if i.peer_id != self.host.get_id()}
+        if not bootstrap_ids:
             self._joined.set()
             return
         delay = 0.25
         first = True
+        rejoin = True
         while True:
-            if not self._bootstrap_connected():
+            if rejoin or not self._bootstrap_connected():
                 count = await self._bootstrap_once()
                 if count:
                     log.info("%s joined the DHT through %d bootstrap peer(s)", short_id(self.peer_id), count)
                     self._joined.set()
+                    rejoin = False
                     delay = 0.25
                     with trio.move_on_after(self.config.dial_timeout_s):
                         await self.dht.refresh_routing_table()
@@ -462,8 +469,12 @@ class LibP2PNetwork(NetworkCore):
                     delay = min(delay * 2, self.config.bootstrap_retry_max_s)
                     continue
             self._watcher.changed = trio.Event()
-            if self._bootstrap_connected():
+            if self._bootstrap_connected() and not self._watcher.lost & bootstrap_ids:
                 await self._watcher.changed.wait()
+            # A bootstrap connection closed (the relay restarted): rejoin, re-reserve and re-announce
+            # even when another part of this process (ledger client, a dial) reconnected first.
+            rejoin = bool(self._watcher.lost & bootstrap_ids)
+            self._watcher.lost.clear()
 
     async def _on_joined(self, first: bool) -> None:
         """Announce again after a (re)join; re-reserve when relayed."""

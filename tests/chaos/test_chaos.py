@@ -211,11 +211,6 @@ def _ask(client: openai.OpenAI, model: str, **kw):
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: darkbloom/p2p/network.py _bootstrap_loop rejoins only when no connection to a bootstrap peer "
-    "exists; when the relay restarts, the node's ledger submitter (or any dial) reconnects first, so the loop "
-    "never runs _on_joined: no new reservation, no re-announce (fix: remember that a bootstrap connection "
-    "closed, in _Watcher.disconnected, and rejoin then even if someone else reconnected)"))
 def test_relay_restart_and_shim_killed_mid_stream(procnet):
     net = procnet
     net.start_relay()
