@@ -22,6 +22,7 @@
     │   ├── InsufficientFunds       a balance or a reservation would go negative
     │   ├── UnknownLane             a voucher names a lane the ledger never opened
     │   └── VoucherRejected         any other reason a voucher is refused
+    │       └── LaneBusy            the lane is serving another request (use another lane)
     └── ApiError                    raised by the shim with an OpenAI status/type
 
 Carry structured fields, never parse messages. Translate once per boundary.
@@ -52,6 +53,7 @@ __all__ = [
     "InsufficientFunds",
     "UnknownLane",
     "VoucherRejected",
+    "LaneBusy",
     "ApiError",
 ]
 
@@ -238,6 +240,13 @@ class VoucherRejected(LedgerError):
         super().__init__(f"lane {lane[:16]}: voucher rejected: {reason}")
         self.lane = lane
         self.reason = reason
+
+
+class LaneBusy(VoucherRejected):
+    """The node is still serving another request on this lane; another lane (or a moment later) works."""
+
+    def __init__(self, lane: str) -> None:
+        super().__init__(lane, "the lane is serving another request")
 
 
 # --- api --------------------------------------------------------------------
