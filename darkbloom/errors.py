@@ -21,7 +21,8 @@
     │   ├── ReceiptReplay           the same or an older voucher
     │   ├── InsufficientFunds       a balance or a reservation would go negative
     │   ├── UnknownLane             a voucher names a lane the ledger never opened
-    │   └── VoucherRejected         any other reason a voucher is refused
+    │   ├── VoucherRejected         any other reason a voucher is refused
+    │   └── EvidenceRejected        a spot-check report that proves nothing (forged, stale, self-made)
     │       └── LaneBusy            the lane is serving another request (use another lane)
     └── ApiError                    raised by the shim with an OpenAI status/type
 
@@ -53,6 +54,7 @@ __all__ = [
     "InsufficientFunds",
     "UnknownLane",
     "VoucherRejected",
+    "EvidenceRejected",
     "LaneBusy",
     "ApiError",
 ]
@@ -239,6 +241,13 @@ class VoucherRejected(LedgerError):
     def __init__(self, lane: str, reason: str) -> None:
         super().__init__(f"lane {lane[:16]}: voucher rejected: {reason}")
         self.lane = lane
+        self.reason = reason
+
+
+class EvidenceRejected(LedgerError):
+    def __init__(self, suspect: str, reason: str) -> None:
+        super().__init__(f"spot-check report on {suspect[:16]} refused: {reason}")
+        self.suspect = suspect
         self.reason = reason
 
 
