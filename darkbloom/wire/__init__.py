@@ -12,7 +12,7 @@ from darkbloom.wire.codec import (
     message_types,
     read_frame,
 )
-from darkbloom.wire import caps, infer, ledger, trust
+from darkbloom.wire import caps, infer, ledger, reputation, trust
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -28,5 +28,6 @@ __all__ = [
     "message",
     "message_types",
     "read_frame",
+    "reputation",
     "trust",
 ]

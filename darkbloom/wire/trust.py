@@ -83,6 +83,9 @@ class ReputationEntry:
     completion_tokens: int  # settled inside the window
     failed_checks: int  # accepted spot-check reports inside the window
     epochs: int  # epochs inside the window in which the node was paid
+    failed_features: tuple[str, ...] = ()  # capability canaries ("json", "tools", "logprobs") it failed lately
+    node_class: str = ""  # class the relay derived from its observations ("" when it has none)
+    uptime_ppm: int = -1  # share of the relay's probes it answered over the last day; -1 unknown
 
 
 @message("trust.reputation")
