@@ -31,6 +31,7 @@ from darkbloom.errors import (
     ContextLengthExceeded,
     DarkbloomError,
     InvalidRequest,
+    LaneBusy,
     LedgerError,
     MalformedMessage,
     ModelNotFound,
@@ -59,6 +60,7 @@ __all__ = ["EmbedFn", "InferenceService", "NodeMeter", "ServedRequest", "open_em
 log = logging.getLogger(__name__)
 
 REQUEST_READ_TIMEOUT_S = 30.0  # a client that opens a stream and sends nothing is dropped
+LANE_BUSY_WAIT_S = 2.0  # a request on a lane still finishing another one waits this long for it
 SCORE_TOP_K = 100  # spot checks: "inside" means among the verifier's top 100 (trust.verify.DEFAULT_POLICY)
 MAX_SCORED_TOKENS = 256  # a score request scores at most this many output tokens
 EmbedFn = Callable[[Sequence[str]], Awaitable[tuple[np.ndarray, int]]]  # texts -> (float32 [n, dim], tokens)
@@ -88,6 +90,8 @@ def _error_code(exc: BaseException) -> tuple[str, str | None, float | None]:
         return "model_not_found", "model", None
     if isinstance(exc, NoCapacity):
         return "no_capacity", None, exc.retry_after_s
+    if isinstance(exc, LaneBusy):  # the shim reads this param as "use another lane", not "cannot pay"
+        return "payment_required", "darkbloom.session", None
     if isinstance(exc, LedgerError):
         return "payment_required", None, None
     return "internal", None, None
@@ -98,6 +102,7 @@ class _Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # sent in Delta frames
     ended_tokens: int = 0  # reported by ChoiceEnd frames
+    answered: bool = False  # Done was sent: whatever happens after, the request was served in full
 
 
 class _StreamIO:
@@ -154,6 +159,7 @@ class NodeMeter:
         self.clock = clock
         self.lanes: dict[str, NodeLane] = {}
         self.busy: set[str] = set()  # lanes with a request on them now (a lane is sequential)
+        self._freed: dict[str, trio.Event] = {}  # lane -> set when its busy mark clears (requests waiting for it)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -178,8 +184,34 @@ class NodeMeter:
         else:
             lane.update_reservation(reservation, now_ms=self.now_ms())
         if reservation.lane in self.busy:
-            raise VoucherRejected(reservation.lane, "the lane is serving another request")
+            raise LaneBusy(reservation.lane)
         return lane
+
+    async def claim(self, session: bytes) -> NodeLane:
+        """The lane a request pays on, marked busy until `free`; waits (bounded) while it finishes another request.
+
+        Raises LaneBusy when the other request still holds it after LANE_BUSY_WAIT_S, or what
+        `lane_for` raises.
+        """
+        try:
+            return self._mark(self.lane_for(session))
+        except LaneBusy as exc:
+            lane = exc.lane
+        with trio.move_on_after(LANE_BUSY_WAIT_S):
+            while lane in self.busy:
+                await self._freed.setdefault(lane, trio.Event()).wait()
+        return self._mark(self.lane_for(session))
+
+    def _mark(self, lane: NodeLane) -> NodeLane:
+        self.busy.add(lane.lane)
+        return lane
+
+    def free(self, lane: str) -> None:
+        """Clear a lane's busy mark (idempotent) and wake requests waiting for it."""
+        self.busy.discard(lane)
+        event = self._freed.pop(lane, None)
+        if event is not None:
+            event.set()
 
 
 class _Metered:
@@ -191,6 +223,19 @@ class _Metered:
         self.io = io
         self.arrived = trio.Event()
         self.failure: DarkbloomError | None = None
+        self.finished = False  # the whole answer was sent
+        self.released = False  # the lane's busy mark was cleared: this request is paid up, the lane may serve the next
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.meter.free(self.lane.lane)
+
+    def answered(self) -> None:
+        """The whole answer was sent; the lane frees as soon as a voucher covers all of it."""
+        self.finished = True
+        if self.lane.lag_tokens == 0:
+            self.release()
 
     def begin(self, req: InferRequest, digest: str, prompt_tokens: int) -> None:
         """Right before `Accepted` (the client begins the request on its side when it reads it)."""
@@ -212,12 +257,19 @@ class _Metered:
             self.arrived = trio.Event()
 
     async def on_voucher(self, voucher: Voucher) -> None:
+        if self.released:  # the request is paid up and the lane may be serving the next one: not ours any more
+            log.debug("lane %s: voucher after the request was paid up ignored", self.lane.lane[:8])
+            return
         try:
             signed = self.lane.accept(voucher, now_ms=self.meter.now_ms())
         except DarkbloomError as exc:  # a bad voucher stops serving at the next gate
             self.failure = exc if isinstance(exc, LedgerError) else VoucherRejected(self.lane.lane, str(exc))
             log.warning("lane %s: voucher refused: %s", self.lane.lane[:8], type(exc).__name__)
         else:
+            # Free the lane before the client can read the countersigned copy (it lends the lane
+            # again once it has it), not after the store's write: that may take a while.
+            if self.finished and self.lane.lag_tokens == 0:
+                self.release()
             await self.io.send(signed)
             if self.meter.store is not None:
                 await self.meter.store(signed)
@@ -226,10 +278,10 @@ class _Metered:
     async def settle(self) -> None:
         """After the answer: wait (bounded) for the voucher that covers all of it."""
         with trio.move_on_after(self.meter.timeout_s):
-            while self.lane.lag_tokens > 0 and self.failure is None:
+            while not self.released and self.lane.lag_tokens > 0 and self.failure is None:
                 await self.arrived.wait()
                 self.arrived = trio.Event()
-        if self.lane.lag_tokens > 0:
+        if not self.released and self.lane.lag_tokens > 0:
             log.warning("lane %s: %d tokens served without a voucher", self.lane.lane[:8], self.lane.lag_tokens)
 
 
@@ -312,7 +364,7 @@ class InferenceService:
             except StreamClosed:
                 pass
 
-    def _metered(self, io: _StreamIO, req: InferRequest, digest: str) -> _Metered | None:
+    async def _metered(self, io: _StreamIO, req: InferRequest, digest: str) -> _Metered | None:
         """The request's lane (begun), or None when it is served free. LedgerError: refuse it."""
         if self.meter is None:
             return None
@@ -320,8 +372,7 @@ class InferenceService:
             if self.meter.require_payment:
                 raise VoucherRejected("-" * 32, "this node serves paid requests only: open a lane at the ledger")
             return None
-        lane = self.meter.lane_for(req.session)
-        self.meter.busy.add(lane.lane)
+        lane = await self.meter.claim(req.session)
         return _Metered(self.meter, lane, io)
 
     async def _serve(self, io: _StreamIO, req: InferRequest, peer: str) -> None:
@@ -349,7 +400,7 @@ class InferenceService:
         outcome = "cancelled"
         metered: _Metered | None = None
         try:
-            metered = self._metered(io, req, digest)
+            metered = await self._metered(io, req, digest)
             if req.kind not in ("chat", "completion", "embedding", "score"):
                 raise InvalidRequest(f"request kind {req.kind!r} is not served", param="kind")
             await self._answer(io, req, digest, progress, metered)
@@ -363,8 +414,10 @@ class InferenceService:
                 log.error("%s model=%s failed: %s", rid, req.model, type(exc).__name__)
             await io.send(ErrorFrame(request_id=rid, code=code, message=str(exc), param=param, retry_after_s=retry))
         finally:
+            if outcome == "cancelled" and progress.answered:
+                outcome = "done"  # the client closed (or we were stopped) while the final voucher was settling
             if metered is not None:
-                self.meter.busy.discard(metered.lane.lane)  # type: ignore[union-attr]
+                metered.release()
             seconds = trio.current_time() - started
             log.info("%s peer=%s model=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", rid,
                      peer[-8:], req.model, req.kind, outcome, progress.prompt_tokens, progress.completion_tokens,
@@ -389,8 +442,9 @@ class InferenceService:
                     await self._score(io, req, digest, progress, metered)
                 else:
                     await self._generate(io, req, digest, progress, metered)
-                finished = True
+                finished = progress.answered = True
                 if metered is not None:
+                    metered.answered()
                     await metered.settle()
             except DarkbloomError as exc:  # re-raised below, outside the nursery (no exception group)
                 error = exc

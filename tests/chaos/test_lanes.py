@@ -31,13 +31,6 @@ CHAT = "tiny-chat"
 PRICE_IN, PRICE_OUT = 100_000, 400_000
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: lane reuse race. The shim puts a lane back in its idle pool once it holds the node's final "
-    "countersigned voucher, but the node removes the lane from NodeMeter.busy only when its handler ends, after "
-    "storing that voucher; a request that reuses the lane meanwhile is refused ('the lane is serving another "
-    "request' -> payment_required, 503 providers_failed with one provider: the soak's errors). Fix: node/serve.py "
-    "clears the busy mark once the final voucher is accepted (or waits briefly for a busy lane); the shim retries "
-    "the same node with another lane on that refusal"))
 async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_dir, tmp_path):
     hub = MemoryHub()
     ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
@@ -70,7 +63,16 @@ async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_d
                 meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=PRICE_IN,
                                   price_output_per_m=PRICE_OUT, voucher_every_tokens=4, voucher_timeout_s=5,
                                   store=slow_disk_store)
-                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter))
+                served: list = []
+                both_served = trio.Event()
+
+                def on_served(record) -> None:
+                    served.append(record)
+                    if len(served) == 2:
+                        both_served.set()
+
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter,
+                                                       on_served=on_served))
                 consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
                 lane = await consumer.acquire(node.peer_id, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
                 assert lane is not None
@@ -102,6 +104,11 @@ async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_d
                     finally:
                         disk.set()
                 assert kept
+                # both requests were served in full and recorded so (not cancelled by the client's close)
+                with trio.fail_after(10):
+                    await both_served.wait()
+                assert sorted(r.request_id for r in served) == ["r0", "r1"]
+                assert [r.outcome for r in served] == ["done", "done"], served
                 await consumer.aclose()
     finally:
         store.close()
