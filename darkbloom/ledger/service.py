@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -92,6 +92,10 @@ class LedgerService:
         self.clock = clock
         self.operator_ppm = share_ppm(config.operator_share)
         self.epochs_closed = 0
+        # Mounted by other relay services (darkbloom.relay.trust): request type -> handler, and
+        # hooks awaited after each epoch closes.
+        self.extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
+        self.on_settled: list[Callable[[EpochOutcome], Awaitable[Any]]] = []
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -119,6 +123,8 @@ class LedgerService:
             grace_ms=self.config.epoch_s * 1000,
         )
         self.epochs_closed += 1
+        for hook in self.on_settled:
+            await hook(outcome)
         return outcome
 
     # --- protocol --------------------------------------------------------------------
@@ -129,7 +135,7 @@ class LedgerService:
         try:
             while True:
                 try:
-                    request = await read_frame(stream.read, decoder, REQUESTS)
+                    request = await read_frame(stream.read, decoder, REQUESTS + tuple(self.extra))
                 except MalformedMessage as exc:  # tell the client why, then hang up: the framing is lost
                     log.info("ledger: malformed request from %s: %s", stream.peer_id[-8:], exc.reason)
                     await stream.write(encode_frame(LedgerErrorReply(code="MalformedMessage", message=str(exc))))
@@ -146,6 +152,9 @@ class LedgerService:
                 await stream.close()
 
     async def _dispatch(self, request: Any) -> Any:
+        extra = self.extra.get(type(request))
+        if extra is not None:
+            return await extra(request)
         store = self.ledger.store
         ttl_ms = self.config.lane_ttl_s * 1000
         if isinstance(request, OpenLane):
