@@ -106,12 +106,12 @@ class ProcNetwork:
         node.kill()
         node.start()
 
-    def start_shim(self, **api: object) -> None:
+    def start_shim(self, p2p: dict[str, object] | None = None, **api: object) -> None:
         cfg = write_config(
             self.root / "shim.toml",
             p2p={"use_bundled_bootstrap": False, "listen_addrs": ["/ip4/127.0.0.1/tcp/0"],
                  "bootstrap": [self.relay_addr], "dial_timeout_s": 5.0, "bootstrap_retry_max_s": 2.0,
-                 "providers_cache_s": 1.0},
+                 "providers_cache_s": 1.0, **(p2p or {})},
             api={"port": 0, "first_token_timeout_s": 10.0, "request_timeout_s": 60.0, **api},
         )
         self.shim = Daemon("shim", ["-v", "--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
