@@ -10,7 +10,6 @@ measured latency update `PeerStats`; failures open a peer's circuit breaker.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 from collections.abc import Iterable
@@ -22,8 +21,8 @@ import trio
 from darkbloom.api import errors as api_errors
 from darkbloom.api import router
 from darkbloom.api.backend import Frame, ModelListing
-from darkbloom.api.client import InferCall, is_final, open_infer
-from darkbloom.api.metering import session_bytes
+from darkbloom.api.client import InferCall, is_final
+from darkbloom.api.metering import open_metered
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
 from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError, PeerUnreachable
@@ -382,19 +381,10 @@ class NetworkBackend:
         call: InferCall | None = None
         try:
             with trio.fail_after(self.config.first_token_timeout_s):
-                lane = release = None
-                if self.meter is not None:
-                    meter = self.meter
-                    lane = await meter.acquire(cand.peer_id, price_input_per_m=cand.price_input_per_m,
-                                               price_output_per_m=cand.price_output_per_m)
-                    if lane is not None:
-                        request = dataclasses.replace(request, session=session_bytes(lane))
-
-                        def release(outcome: str, _lane: Any = lane, _peer: str = cand.peer_id) -> None:
-                            meter.release(_peer, _lane, outcome)
-
-                call = await open_infer(self.network, cand.peer_id, request, addrs=cand.addrs, lane=lane,
-                                        on_release=release)
+                # pays through the meter's lanes (a lane refused as busy: the same node again with another)
+                call = await open_metered(self.network, self.meter, cand.peer_id, request, addrs=cand.addrs,
+                                          price_input_per_m=cand.price_input_per_m,
+                                          price_output_per_m=cand.price_output_per_m)
                 self._note_load(cand.peer_id, call.accepted.load)
                 first = await call.receive()
         except BaseException as exc:
