@@ -27,6 +27,7 @@ from darkbloom.errors import (
     DarkbloomError,
     EngineFailed,
     InvalidRequest,
+    LaneBusy,
     LedgerError,
     MalformedMessage,
     ModelNotFound,
@@ -70,6 +71,8 @@ def error_from_frame(frame: ErrorFrame, peer_id: str, model: str = "") -> Darkbl
         return NoCapacity(frame.message, retry_after_s=frame.retry_after_s or 1.0)
     if code == "version_mismatch":
         return ProtocolMismatch(peer_id, INFER_PROTOCOL, frame.message)
+    if code == "payment_required" and frame.param == "darkbloom.session":
+        return LaneBusy("")  # the node still serves another request on the lane this one carried
     if code == "payment_required":
         return ApiError(402, frame.message, type="insufficient_quota", code="payment_required")
     if code == "cancelled":
@@ -81,6 +84,8 @@ def is_final(exc: BaseException) -> bool:
     """True when another peer would refuse the request too (bad input): do not fail over."""
     if isinstance(exc, ApiError):
         return 400 <= exc.status < 500 and exc.status != 402  # 402: this node wants payment; others may not
+    if isinstance(exc, LaneBusy):  # our lane was still busy on that node: another lane or node works
+        return False
     return isinstance(exc, (InvalidRequest, LedgerError))  # bad input, or our own account cannot pay
 
 
@@ -234,12 +239,14 @@ async def open_infer(
     Raises PeerUnreachable / ProtocolMismatch (from the network), StreamClosed or
     MalformedMessage (broken answer), or the error the node answered. With `lane`, the
     request must carry that lane's reservation in `session`; `on_release(outcome)` is called
-    once the call is closed ("clean", "unclean" or "unmetered", see `InferCall.aclose`).
+    once the call is closed ("clean", "unclean" or "unmetered", see `InferCall.aclose`), or
+    "busy" when the node refused the lane as still serving another request (LaneBusy).
     """
     decoder = FrameDecoder(max_frame_bytes)
     stream = None
     call: InferCall | None = None
     ok = False
+    busy = False
     try:
         stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs)
         await stream.write(encode_frame(request, max_frame_bytes))
@@ -247,7 +254,11 @@ async def open_infer(
         if reply is None:
             raise StreamClosed(peer_id, "stream ended before the node answered")
         if isinstance(reply, ErrorFrame):
-            raise error_from_frame(reply, peer_id, request.model)
+            error = error_from_frame(reply, peer_id, request.model)
+            if isinstance(error, LaneBusy) and lane is not None:
+                busy = True
+                raise LaneBusy(lane.lane)
+            raise error
         if reply.request_id != request.request_id:
             raise MalformedMessage(f"accepted frame for another request {reply.request_id!r}")
         call = InferCall(stream, request, reply, decoder, lane=lane, on_release=on_release,
@@ -265,4 +276,4 @@ async def open_infer(
                         pass  # already closed by the node after its error frame
             if lane is not None and on_release is not None:
                 # Untouched unless the request began on the lane (then the two chains may differ).
-                on_release("clean" if call is None or not call.began else "unclean")
+                on_release("busy" if busy else "clean" if call is None or not call.began else "unclean")

@@ -13,27 +13,32 @@ the ledger at expiry).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
+from darkbloom.api.client import InferCall, open_infer
 from darkbloom.config import LedgerConfig
-from darkbloom.errors import DarkbloomError, P2PError
+from darkbloom.errors import DarkbloomError, LaneBusy, P2PError
 from darkbloom.identity import Identity
 from darkbloom.ledger.client import LedgerClient
 from darkbloom.ledger.lanes import ConsumerLane
 from darkbloom.log import short_id
 from darkbloom.p2p.keys import public_key_from_peer_id
 from darkbloom.wire.codec import encode
+from darkbloom.wire.infer import InferRequest
 from darkbloom.wire.ledger import LEDGER_PROTOCOL
 
-__all__ = ["ConsumerMeter"]
+__all__ = ["ConsumerMeter", "open_metered", "session_bytes"]
 
 log = logging.getLogger(__name__)
 
 LEDGER_RETRY_S = 60.0  # after the ledger could not be reached, go unpaid this long before trying again
 FREE_NODE_RECHECK_S = 600.0  # a node that served without countersigning gets no lane for this long
+LANE_BUSY_RETRIES = 1  # a lane refused as busy: ask the same node again with another lane this many times
 
 
 class ConsumerMeter:
@@ -113,10 +118,16 @@ class ConsumerMeter:
         return ConsumerLane(self.identity, reservation, voucher_every_tokens=self.config.voucher_every_tokens)
 
     def release(self, node_peer_id: str, lane: ConsumerLane, outcome: str) -> None:
-        """Give a lane back after a request ("clean", "unclean" or "unmetered"); only clean ones are reused."""
+        """Give a lane back after a request ("clean", "busy", "unclean" or "unmetered"); clean and busy ones are reused.
+
+        A "busy" lane (the node still finishes another request on it) goes to the back of the
+        pool, so the retry gets another lane and this one is used again later.
+        """
         if outcome == "clean":
             self._free.pop(node_peer_id, None)
             self._idle.setdefault(node_peer_id, []).append(lane)
+        elif outcome == "busy":
+            self._idle.setdefault(node_peer_id, []).insert(0, lane)
         elif outcome == "unmetered":
             self._free[node_peer_id] = trio.current_time()
             log.info("node %s serves free: no lanes for it for a while", short_id(node_peer_id))
@@ -131,6 +142,42 @@ class ConsumerMeter:
                 except DarkbloomError:
                     pass  # the ledger stream is gone already
             self._client = None
+
+
+async def open_metered(
+    network: Any,
+    meter: ConsumerMeter | None,
+    peer_id: str,
+    request: InferRequest,
+    *,
+    addrs: Sequence[str] = (),
+    price_input_per_m: int = 0,
+    price_output_per_m: int = 0,
+) -> InferCall:
+    """`open_infer` paying through `meter` (None: free): lend a lane, put it in the request, release it after.
+
+    When the node refuses the lane as still busy with another request (LaneBusy), the same node
+    is asked once more with another lane (an idle one or a new one), not counted against it.
+    """
+    if meter is None:
+        return await open_infer(network, peer_id, request, addrs=addrs)
+    for attempt in range(LANE_BUSY_RETRIES + 1):
+        lane = await meter.acquire(peer_id, price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m)
+        if lane is None:
+            return await open_infer(network, peer_id, request, addrs=addrs)
+
+        def release(outcome: str, _lane: ConsumerLane = lane) -> None:
+            meter.release(peer_id, _lane, outcome)
+
+        try:
+            return await open_infer(network, peer_id, dataclasses.replace(request, session=session_bytes(lane)),
+                                    addrs=addrs, lane=lane, on_release=release)
+        except LaneBusy:
+            if attempt == LANE_BUSY_RETRIES:
+                raise
+            log.info("%s lane %s busy on node %s; asking again with another lane", request.request_id, lane.lane[:8],
+                     short_id(peer_id))
+    raise AssertionError("unreachable")
 
 
 def session_bytes(lane: ConsumerLane) -> bytes:
