@@ -70,8 +70,9 @@ def all_prompts(n: int, seed: int) -> list[str]:
     return ps[:n]
 
 
-async def generate(model_dir: Path, model_id: str, jobs: list[tuple[Any, float]], max_tokens: int, concurrency: int) -> list[tuple[int, ...]]:
-    """Run (prompt, temperature) jobs on a real engine; prompt is token ids (tuple) or chat messages."""
+async def generate(model_dir: Path, model_id: str, jobs: list[tuple[Any, Any]], max_tokens: int, concurrency: int) -> list[tuple[int, ...]]:
+    """Run (prompt, sampling) jobs on a real engine; prompt is token ids (tuple) or chat messages,
+    sampling a `Sampling` or a temperature."""
     from darkbloom.inference.engine import ChoiceFinished, open_engine
     from darkbloom.inference.params import GenerationRequest, Sampling
 
@@ -81,12 +82,13 @@ async def generate(model_dir: Path, model_id: str, jobs: list[tuple[Any, float]]
     async with open_engine([(model_id, model_dir)], max_concurrent=concurrency, max_queue=len(jobs) + 1, self_benchmark=False) as eng:
         limiter = trio.CapacityLimiter(concurrency)
 
-        async def one(i: int, prompt: Any, temp: float) -> None:
+        async def one(i: int, prompt: Any, sampling: Any) -> None:
             nonlocal done
+            s = sampling if isinstance(sampling, Sampling) else Sampling(temperature=float(sampling))
             if isinstance(prompt, tuple):
-                req = GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens, sampling=Sampling(temperature=temp))
+                req = GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens, sampling=s)
             else:
-                req = GenerationRequest(kind="chat", messages=prompt, max_tokens=max_tokens, sampling=Sampling(temperature=temp))
+                req = GenerationRequest(kind="chat", messages=prompt, max_tokens=max_tokens, sampling=s)
             async with limiter:
                 async for ev in eng.generate(model_id, req):
                     if isinstance(ev, ChoiceFinished):
@@ -99,6 +101,64 @@ async def generate(model_dir: Path, model_id: str, jobs: list[tuple[Any, float]]
             for i, (p, t) in enumerate(jobs):
                 nursery.start_soon(one, i, p, t)
     return [o if o is not None else () for o in out]
+
+
+# Honest sampling regimes: name -> (temperature, top_p, top_k). "t0.7_filtered" exercises the
+# top_p / top_k handling of the reference distribution.
+REGIMES: dict[str, tuple[float, float, int]] = {
+    "greedy": (0.0, 1.0, 0),
+    "t0.7": (0.7, 1.0, 0),
+    "t1.0": (1.0, 1.0, 0),
+    "t0.7_filtered": (0.7, 0.9, 50),
+}
+
+
+async def collect_generations(args: argparse.Namespace) -> dict[str, Any]:
+    """Phase 1: honest SmolLM2 answers per regime, another model's answers, random tokens (token ids)."""
+    from transformers import AutoTokenizer
+
+    from darkbloom.config import load_config
+    from darkbloom.inference.catalog import models_dir, prepare_bundled
+    from darkbloom.inference.params import Sampling
+    from darkbloom.inference.testmodel import make_test_model
+
+    root = models_dir(load_config().inference)
+    prepare_bundled(root)
+    smol = root / "smollm2-135m-instruct"
+    small = make_test_model(Path(args.workdir) / "small", "small", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(smol))
+    vocab = len(tok)
+    prompts = all_prompts(args.prompts, args.seed)
+    prompt_ids = [
+        tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False))
+        for p in prompts
+    ]
+    counts = {"greedy": args.prompts, "t0.7": args.prompts, "t1.0": args.prompts, "t0.7_filtered": args.filtered}
+    jobs = []  # (regime, prompt index)
+    for regime, n in counts.items():
+        jobs += [(regime, i) for i in range(min(n, len(prompts)))]
+    print(f"honest: {len(jobs)} generations of <= {args.max_tokens} tokens", file=sys.stderr)
+    t0 = time.monotonic()
+    samp = {r: Sampling(temperature=t, top_p=p, top_k=k) for r, (t, p, k) in REGIMES.items()}
+    honest_out = await generate(smol, "smollm2", [(prompt_ids[i], samp[r]) for r, i in jobs], args.max_tokens, args.concurrency)
+    gen_s = time.monotonic() - t0
+    cheat_prompts = list(range(min(args.cheats, len(prompts))))
+    other_jobs = [([{"role": "user", "content": prompts[i]}], (0.0, 0.7, 1.0)[i % 3]) for i in cheat_prompts]
+    small_tok = AutoTokenizer.from_pretrained(str(small))
+    other_raw = await generate(small, "small", other_jobs, args.max_tokens, args.concurrency) if other_jobs else []
+    rng = random.Random(args.seed)
+    items: list[dict[str, Any]] = []
+    for (r, i), o in zip(jobs, honest_out):
+        if o:
+            items.append({"kind": f"honest_{r}", "regime": r, "prompt": i, "p": list(prompt_ids[i]), "o": list(o)})
+    for i, raw in zip(cheat_prompts, other_raw):
+        text = small_tok.decode(list(raw), skip_special_tokens=True)
+        ids = tok.encode(text, add_special_tokens=False)[: args.max_tokens]
+        if ids:
+            items.append({"kind": "other_model", "prompt": i, "p": list(prompt_ids[i]), "o": ids})
+    for i in cheat_prompts[: args.random_cheats]:
+        items.append({"kind": "random_tokens", "prompt": i, "p": list(prompt_ids[i]), "o": [rng.randrange(vocab) for _ in range(args.max_tokens)]})
+    return {"items": items, "generate_s": gen_s + 0.0, "vocab": vocab, "max_tokens": args.max_tokens}
 
 
 def score_all(model_dir: Path, items: list[tuple[list[int], list[int]]], batch: int) -> list[list[Any]]:
@@ -262,7 +322,18 @@ def main() -> int:
     ap.add_argument("--analyse-only", action="store_true", help="re-run the analysis on saved samples")
     ap.add_argument("--temps", default="", help="honest temperatures per prompt, e.g. 0.7,0.7 (default 0 + 0.7,1.0 x per-prompt)")
     ap.add_argument("--fixed", action="store_true", help="judge with verify.DEFAULT_POLICIES instead of calibrating (out-of-sample check)")
+    ap.add_argument("--filtered", type=int, default=100, help="honest answers at t=0.7, top_p 0.9, top_k 50")
+    ap.add_argument("--random-cheats", type=int, default=150)
+    ap.add_argument("--generations", default="", help="token ids of phase 1 (default <workdir>/generations.json; private to this machine)")
+    ap.add_argument("--generate-only", action="store_true")
     args = ap.parse_args()
+    gen_file = Path(args.generations or Path(args.workdir) / "generations.json")
+    if args.generate_only:
+        gen = trio.run(collect_generations, args)
+        gen_file.parent.mkdir(parents=True, exist_ok=True)
+        gen_file.write_text(json.dumps(gen))
+        print(f"{len(gen['items'])} items in {gen['generate_s']:.0f}s -> {gen_file}")
+        return 0
     if args.analyse_only:
         data = json.loads(Path(args.samples).read_text())
     else:
