@@ -73,6 +73,7 @@ class InferenceConfig:
     max_queue: int = 64  # waiting requests before NoCapacity
     default_max_tokens: int = 512
     prefill_step_size: int = 512
+    prompt_cache_mb: int = 256  # KV caches kept for prefix reuse, per model; counted against node.max_memory_mb
     openblas: bool = True  # Linux: load OpenBLAS before MLX when present
     self_benchmark: bool = True
 

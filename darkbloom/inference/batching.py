@@ -10,7 +10,11 @@ from collections.abc import Sequence
 
 from darkbloom.errors import InvalidRequest, NoCapacity
 
-__all__ = ["check_admission", "startable", "clamp_max_tokens"]
+__all__ = ["check_admission", "startable", "clamp_max_tokens", "prompt_cache_budget_bytes", "MEMORY_SHARE_FOR_PROMPT_CACHE"]
+
+# With node.max_memory_mb set, the prompt cache may take at most this share of it; the rest is
+# for the weights, the running batch's own KV caches and activations.
+MEMORY_SHARE_FOR_PROMPT_CACHE = 0.25
 
 
 def check_admission(in_flight: int, n: int, *, max_concurrent: int, max_queue: int) -> None:
@@ -50,3 +54,13 @@ def clamp_max_tokens(prompt_tokens: int, requested: int | None, *, default: int,
     if room < 1:
         return None
     return min(default, room)
+
+
+def prompt_cache_budget_bytes(prompt_cache_mb: int, max_memory_mb: int = 0) -> int:
+    """Bytes the prompt cache (per model) may hold: `inference.prompt_cache_mb`, capped by a share
+    of `node.max_memory_mb` when that is set (0 = no node limit), so the node does not pause
+    itself for memory its own cache took. 0 disables the prompt cache."""
+    budget = max(0, prompt_cache_mb)
+    if max_memory_mb > 0:
+        budget = min(budget, int(max_memory_mb * MEMORY_SHARE_FOR_PROMPT_CACHE))
+    return budget << 20

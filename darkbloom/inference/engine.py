@@ -63,13 +63,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def engine_options(cfg: Any) -> dict[str, Any]:
-    """open_engine keyword arguments from an `InferenceConfig`."""
+def engine_options(cfg: Any, node_cfg: Any = None) -> dict[str, Any]:
+    """open_engine keyword arguments from an `InferenceConfig` (and the `NodeConfig`, whose
+    `max_memory_mb` caps the prompt cache)."""
     return {
         "max_concurrent": cfg.max_concurrent,
         "max_queue": cfg.max_queue,
         "default_max_tokens": cfg.default_max_tokens,
         "prefill_step_size": cfg.prefill_step_size,
+        "prompt_cache_bytes": batching.prompt_cache_budget_bytes(
+            cfg.prompt_cache_mb, getattr(node_cfg, "max_memory_mb", 0) or 0
+        ),
         "self_benchmark": cfg.self_benchmark,
     }
 
@@ -195,13 +199,16 @@ async def open_engine(
     max_queue: int = 64,
     default_max_tokens: int = 512,
     prefill_step_size: int = 512,
-    prompt_cache_bytes: int = 1 << 30,
+    prompt_cache_bytes: int = 256 << 20,
     self_benchmark: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start the engine thread, load `models` ((id, path) pairs or objects with .id and .path),
-    yield the Engine, and stop the thread on exit. A model that fails to load raises here."""
-    if max_concurrent < 1 or max_queue < 0:
-        raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+    yield the Engine, and stop the thread on exit. A model that fails to load raises here.
+
+    `prompt_cache_bytes` bounds each model's cache of finished requests' KV caches (prefix
+    reuse); 0 turns prefix reuse off."""
+    if max_concurrent < 1 or max_queue < 0 or prompt_cache_bytes < 0:
+        raise ValueError("max_concurrent must be >= 1, max_queue and prompt_cache_bytes >= 0")
     # Embedding models (catalog kind "embedding") are served elsewhere, not by this engine.
     specs = [_spec(x) for x in models if getattr(x, "kind", "chat") != "embedding"]
     token = trio.lowlevel.current_trio_token()

@@ -450,7 +450,19 @@ class Worker:
             for i in range(0, len(todo), self.prefill_step_size):
                 m.model(mx.array(todo[i : i + self.prefill_step_size])[None], cache=cache)
                 mx.eval([c.state for c in cache])
-        m.prompt_cache.insert_cache(m.id, list(prompt[:-1]), cache)
+        self._keep_cache(m, prompt[:-1], cache)
+
+    def _keep_cache(self, m: _Model, tokens: Sequence[int], cache: list[Any]) -> None:
+        """Keep a finished sequence's KV cache for prefix reuse, within the byte budget.
+
+        The extracted cache is a lazy slice of the batch's arrays: evaluate it now, so the entry
+        holds only its own bytes (the budget counts those) and not the whole batch's buffers."""
+        import mlx.core as mx
+
+        if self.prompt_cache_bytes <= 0:
+            return
+        mx.eval([c.state for c in cache])
+        m.prompt_cache.insert_cache(m.id, list(tokens), cache)
 
     def _sampler(self, s: Sampling, index: int) -> Any:
         from mlx_lm.sample_utils import make_sampler
@@ -511,12 +523,12 @@ class Worker:
                 if r.finish_reason is None:
                     finished.append(r.uid)
                 elif r.prompt_cache is not None and r.all_tokens:
-                    m.prompt_cache.insert_cache(m.id, list(r.all_tokens), r.prompt_cache)
+                    self._keep_cache(m, r.all_tokens, r.prompt_cache)
         if finished:
             caches = m.generator.remove(finished, return_prompt_caches=True)
             for cache, tokens in caches.values():
                 if tokens:
-                    m.prompt_cache.insert_cache(m.id, list(tokens), cache)
+                    self._keep_cache(m, tokens, cache)
 
     def _on_token(self, m: _Model, job: Job, c: _Choice, r: Any) -> bool:
         """Handle one generated token; True when the choice is finished."""

@@ -330,7 +330,7 @@ async def open_node(
 
     ensure_blas(config.inference.openblas)
     from darkbloom.inference.catalog import resolve_models
-    from darkbloom.inference.engine import open_engine
+    from darkbloom.inference.engine import engine_options, open_engine
     from darkbloom.p2p.network import open_network
     from darkbloom.p2p.status import serve_status as serve_p2p_status
 
@@ -351,6 +351,7 @@ async def open_node(
                     chat, max_concurrent=config.inference.max_concurrent, max_queue=config.inference.max_queue,
                     default_max_tokens=config.inference.default_max_tokens,
                     prefill_step_size=config.inference.prefill_step_size,
+                    prompt_cache_bytes=engine_options(config.inference, config.node)["prompt_cache_bytes"],
                     self_benchmark=config.inference.self_benchmark,
                 )
             )

@@ -218,6 +218,27 @@ async def test_prompt_cache_reuse_gives_the_same_answer(tiny_model_dir: Path) ->
     assert follow["finished"][0].token_ids == follow_fresh["finished"][0].token_ids
 
 
+async def test_prompt_cache_stays_within_its_byte_bound(tiny_model_dir: Path) -> None:
+    def question(i: int) -> GenerationRequest:
+        return chat(f"Question number {i}: " + "tell me more " * (4 + i), max_tokens=4)
+
+    async with engine(tiny_model_dir) as eng:
+        await run(eng, question(0))
+        one_entry = eng._worker.models[MODEL].prompt_cache.nbytes
+    assert one_entry > 0
+    bound = int(2.5 * one_entry)
+    async with engine(tiny_model_dir, prompt_cache_bytes=bound) as eng:
+        cache = eng._worker.models[MODEL].prompt_cache
+        for i in range(8):
+            await run(eng, question(i))
+            assert 0 < cache.nbytes <= bound
+        assert len(cache) < 8  # older entries were evicted to stay within the bound
+    async with engine(tiny_model_dir, prompt_cache_bytes=0) as eng:
+        r = await run(eng, question(1))
+        assert r["finished"][0].completion_tokens >= 1
+        assert eng._worker.models[MODEL].prompt_cache.nbytes == 0
+
+
 async def test_json_mode_output_follows_the_grammar(tiny_model_dir: Path) -> None:
     from llguidance import LLMatcher
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from darkbloom.errors import InvalidRequest, NoCapacity
-from darkbloom.inference.batching import check_admission, clamp_max_tokens, startable
+from darkbloom.inference.batching import check_admission, clamp_max_tokens, prompt_cache_budget_bytes, startable
 
 
 def test_admission_until_slots_and_queue_are_full() -> None:
@@ -46,3 +46,22 @@ def test_clamp_max_tokens() -> None:
     assert clamp_max_tokens(2048, None, default=512, context_length=2048) is None
     assert clamp_max_tokens(100, 1948, default=512, context_length=2048) == 1948
     assert clamp_max_tokens(100, 1949, default=512, context_length=2048) is None
+
+
+def test_prompt_cache_budget_counts_against_the_node_memory_limit() -> None:
+    assert prompt_cache_budget_bytes(256) == 256 << 20
+    assert prompt_cache_budget_bytes(256, max_memory_mb=0) == 256 << 20  # no node limit
+    assert prompt_cache_budget_bytes(256, max_memory_mb=4096) == 256 << 20
+    assert prompt_cache_budget_bytes(256, max_memory_mb=512) == 128 << 20  # a quarter of the limit
+    assert prompt_cache_budget_bytes(0, max_memory_mb=4096) == 0
+    assert prompt_cache_budget_bytes(-5) == 0
+
+
+def test_engine_options_carry_the_prompt_cache_budget() -> None:
+    from darkbloom.config import InferenceConfig, NodeConfig
+    from darkbloom.inference.engine import engine_options
+
+    assert InferenceConfig().prompt_cache_mb == 256
+    assert engine_options(InferenceConfig())["prompt_cache_bytes"] == 256 << 20
+    opts = engine_options(InferenceConfig(prompt_cache_mb=1024), NodeConfig(max_memory_mb=2000))
+    assert opts["prompt_cache_bytes"] == 500 << 20
