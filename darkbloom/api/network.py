@@ -6,6 +6,12 @@ peers are tried in order until one gives its first content frame within
 `first_token_timeout_s`. A connect error, `NoCapacity`, a timeout or a node error moves on
 to the next peer (at most `max_attempts`); a bad request is final. Piggybacked load and
 measured latency update `PeerStats`; failures open a peer's circuit breaker.
+
+Churn: when a fresh lookup finds no provider (the DHT servers nearest the model key died),
+the last good candidate list of that model is routed by instead (breakers still apply), so a
+burst of lookups failing fast does not become a burst of `no_provider`. A peer that cannot be
+reached gets its capability record fetched afresh; if it now announces other addresses (it
+restarted elsewhere) it is tried once more there.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ __all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record", "spot_c
 log = logging.getLogger(__name__)
 
 CANDIDATES_TTL_S = 10.0  # reuse a model's provider list this long; failures force a fresh lookup
+LAST_GOOD_TTL_S = 600.0  # route by the last non-empty provider list this long when lookups find nothing
+RECORD_REFRESH_S = 5.0  # at most this long fetching an unreachable peer's record afresh
 
 
 def spot_checkable(params: dict[str, Any]) -> bool:
@@ -147,6 +155,7 @@ class NetworkBackend:
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
         self._cache: dict[str, tuple[float, list[Candidate]]] = {}
+        self._last_good: dict[str, tuple[float, list[Candidate]]] = {}  # model -> last non-empty list
         self._seen_models: set[str] = set()  # every model id in a record this shim has read
 
     def _stats(self, peer_id: str) -> PeerStats:
@@ -156,15 +165,26 @@ class NetworkBackend:
         router.record_load(self._stats(peer_id), trio.current_time(), active=load.active, queued=load.queued,
                            max_concurrent=load.max_concurrent, paused=load.paused)
 
-    async def _candidates(self, model: str, *, cached: bool = True) -> list[Candidate]:
-        """Providers of `model` as candidates; a DHT lookup at most every CANDIDATES_TTL_S per model."""
+    async def _candidates(self, model: str, *, cached: bool = True, fallback: bool = True) -> list[Candidate]:
+        """Providers of `model` as candidates; a DHT lookup at most every CANDIDATES_TTL_S per model.
+
+        With `fallback`, a lookup that finds nothing (or fails) answers the last good list of
+        the last LAST_GOOD_TTL_S instead (see the module docstring).
+        """
         now = trio.current_time()
         hit = self._cache.get(model)
         if cached and hit is not None and now - hit[0] < CANDIDATES_TTL_S:
             return hit[1]
-        providers = await self.network.find_providers(model)
-        if not providers:
-            providers = await self.network.find_providers(model, fresh=True)
+        try:
+            providers = await self.network.find_providers(model)
+            if not providers:
+                providers = await self.network.find_providers(model, fresh=True)
+        except P2PError as exc:
+            last = self._last_good.get(model)
+            if not fallback or last is None or now - last[0] >= LAST_GOOD_TTL_S:
+                raise
+            log.warning("provider lookup for %s failed (%s)", model, type(exc).__name__)
+            providers = []
         out = []
         for p in providers:
             self._seen_models.update(m.id for m in p.record.models)
@@ -173,9 +193,50 @@ class NetworkBackend:
                 out.append(c)
         if out:
             self._cache[model] = (now, out)
-        else:
-            self._cache.pop(model, None)
+            self._last_good[model] = (now, out)
+            return out
+        self._cache.pop(model, None)
+        last = self._last_good.get(model)
+        if fallback and last is not None and now - last[0] < LAST_GOOD_TTL_S:
+            log.warning("no provider of %s found; routing by the last good list (%d peers, %.0f s old)",
+                        model, len(last[1]), now - last[0])
+            return last[1]
         return out
+
+    def _replace_candidate(self, model: str, fresh: Candidate) -> None:
+        """Put `fresh` in place of the same peer's entry in the cached and last good lists."""
+        for table in (self._cache, self._last_good):
+            hit = table.get(model)
+            if hit is not None:
+                table[model] = (hit[0], [fresh if c.peer_id == fresh.peer_id else c for c in hit[1]])
+
+    async def _moved(self, cand: Candidate) -> Candidate | None:
+        """After `cand` was unreachable: its candidate from a freshly fetched record, if that
+        record announces other addresses (the node restarted elsewhere); else None."""
+        record = None
+        with trio.move_on_after(min(RECORD_REFRESH_S, self.config.first_token_timeout_s)):
+            try:
+                record = await self.network.get_record(cand.peer_id, fresh=True)
+            except DarkbloomError as exc:  # no fresher record to be had: the failure stands
+                log.debug("record refresh for %s failed: %s", cand.peer_id[-8:], type(exc).__name__)
+        if record is None:
+            return None
+        fresh = candidates_from_record(record, cand.model, relayed=cand.relayed)
+        if fresh is None or set(fresh.addrs) == set(cand.addrs):
+            return None
+        log.info("peer %s announces new addresses; redialling there", cand.peer_id[-8:])
+        self._replace_candidate(cand.model, fresh)
+        return fresh
+
+    async def _attempt_or_redial(self, cand: Candidate, request: InferRequest) -> NetworkSession:
+        """`_attempt`; if the peer was unreachable and its record moved, one more attempt at the new addresses."""
+        try:
+            return await self._attempt(cand, request)
+        except PeerUnreachable:
+            fresh = await self._moved(cand)
+            if fresh is None:
+                raise
+        return await self._attempt(fresh, request)
 
     # --- Backend --------------------------------------------------------------------------
 
@@ -191,7 +252,7 @@ class NetworkBackend:
                 self._seen_models.update(m.id for m in record.models)
         listings = []
         for model_id in sorted(ids):
-            cands = await self._candidates(model_id, cached=False)
+            cands = await self._candidates(model_id, cached=False, fallback=False)
             if not cands:
                 continue
             pin = [c.price_input_per_m for c in cands]
@@ -237,7 +298,7 @@ class NetworkBackend:
         while queue and len(failures) < budget:
             cand = queue.pop(0)
             try:
-                return await self._attempt(cand, request)
+                return await self._attempt_or_redial(cand, request)
             except (DarkbloomError, trio.TooSlowError) as exc:
                 if is_final(exc):
                     raise
@@ -251,7 +312,7 @@ class NetworkBackend:
     async def _open_trusted(self, request: InferRequest, order: list[Candidate]) -> NetworkSession:
         """Attempts through the trust layer: its breaker, canary gate, hedging and bookkeeping."""
         assert self.trust is not None
-        opened = await self.trust.open(order, lambda c: self._attempt(c, request), discard=_discard,
+        opened = await self.trust.open(order, lambda c: self._attempt_or_redial(c, request), discard=_discard,
                                        is_final=is_final, model=request.model)
         session = opened.value
         if session is None:
