@@ -79,7 +79,8 @@ class ConsumerMeter:
                 self._client = LedgerClient(stream, self.identity, ledger_key=self.ledger_key)
             return self._client
 
-    async def acquire(self, node_peer_id: str, *, price_input_per_m: int, price_output_per_m: int) -> ConsumerLane | None:
+    async def acquire(self, node_peer_id: str, *, price_input_per_m: int, price_output_per_m: int,
+                      avoid: str = "") -> ConsumerLane | None:
         """A lane to `node_peer_id` for one request: an idle one, or a new one opened at the ledger.
 
         None when the node was seen serving free (it never countersigned), or when the ledger
@@ -91,9 +92,12 @@ class ConsumerMeter:
         free_since = self._free.get(node_peer_id)
         if free_since is not None and trio.current_time() - free_since < FREE_NODE_RECHECK_S:
             return None
-        idle = self._idle.get(node_peer_id)
-        while idle:
-            lane = idle.pop()
+        idle = self._idle.get(node_peer_id, [])
+        for i in range(len(idle) - 1, -1, -1):  # the most recently used first
+            lane = idle[i]
+            if lane.lane == avoid:  # just refused as busy: keep it for later
+                continue
+            del idle[i]
             if lane.headroom() > 0 and lane.reservation.price_input_per_m == price_input_per_m \
                     and lane.reservation.price_output_per_m == price_output_per_m:
                 return lane
@@ -161,8 +165,10 @@ async def open_metered(
     """
     if meter is None:
         return await open_infer(network, peer_id, request, addrs=addrs)
+    avoid = ""
     for attempt in range(LANE_BUSY_RETRIES + 1):
-        lane = await meter.acquire(peer_id, price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m)
+        lane = await meter.acquire(peer_id, price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,
+                                   avoid=avoid)
         if lane is None:
             return await open_infer(network, peer_id, request, addrs=addrs)
 
@@ -175,6 +181,7 @@ async def open_metered(
         except LaneBusy:
             if attempt == LANE_BUSY_RETRIES:
                 raise
+            avoid = lane.lane
             log.info("%s lane %s busy on node %s; asking again with another lane", request.request_id, lane.lane[:8],
                      short_id(peer_id))
     raise AssertionError("unreachable")

@@ -113,3 +113,51 @@ async def test_a_lane_reused_right_after_a_clean_finish_is_accepted(tiny_model_d
     finally:
         store.close()
 
+
+
+async def test_a_lane_refused_as_busy_is_retried_on_the_same_node_with_another_lane(tiny_model_dir, tmp_path, monkeypatch):
+    """The shim lends a lane the node still serves a request on: the node waits (bounded), then
+    refuses it as LaneBusy; `open_metered` asks the same node again with a new lane and succeeds."""
+    import darkbloom.node.serve as serve_mod
+    from darkbloom.api.metering import open_metered
+
+    monkeypatch.setattr(serve_mod, "LANE_BUSY_WAIT_S", 0.2)
+    hub = MemoryHub()
+    ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
+    store = open_store("", tmp_path)
+    store.deposit(shim_id.public_key.hex(), 10_000_000, now_ms=int(time.time() * 1000))
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    cfg = LedgerConfig(voucher_every_tokens=4)
+    try:
+        with trio.fail_after(60):
+            async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                    open_memory_network(hub, ledger_id) as ledger_net, \
+                    open_memory_network(hub, node_id) as node, \
+                    open_memory_network(hub, shim_id) as shim_net:
+                ledger_net.serve(LEDGER_PROTOCOL, LedgerService(store, ledger_id, cfg).handle)
+                meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=PRICE_IN,
+                                  price_output_per_m=PRICE_OUT, voucher_every_tokens=4, voucher_timeout_s=5)
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter))
+                consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
+
+                def request(i: int) -> InferRequest:
+                    return InferRequest(request_id=f"r{i}", kind="chat", model=CHAT,
+                                        params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+                first = await open_metered(shim_net, consumer, node.peer_id, request(0),
+                                           price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                busy_lane = first.lane
+                assert busy_lane is not None and busy_lane.lane in meter.busy
+                consumer.release(node.peer_id, busy_lane, "clean")  # as if the shim lent it again too early
+                second = await open_metered(shim_net, consumer, node.peer_id, request(1),
+                                            price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                assert second.lane is not None and second.lane.lane != busy_lane.lane
+                assert consumer.opened == 2
+                for call in (second, first):
+                    while await call.receive() is not None:
+                        pass
+                    await call.aclose()
+                assert not meter.busy
+                await consumer.aclose()
+    finally:
+        store.close()
