@@ -72,7 +72,8 @@ class ProcNetwork:
         self.relay.wait_for(r"status and metrics")
 
     def node_config(self, name: str, *, reachability: str = "public", model_id: str = CHAT,
-                    max_concurrent: int = 4, require_payment: bool = True, bootstrap_retry_max_s: float = 2.0) -> Path:
+                    max_concurrent: int = 4, require_payment: bool = True, bootstrap_retry_max_s: float = 2.0,
+                    p2p: dict[str, object] | None = None) -> Path:
         # A fixed port, as an operator's node has (p2p.listen_addrs defaults to tcp/4001): a restarted
         # node comes back where its record says it is.
         port = self.node_ports.setdefault(name, free_port())
@@ -80,7 +81,8 @@ class ProcNetwork:
             self.root / f"{name}.toml",
             p2p={"use_bundled_bootstrap": False, "listen_addrs": [f"/ip4/127.0.0.1/tcp/{port}"],
                  "bootstrap": [self.relay_addr], "reachability": reachability, "record_ttl_s": 60.0,
-                 "announce_interval_s": 20.0, "dial_timeout_s": 5.0, "bootstrap_retry_max_s": bootstrap_retry_max_s},
+                 "announce_interval_s": 20.0, "dial_timeout_s": 5.0, "bootstrap_retry_max_s": bootstrap_retry_max_s,
+                 **(p2p or {})},
             inference={"self_benchmark": False, "max_concurrent": max_concurrent, "max_queue": 16},
             node={"status_port": 0, "grace_period_s": 1.0, "pause_on_battery": False,
                   "require_payment": require_payment},
