@@ -23,6 +23,8 @@ from darkbloom.ledger.service import LedgerService
 from darkbloom.ledger.store import LedgerStore, open_store
 from darkbloom.log import short_id
 from darkbloom.metrics import RoleMetrics
+from darkbloom.relay.intake import TrustStore
+from darkbloom.relay.trust import RelayTrust
 from darkbloom.statushttp import serve_status
 from darkbloom.wire.ledger import LEDGER_PROTOCOL
 
@@ -40,6 +42,8 @@ class Relay:
     metrics: RoleMetrics
     status_url: str
     started_at: float
+    trust: RelayTrust | None = None
+    settlement: "SettlementGauges | None" = None
 
     @property
     def peer_id(self) -> str:
@@ -65,10 +69,13 @@ class Relay:
             "peers": len(net.peers()),  # type: ignore[attr-defined]
             "ledger_key": self.ledger_key,
             "epochs_closed": self.ledger.epochs_closed,
+            **(self.trust.status() if self.trust is not None else {}),
         }
 
     async def refresh_metrics(self) -> None:
         self.metrics.peers.set(len(self.network.peers()))  # type: ignore[attr-defined]
+        if self.settlement is not None:
+            await self.settlement.refresh(self.ledger, self.started_at)
 
     def bootstrap_entry(self, name: str = "relay") -> str:
         """The TOML line for bootstrap-nodes.toml."""
@@ -89,13 +96,18 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
     identity = load_or_create_identity(data_dir)
     store = await trio.to_thread.run_sync(open_store, config.ledger.url, data_dir)
     metrics = RoleMetrics("relay")
+    trust_store: TrustStore | None = None
     try:
         ledger = LedgerService(store, identity, config.ledger)
+        trust_store = await trio.to_thread.run_sync(TrustStore, data_dir / "trust.sqlite3")
+        trust = RelayTrust(ledger.ledger, identity, trust_store)
+        trust.attach(ledger)
         async with open_relay_service(relay_p2p_config(config), identity, config.relay, bootstrap=bootstrap) as net:
             net.serve(LEDGER_PROTOCOL, ledger.handle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(ledger.run)
-                relay = Relay(identity, net, ledger, store, metrics, "", time.time())
+                relay = Relay(identity, net, ledger, store, metrics, "", time.time(), trust, SettlementGauges(metrics))
+                await trust.publish()
                 relay.status_url = await nursery.start(
                     partial(
                         serve_status, "relay", config.relay.status_host, config.relay.status_port,
@@ -109,3 +121,29 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
                     nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(store.close)
+        if trust_store is not None:
+            await trio.to_thread.run_sync(trust_store.close)
+
+
+class SettlementGauges:
+    """Settlement lag in the relay's Prometheus text: seconds since the last epoch closed
+    (`darkbloom_settlement_lag_seconds`, since the relay started when none has), vouchers
+    waiting for the next epoch, and the last settled epoch."""
+
+    def __init__(self, metrics: RoleMetrics) -> None:
+        from prometheus_client import Gauge
+
+        self.lag = metrics.settlement_lag
+        r = ("role",)
+        self.pending = Gauge("darkbloom_ledger_pending_vouchers", "Vouchers waiting for the next settlement", r,
+                             registry=metrics.registry).labels(metrics.role)
+        self.epoch = Gauge("darkbloom_ledger_last_epoch", "Last settled epoch", r, registry=metrics.registry).labels(metrics.role)
+
+    async def refresh(self, ledger: LedgerService, started_at: float) -> None:
+        store = ledger.ledger.store
+        summary = await ledger.ledger.call(store.summary, 0)
+        pending = await ledger.ledger.call(store.pending_count)
+        since = started_at if summary is None else summary.closed_ms / 1000
+        self.lag.set(max(0.0, ledger.clock() - since))
+        self.pending.set(pending)
+        self.epoch.set(0 if summary is None else summary.epoch)

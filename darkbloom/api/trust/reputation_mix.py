@@ -54,6 +54,7 @@ class TrustBook:
     peers: dict[str, PeerTrust] = field(default_factory=dict)
     ttfts: dict[str, LatencyWindow] = field(default_factory=dict)  # model -> recent TTFTs over all peers
     table_epoch: int = -1
+    table_computed_ms: int = -1
 
     def peer(self, peer_id: str) -> PeerTrust:
         p = self.peers.get(peer_id)
@@ -140,11 +141,13 @@ class TrustBook:
                 other.quarantined_until = -math.inf
 
     def apply_table(self, table: ReputationTable, peer_of_key: dict[str, str] | None = None) -> bool:
-        """Take a (verified: ledger.reputation.verify_table) relay table; older tables are ignored.
-        `peer_of_key` maps node public keys (hex) to the peer ids routing uses; identity when None."""
-        if table.epoch <= self.table_epoch:
+        """Take a (verified: ledger.reputation.verify_table) relay table; older tables are ignored
+        (ordered by epoch, then by `computed_ms`: the relay republishes within an epoch when a
+        spot-check report counts). `peer_of_key` maps node public keys (hex) to the peer ids
+        routing uses; identity when None."""
+        if (table.epoch, table.computed_ms) <= (self.table_epoch, self.table_computed_ms):
             return False
-        self.table_epoch = table.epoch
+        self.table_epoch, self.table_computed_ms = table.epoch, table.computed_ms
         for e in table.entries:
             pid = (peer_of_key or {}).get(e.node, e.node)
             self.peer(pid).ledger_score = e.score_ppm / 1_000_000

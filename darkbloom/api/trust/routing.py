@@ -32,6 +32,7 @@ from darkbloom.api.trust.hedge import HedgeOutcome, HedgePolicy, hedge_delay, ra
 from darkbloom.api.trust.reputation_mix import TrustBook
 from darkbloom.api.trust.verify import DEFAULT_POLICY, PolicySet, ScoredOutput, Verdict, VerifyPolicy, judge, should_spot_check
 from darkbloom.errors import DarkbloomError, NoCapacity, PeerUnreachable, ProtocolMismatch, StreamClosed
+from darkbloom.wire.trust import ReputationTable
 
 __all__ = ["BreakerRefused", "Opened", "TrustedRouting", "failure_kind"]
 
@@ -83,6 +84,7 @@ class TrustedRouting:
     spot_check_probability: float = 0.0
     max_attempts: int = 3
     rng: random.Random = field(default_factory=random.Random)
+    relay_classes: dict[str, str] = field(default_factory=dict)  # peer id -> class the relay derived (its table)
 
     def router_stats(self, peer_ids: Iterable[str], now: float, base: dict[str, PeerStats] | None = None) -> dict[str, PeerStats]:
         """PeerStats for router.rank with this book's mixed reputation and TTFT EWMA filled in
@@ -166,6 +168,32 @@ class TrustedRouting:
 
     def failed_midstream(self, peer_id: str, now: float, kind: str = "stream_closed") -> None:
         self.book.record_failure(peer_id, now, kind)
+
+    def apply_table(self, table: ReputationTable, now: float) -> bool:
+        """Take the relay's verified reputation table: ledger scores into the book, capability
+        canaries the relay saw a node fail bar that feature here too, derived classes kept in
+        `relay_classes` (peer id -> class). False when the table is not newer than the last."""
+        from darkbloom.api.trust.canary import CanaryResult
+        from darkbloom.p2p.keys import peer_id_from_public_key
+
+        peer_of_key = {}
+        for e in table.entries:
+            try:
+                peer_of_key[e.node] = peer_id_from_public_key(bytes.fromhex(e.node))
+            except ValueError:
+                continue  # not a key: nothing can route to it
+        if not self.book.apply_table(table, peer_of_key):
+            return False
+        for e in table.entries:
+            pid = peer_of_key.get(e.node)
+            if pid is None:
+                continue
+            for feature in e.failed_features:
+                if self.canaries.status(pid, feature, now) != "failed":
+                    self.canaries.record(pid, feature, CanaryResult(False, "failed the relay's canary"), now)
+            if e.node_class:
+                self.relay_classes[pid] = e.node_class
+        return True
 
     def want_spot_check(self, eligible: bool) -> bool:
         return should_spot_check(self.spot_check_probability, self.rng, eligible=eligible)
