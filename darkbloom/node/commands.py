@@ -80,7 +80,9 @@ def _status(config, *, as_json: bool) -> int:
     for m in data["models"]:
         print(f"model       {m['id']} ({m['kind']}) {m['digest'][:23]}  {m['requests']} requests")
     rep = data.get("reputation")
-    print(f"reputation  {'n/a' if rep is None else f'{rep:.2f}'}")
+    print(f"reputation  {data.get('reputation_text') or ('n/a' if rep is None else f'{rep:.2f}')}")
+    if data.get("observed_class"):
+        print(f"class       {data['observed_class']} (derived by the relay from uptime and speed)")
     for epoch, amount in data.get("earnings", []):
         print(f"earned      epoch {epoch}: {amount / 1e6:.6f} credits")
     for line in data["explanations"]:

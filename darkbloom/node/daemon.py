@@ -98,6 +98,8 @@ class Node:
     _earned: dict[int, int] = field(default_factory=dict)
     _book: VoucherBook | None = None
     reputation: float | None = None
+    reputation_entry: object | None = None  # this node's wire.trust.ReputationEntry in the relay's table
+    reputation_epoch: int | None = None
     _idle: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -143,6 +145,7 @@ class Node:
             node_class=self.config.node.node_class,
             earnings=tuple(self.earnings),
             reputation=self.reputation,
+            **_reputation_fields(self.reputation_entry, self.reputation_epoch),
             decode_tps=self.record.decode_tps if self.record else 0.0,
             prefill_tps=self.record.prefill_tps if self.record else 0.0,
             last_request_age_s=None if last is None else now - last,
@@ -188,6 +191,30 @@ class Node:
         except (DarkbloomError, OSError) as exc:  # the ledger is unreachable: keep the last figures
             log.debug("earnings lookup failed: %s", exc)
         self.earnings = sorted(self._earned.items())[-EARNINGS_EPOCHS:]
+
+    async def refresh_reputation(self) -> None:
+        """This node's entry in the relay's signed reputation table (darkbloom.relay.trust)."""
+        from darkbloom.api.trust.refresh import entry_for
+        from darkbloom.ledger.reputation import ReputationPolicy
+        from darkbloom.ledger.trustclient import TrustClient
+
+        if self._ledger is None:
+            return
+        connect, ledger_key = self._ledger
+        try:
+            client = TrustClient(await connect(), ledger_key=ledger_key)  # type: ignore[arg-type]
+            try:
+                table = await client.reputation()
+            finally:
+                with trio.move_on_after(1, shield=True):
+                    await client.close()
+        except (DarkbloomError, OSError) as exc:  # the relay is unreachable or the table is bad: keep the last
+            log.debug("reputation lookup failed: %s", exc)
+            return
+        if table is not None:
+            entry = entry_for(table, self.identity.public_key.hex())
+            self.reputation_entry, self.reputation_epoch = entry, table.epoch
+            self.reputation = ReputationPolicy().prior if entry is None else entry.score_ppm / 1_000_000
 
     async def refresh_metrics(self) -> None:
         """Scrape-time gauges: peers, requests in flight, relayed share, settlement lag."""
@@ -295,10 +322,20 @@ async def _connect_ledger(net, ledger: tuple[str, str, tuple[str, ...]]):
 EARNINGS_EPOCHS = 10  # epochs shown on the status page
 
 
+def _reputation_fields(entry: object | None, epoch: int | None) -> dict:
+    """NodeStatus fields from the relay table's entry for this node (darkbloom.node.status)."""
+    if entry is None:
+        return {"reputation_epoch": epoch}
+    return {"reputation_epoch": epoch, "paying_consumers": entry.consumers,  # type: ignore[attr-defined]
+            "failed_spot_checks": entry.failed_checks, "failed_features": tuple(entry.failed_features),  # type: ignore[attr-defined]
+            "observed_class": entry.node_class}  # type: ignore[attr-defined]
+
+
 async def _watch_earnings(node: Node, interval_s: float) -> None:
     """Refresh the earnings figures now and then."""
     while True:
         await node.refresh_earnings()
+        await node.refresh_reputation()
         await trio.sleep(interval_s)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import html
 from dataclasses import dataclass, field
 
-__all__ = ["ModelStatus", "NodeStatus", "explain", "render_html", "to_json"]
+__all__ = ["ModelStatus", "NodeStatus", "explain", "render_html", "reputation_text", "to_json"]
 
 IDLE_EXPLAIN_AFTER_S = 600  # how long without requests before "nobody asked" is said
 
@@ -48,7 +48,12 @@ class NodeStatus:
     region: str = ""
     node_class: str = ""
     earnings: tuple[tuple[int, int], ...] = ()  # (epoch, micro-credits paid to this node)
-    reputation: float | None = None
+    reputation: float | None = None  # from the relay's signed table (None: no table fetched yet)
+    reputation_epoch: int | None = None  # the table's last settled epoch
+    paying_consumers: int = 0  # distinct paying consumers inside the table's window
+    failed_spot_checks: int = 0  # counted by the relay inside the window
+    failed_features: tuple[str, ...] = ()  # capability canaries the relay saw this node fail
+    observed_class: str = ""  # the class the relay derived from its probes ("" none yet)
     decode_tps: float = 0.0
     prefill_tps: float = 0.0
     last_request_age_s: float | None = None  # None: never served
@@ -75,6 +80,14 @@ def explain(s: NodeStatus) -> list[str]:
     if not out and idle and s.uptime_s > IDLE_EXPLAIN_AFTER_S:
         names = ", ".join(m.id for m in s.models) or "no models"
         out.append(f"Nobody asked for this model recently ({names}): there is no demand on the network right now.")
+    if s.failed_spot_checks:
+        out.append(
+            f"Failed {s.failed_spot_checks} spot check(s): another node serving the same weights scored your answers "
+            "as not coming from them. Check that the model files are the advertised ones (darkbloom models verify)."
+        )
+    if s.failed_features:
+        feats = ", ".join(s.failed_features)
+        out.append(f"Failed the relay's capability check for {feats}: shims send you no such requests for now.")
     out.extend(s.notes)
     return out
 
@@ -82,8 +95,20 @@ def explain(s: NodeStatus) -> list[str]:
 def to_json(s: NodeStatus) -> dict:
     data = dataclasses.asdict(s)
     data["explanations"] = explain(s)
+    data["reputation_text"] = reputation_text(s)
     data["load"] = s.active / s.max_concurrent if s.max_concurrent else 0.0
     return data
+
+
+def reputation_text(s: NodeStatus) -> str:
+    """"0.62 (epoch 12, 5 paying consumers, 1 failed spot check)", or "n/a" before the first table."""
+    if s.reputation is None:
+        return "n/a (no reputation table from the relay yet)"
+    parts = [] if s.reputation_epoch is None else [f"epoch {s.reputation_epoch}"]
+    parts.append(f"{s.paying_consumers} paying consumer{'s' if s.paying_consumers != 1 else ''}")
+    if s.failed_spot_checks:
+        parts.append(f"{s.failed_spot_checks} failed spot check{'s' if s.failed_spot_checks != 1 else ''}")
+    return f"{s.reputation:.2f} ({', '.join(parts)})"
 
 
 def _fmt_credits(micro: int) -> str:
@@ -102,8 +127,9 @@ def render_html(s: NodeStatus) -> str:
     notes = "".join(f"<li>{e(line)}</li>" for line in explain(s))
     notes_block = f"<section class=warn><h2>Why little or no work</h2><ul>{notes}</ul></section>" if notes else ""
     load = f"{s.active}/{s.max_concurrent} busy, {s.queued} queued"
-    rep = "n/a" if s.reputation is None else f"{s.reputation:.2f}"
+    rep = reputation_text(s)
     state = "paused" if s.paused else "serving"
+    observed = f" (relay sees: {s.observed_class})" if s.observed_class else ""
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>Darkbloom node {e(s.peer_id[-8:])}</title>
 <meta http-equiv=refresh content=5>
@@ -124,8 +150,8 @@ code{{font-size:.9em}}
 <tr><td>Current load</td><td id=load>{load}</td></tr>
 <tr><td>Speed (prefill / decode tok/s)</td><td>{s.prefill_tps:.0f} / {s.decode_tps:.1f}</td></tr>
 <tr><td>Price per 1M tokens (in / out)</td><td>{_fmt_credits(s.price_input_per_m)} / {_fmt_credits(s.price_output_per_m)}</td></tr>
-<tr><td>Region / class</td><td>{e(s.region or "-")} / {e(s.node_class or "-")}</td></tr>
-<tr><td>Reputation</td><td id=reputation>{rep}</td></tr>
+<tr><td>Region / class</td><td>{e(s.region or "-")} / {e(s.node_class or "-")}{e(observed)}</td></tr>
+<tr><td>Reputation</td><td id=reputation>{e(rep)}</td></tr>
 <tr><td>Version</td><td id=version>{e(s.version)}</td></tr>
 <tr><td>Uptime</td><td>{s.uptime_s / 3600:.1f} h</td></tr>
 </table>
