@@ -93,6 +93,7 @@ class NodeConfig:
     status_port: int = 8181
     grace_period_s: float = 20.0  # on SIGINT/SIGTERM, let in-flight work finish this long
     require_payment: bool = True  # refuse requests that bring no ledger lane (False: serve free too)
+    max_requests_per_peer: int = 0  # one client's requests in progress at once; 0: half of slots + queue, at least 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
