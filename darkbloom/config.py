@@ -111,6 +111,14 @@ class ApiConfig:
     spot_check_probability: float = 0.0
     hedge: bool = False
     account: str = ""  # ledger account the local shim spends from; empty: its own key
+    # Trust (darkbloom.api.trust): circuit breaker, spot-check policy, the relay's reputation table.
+    breaker_failures: int = 3  # K failures inside the window open a peer's breaker
+    breaker_window_s: float = 30.0
+    breaker_cooldown_s: float = 5.0  # first cooldown; doubles per consecutive opening
+    breaker_max_cooldown_s: float = 300.0
+    spot_check_policy: str = ""  # overrides of the verdict policy, "key=value,..." (VerifyPolicy fields)
+    spot_check_report: bool = True  # report flagged nodes to the relay's ledger with the signed evidence
+    reputation_refresh_s: float = 60.0  # fetch the relay's signed reputation table this often
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +130,9 @@ class RelayConfig:
     max_circuits_per_peer: int = 64
     circuit_duration_s: int = 6 * 3600
     circuit_max_bytes: int = 1 << 30
+    probe_interval_s: float = 300.0  # status probes of connected nodes (uptime, class); 0: off
+    canary_interval_s: float = 3600.0  # capability canaries (json/tools/logprobs) to nodes advertising them; 0: off
+    canary_budget: int = 1_000_000  # micro-credits the relay's canary account is topped up to per epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
