@@ -31,7 +31,7 @@ from darkbloom.api.client import InferCall, is_final
 from darkbloom.api.metering import open_metered
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
 from darkbloom.config import ApiConfig
-from darkbloom.errors import DarkbloomError, ModelNotFound, NoCapacity, P2PError, PeerUnreachable
+from darkbloom.errors import DarkbloomError, MalformedMessage, ModelNotFound, NoCapacity, P2PError, PeerUnreachable
 from darkbloom.wire.caps import CapabilityRecord
 from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 
@@ -47,14 +47,15 @@ RECORD_REFRESH_S = 5.0  # at most this long fetching an unreachable peer's recor
 def spot_checkable(params: dict[str, Any]) -> bool:
     """Can a second node reproduce the distribution this answer was sampled from? (pure)
 
-    Not with logit_bias, penalties, a grammar (JSON mode, tools), n > 1 or a changed top_p.
+    Temperature, top_p, top_k, min_p and logit_bias the verifier rebuilds; not penalties, a
+    grammar (JSON mode, tools) or n > 1.
     """
     rf = params.get("response_format")
     return not (
-        params.get("logit_bias") or params.get("presence_penalty") or params.get("frequency_penalty")
+        params.get("presence_penalty") or params.get("frequency_penalty") or params.get("repetition_penalty")
         or (params.get("tools") and params.get("tool_choice") != "none")
         or (isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"))
-        or (params.get("n") or 1) != 1 or params.get("top_p") not in (None, 1, 1.0)
+        or (params.get("n") or 1) != 1
     )
 
 
@@ -411,9 +412,15 @@ class NetworkBackend:
                 log.warning("verifier %s sent no valid score attestation", cand.peer_id[-8:])
                 self.trust.failed_midstream(cand.peer_id, trio.current_time(), "bad_attestation")
                 continue
+            try:
+                scored = scored_from_attestation(attestation)
+            except MalformedMessage:  # signed but inconsistent statistics: a broken verifier
+                log.warning("verifier %s sent inconsistent score statistics", cand.peer_id[-8:])
+                self.trust.failed_midstream(cand.peer_id, trio.current_time(), "bad_attestation")
+                continue
             temperature = request.params.get("temperature")
             verdict = self.trust.judge_spot_check(
-                served_by, scored_from_attestation(attestation), trio.current_time(),
+                served_by, scored, trio.current_time(),
                 temperature=float(temperature) if isinstance(temperature, (int, float)) else 1.0, verifier=cand.peer_id,
             )
             log.info("spot check of %s by %s: %s", served_by[-8:], cand.peer_id[-8:],

@@ -160,6 +160,15 @@ class Engine:
         p, o = list(prompt_token_ids), list(output_token_ids)
         return await self._call(lambda w: w.score(model_id, p, o, top_k))
 
+    async def score_sampled(self, model_id: str, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int],
+                            spec: Any) -> list[Any]:
+        """Teacher-forced scores of the output under the sampling distribution `spec`
+        (darkbloom.inference.scoring.SamplingSpec -> SampledToken per token), for spot checks.
+        One forward pass on the engine thread, between decode steps."""
+        self._check_model(model_id)
+        p, o = list(prompt_token_ids), list(output_token_ids)
+        return await self._call(lambda w: w.score_sampled(model_id, p, o, spec))
+
     async def prompt_ids(self, model_id: str, req: GenerationRequest) -> list[int]:
         """The prompt token ids the engine would feed for `req` (chat template applied)."""
         self._check_model(model_id)

@@ -609,6 +609,13 @@ class Worker:
             for t, lp, rk in zip(output, chosen.tolist(), rank.tolist())
         ]
 
+    def score_sampled(self, model_id: str, prompt: Sequence[int], output: Sequence[int], spec: Any) -> list[Any]:
+        """Spot checks: scores under the request's sampling distribution (darkbloom.inference.scoring)."""
+        from darkbloom.inference.scoring import score_sampled
+
+        m = self._model(model_id)
+        return score_sampled(m.model, prompt, output, spec, vocab_size=m.vocab_size, context_length=m.context_length)
+
     def rebench(self, model_id: str) -> BenchResult:
         from darkbloom.inference.selfbench import measure
 

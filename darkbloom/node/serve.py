@@ -488,6 +488,7 @@ class InferenceService:
         """
         from darkbloom.api.trust.evidence import attest_scores
         from darkbloom.inference.params import parse_chat, parse_completion
+        from darkbloom.inference.scoring import TILTS, SamplingSpec
 
         body, kind, output = req.params.get("request"), req.params.get("request_kind"), req.params.get("output_token_ids")
         if not isinstance(body, dict) or kind not in ("chat", "completion"):
@@ -505,12 +506,21 @@ class InferenceService:
                                prompt_tokens=progress.prompt_tokens, load=self.load()))
         if metered is not None:
             await metered.gate()
-        scores = await self.engine.score(req.model, prompt_ids, output, top_k=SCORE_TOP_K)
-        attestation = attest_scores(
-            self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
-            logprobs=[s.logprob for s in scores], ranks=[0 if s.in_top_k else SCORE_TOP_K for s in scores],
-            time_ms=int(time.time() * 1000),
-        )
+        spec = SamplingSpec.from_sampling(gen_req.sampling)  # None: penalties, not reproducible
+        if spec is not None and not gen_req.uses_tools and gen_req.response_format.type == "text":
+            sampled = await self.engine.score_sampled(req.model, prompt_ids, output, spec)
+            attestation = attest_scores(
+                self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
+                logprobs=[s.logprob for s in sampled], ranks=[s.rank for s in sampled], time_ms=int(time.time() * 1000),
+                sampled=sampled, sampling=spec.describe(), tilts=TILTS,
+            )
+        else:  # a grammar or penalties shaped the distribution: raw scores only
+            scores = await self.engine.score(req.model, prompt_ids, output, top_k=SCORE_TOP_K)
+            attestation = attest_scores(
+                self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
+                logprobs=[s.logprob for s in scores], ranks=[0 if s.in_top_k else SCORE_TOP_K for s in scores],
+                time_ms=int(time.time() * 1000),
+            )
         await io.send(attestation)
         await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=progress.prompt_tokens,
                                                                   completion_tokens=0), load=self.load()))

@@ -2,7 +2,9 @@
 
 Privacy: none of these carry prompt or output content, only sha256 hashes of token ids, so
 the ledger that stores reports never holds what was asked or answered. Scores are the
-verifier's per-token logprobs (milli-nats, integers) and ranks for the scored window.
+verifier's per-token logprobs (milli-nats, integers) and ranks for the scored window, and the
+statistics of the request's sampling distribution the spot-check e-value needs
+(darkbloom.api.trust.verify).
 
 Who signs what (signature over `signed_bytes(msg, role)` from darkbloom.wire.ledger):
 - `OutputAttestation`: the serving node (role "node"): "I produced these output tokens for
@@ -57,6 +59,15 @@ class ScoreAttestation:
     logprobs_mnats: tuple[int, ...]  # per token, natural-log probability x 1000, rounded
     ranks: tuple[int, ...]  # per token, 0 = the verifier's argmax
     time_ms: int
+    # Under the request's sampling distribution q (all empty when the verifier could not rebuild
+    # q, e.g. penalties; then only the raw scores above count). Set by the verifier:
+    sampling: str = ""  # scoring.SamplingSpec.describe() of q, e.g. "temperature=0.7,top_p=1,..."
+    sample_logprobs_mnats: tuple[int, ...] = ()  # per token, log q(token) x 1000 (0 where excluded)
+    excluded: tuple[int, ...] = ()  # positions of tokens q cannot produce (outside top_k/top_p/min_p, not the argmax)
+    entropies_mnats: tuple[int, ...] = ()  # per token, H(q) in nats x 1000
+    variances_mnats: tuple[int, ...] = ()  # per token, Var[log q(X)] in nats^2 x 1000
+    tilts_milli: tuple[int, ...] = ()  # tilt exponents theta x 1000 (scoring.TILTS)
+    log_tilts_mnats: tuple[int, ...] = ()  # per token then per theta, log sum_v q(v)^(1-theta) x 1000
     signature: bytes = b""
 
 
@@ -69,8 +80,8 @@ class SpotCheckReport:
     suspect: str  # hex public key of the flagged node (== the output attestation's node)
     output: bytes  # encode(OutputAttestation), signed by the suspect
     score: bytes  # encode(ScoreAttestation), signed by the verifier
-    reason: str  # the verdict's reason, e.g. "outside_top_k", "low_mean_logprob"
-    policy: str  # the verdict policy, "top_k=100,max_outside=2,min_mean_logprob=-4.5,..."
+    reason: str  # the verdict's reason, e.g. "high_evalue", "excluded_token", "outside_top_k"
+    policy: str  # the verdict policy, "max_log_evalue=9.21,max_excluded=0,...,top_k=100,..."
     time_ms: int
     signature: bytes = b""
 

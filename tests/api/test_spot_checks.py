@@ -23,8 +23,10 @@ TINY_POLICY = VerifyPolicy(top_k=100, max_outside=2, min_mean_logprob=-50.0)
 def test_what_can_be_spot_checked():
     assert spot_checkable({"messages": MSG, "temperature": 0})
     assert spot_checkable({"messages": MSG, "tools": [{}], "tool_choice": "none"})
-    for extra in ({"logit_bias": {"1": 5}}, {"presence_penalty": 1}, {"response_format": {"type": "json_object"}},
-                  {"tools": [{}]}, {"n": 2}, {"top_p": 0.5}):
+    # the verifier rebuilds temperature, top_p, top_k, min_p and logit_bias (scoring.SamplingSpec)
+    assert spot_checkable({"messages": MSG, "top_p": 0.5, "top_k": 40, "min_p": 0.05, "logit_bias": {"1": 5}})
+    for extra in ({"presence_penalty": 1}, {"repetition_penalty": 1.2}, {"response_format": {"type": "json_object"}},
+                  {"tools": [{}]}, {"n": 2}):
         assert not spot_checkable({"messages": MSG, **extra})
 
 

@@ -15,9 +15,11 @@ count reports from distinct reporters (see ledger.reputation failed_checks input
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from darkbloom.api.trust.verify import ScoredOutput, Verdict, VerifyPolicy, judge
 from darkbloom.errors import InvalidSignature, MalformedMessage
@@ -75,26 +77,60 @@ def attest_output(
 def attest_scores(
     identity: Identity, *, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
     logprobs: Sequence[float], ranks: Sequence[int], time_ms: int,
+    sampled: Sequence[Any] = (), sampling: str = "", tilts: Sequence[float] = (),
 ) -> ScoreAttestation:
-    """Verifier side: sign the teacher-forced scores of `output_ids` after `prompt_ids`."""
+    """Verifier side: sign the teacher-forced scores of `output_ids` after `prompt_ids`.
+    `sampled`: darkbloom.inference.scoring.SampledToken per output token (computed with tilt
+    exponents `tilts` under the distribution `sampling` describes), or () when not computed."""
     if len(logprobs) != len(output_ids) or len(ranks) != len(output_ids):
         raise ValueError("one logprob and one rank per output token")
+    if sampled and (len(sampled) != len(output_ids) or not tilts):
+        raise ValueError("one sampled score per output token, with the tilt exponents")
+    ms = lambda x: round(x * 1000)  # noqa: E731
     return _sign(
         identity,
         ScoreAttestation(
             verifier=identity.public_key.hex(), model_digest=model_digest, prompt_hash=token_hash(prompt_ids),
-            output_hash=token_hash(output_ids), logprobs_mnats=tuple(round(x * 1000) for x in logprobs),
+            output_hash=token_hash(output_ids), logprobs_mnats=tuple(ms(x) for x in logprobs),
             ranks=tuple(int(r) for r in ranks), time_ms=time_ms,
+            sampling=sampling if sampled else "",
+            sample_logprobs_mnats=tuple(0 if t.excluded else ms(t.sample_logprob) for t in sampled),
+            excluded=tuple(i for i, t in enumerate(sampled) if t.excluded),
+            entropies_mnats=tuple(ms(t.entropy) for t in sampled),
+            variances_mnats=tuple(ms(t.variance) for t in sampled),
+            tilts_milli=tuple(ms(th) for th in tilts) if sampled else (),
+            log_tilts_mnats=tuple(ms(x) for t in sampled for x in t.log_tilts),
         ),
     )
 
 
 def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
-    return ScoredOutput(tuple(x / 1000 for x in score.logprobs_mnats), score.ranks)
+    """The verifier's signed scores as the verdict reads them. Raises MalformedMessage when the
+    sampled statistics do not fit together (a broken or malicious verifier)."""
+    raw = (tuple(x / 1000 for x in score.logprobs_mnats), score.ranks)
+    if not score.sample_logprobs_mnats:
+        return ScoredOutput(*raw)
+    n, g = len(score.sample_logprobs_mnats), len(score.tilts_milli)
+    if g == 0 or len(score.log_tilts_mnats) != n * g or any(not 0 <= i < n for i in score.excluded):
+        raise MalformedMessage("trust.score: sampled statistics do not cover the scored tokens")
+    ex = set(score.excluded)
+    try:
+        return ScoredOutput(
+            *raw,
+            sample_logprobs=tuple(-math.inf if i in ex else x / 1000 for i, x in enumerate(score.sample_logprobs_mnats)),
+            entropies=tuple(x / 1000 for x in score.entropies_mnats),
+            variances=tuple(x / 1000 for x in score.variances_mnats),
+            log_tilts=tuple(tuple(x / 1000 for x in score.log_tilts_mnats[i * g : (i + 1) * g]) for i in range(n)),
+            tilts=tuple(x / 1000 for x in score.tilts_milli),
+            excluded=tuple(i in ex for i in range(n)),
+        )
+    except ValueError as exc:
+        raise MalformedMessage(f"trust.score: {exc}") from exc
 
 
 def policy_string(policy: VerifyPolicy) -> str:
-    return (f"top_k={policy.top_k},max_outside={policy.max_outside},min_mean_logprob={policy.min_mean_logprob},"
+    return (f"max_log_evalue={policy.max_log_evalue:.4f},max_excluded={policy.max_excluded},min_z={policy.min_z},"
+            f"top_k={policy.top_k},max_outside={policy.max_outside},min_mean_logprob={policy.min_mean_logprob},"
             f"min_tokens={policy.min_tokens},max_scored_tokens={policy.max_scored_tokens},"
             f"far_logprob={policy.far_logprob},max_far={policy.max_far}")
 

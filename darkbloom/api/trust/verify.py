@@ -1,21 +1,26 @@
-"""Spot-check verdicts, pure: teacher-forced scores of a node's output -> pass or flag, and the calibration that picks the thresholds.
+"""Spot-check verdicts, pure: teacher-forced scores of a node's output -> pass or flag.
 
-A spot check: the shim sends a finished request's prompt and output token ids to a second
-node serving the same weights digest; that node scores them in one forward pass
-(darkbloom.inference.scoring / Engine.score) and returns each output token's logprob and
-rank. The first node is flagged when
+A spot check: the shim sends a finished request (its body, so the sampling parameters too)
+and the first node's output token ids to a second node serving the same weights digest; that
+node runs one forward pass (darkbloom.inference.scoring.score_sampled) and returns, per output
+token x_i, its log-probability log q_i(x_i) under the distribution q_i the request samples
+from (temperature, top_p, top_k, min_p, logit_bias, as mlx-lm applies them), whether the
+sampler could have produced it at all, and of q_i: the entropy H_i, the variance of log q_i
+and the Renyi tilts log sum_v q_i(v)^(1-theta). The first node is flagged when
 
-  * more than `max_outside` of the scored tokens fall outside the verifier's top-`top_k`, or
-  * the mean logprob of the scored tokens is below `min_mean_logprob`, or
-  * more than `max_far` tokens have a logprob below `far_logprob` (tokens an honest sampler at
-    that temperature practically never picks; a greedy token, the argmax over a vocabulary of
-    V entries, can never be below -ln V).
+  * a token is excluded: outside top_k / the top_p nucleus / min_p, or, greedy, not the argmax
+    (beyond a numerical slack of 0.01 nats: batched decode and one forward pass differ ~1e-5), or
+  * the e-value (`log_evalue`) reaches 1/alpha (alpha = 1e-4 by default). Under honest
+    sampling the e-value is a mean-1 martingale, so an honest node is flagged with probability
+    <= alpha per check whatever the model, prompt, temperature or length: no threshold is fitted
+    to data, and short outputs simply carry less evidence (pass) instead of false flags, or
+  * (optional, off by default) z = (sum log q + sum H) / sqrt(sum Var) < min_z: the Gaussian
+    form of the same idea, which needs a calibrated threshold because its left tail is heavy.
 
-Honest sampling (temperature 0.7-1.0) picks tokens outside a small top-k now and then, so
-`top_k` and `max_outside` are calibrated, not guessed: `calibrate` chooses them on measured
-honest and cheating outputs (bench/calibrate_verify.py) so that every honest calibration
-sample passes with a margin, and the most cheaters are caught. Outputs shorter than
-`min_tokens` are inconclusive (never flagged): too little evidence either way.
+Requests whose distribution the verifier cannot rebuild from the logits (repetition, presence
+or frequency penalties; grammars: JSON mode, tools) carry no sampled statistics and get an
+inconclusive verdict, unless a policy turns on the raw-distribution rules of the first
+calibration (top-k rank count, mean raw logprob, improbable tokens), kept for such policies.
 
 No I/O, no clock, no randomness except through the `rng` argument of `should_spot_check`.
 """
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_LOG_EVALUE",
     "DEFAULT_POLICIES",
     "DEFAULT_POLICY",
     "GREEDY_POLICY",
@@ -36,60 +42,88 @@ __all__ = [
     "LOW_TEMPERATURE_POLICY",
     "NO_RANK_RULE",
     "PolicySet",
+    "SAMPLED_POLICY",
     "ScoredOutput",
     "Verdict",
     "VerifyPolicy",
     "calibrate",
     "judge",
+    "log_evalue",
     "policy_to_dict",
     "scored_from_ranked",
+    "scored_from_sampled",
     "scored_from_token_scores",
     "should_spot_check",
     "spot_check_window",
+    "z_score",
 ]
+
+
+NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
+# Flag when the e-value exceeds 10^4: an honest node is flagged with probability <= 1e-4 per check.
+DEFAULT_MAX_LOG_EVALUE = math.log(1e4)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VerifyPolicy:
-    top_k: int  # a token is "inside" when fewer than top_k vocabulary entries beat it
-    max_outside: int  # tokens allowed outside the top_k per check
-    min_mean_logprob: float  # nats per token; below it the output is flagged
-    min_tokens: int = 4  # fewer scored tokens: inconclusive
+    # Sampling-distribution rules (need the verifier's SampledToken statistics):
+    max_log_evalue: float = DEFAULT_MAX_LOG_EVALUE  # flag when ln(e-value) >= this (inf: rule off)
+    max_excluded: int = 0  # tokens the request's sampler could not have produced, allowed per check
+    min_z: float = -math.inf  # optional Gaussian rule: flag when z < min_z (-inf: off; see `z_score`)
+    min_tokens: int = 1  # fewer scored tokens: inconclusive (the e-value is sound at any length)
     max_scored_tokens: int = 32  # only the first this many output tokens are sent for scoring
+    # Raw-distribution rules (legacy, off by default; for verifiers that send only logprob and rank):
+    top_k: int = 100  # a token is "inside" when fewer than top_k vocabulary entries beat it
+    max_outside: int = NO_RANK_RULE  # tokens allowed outside the top_k per check
+    min_mean_logprob: float = -math.inf  # nats per token; below it the output is flagged
     far_logprob: float = -math.inf  # a token below this logprob is "far" (-inf: rule off)
     max_far: int = 0  # far tokens allowed per check
 
 
-# Calibrated on the bundled SmolLM2-135M with bench/calibrate_verify.py (figures in the report):
-# run 1, 240 prompts: per tier 240 honest answers of <= 20 tokens from the real engine, 240
-# answers of another model (the project's random 20M model, text re-tokenized), 240 random-token
-# answers; mean and rank thresholds chosen on half the prompts (`calibrate`), the improbable-
-# token rule from the measured honest token tail. Run 2, 400 other prompts: 400 honest t=0.7
-# answers of 32 tokens judged out of sample: 1 flagged by max_outside=2 (4 tokens ranked
-# 104-375), so max_outside became 4 (0/640 honest flagged since; chosen after seeing run 2).
-# k = 100 because a verifying node reports in/out of its top 100 (node.serve.SCORE_TOP_K).
-#   greedy  honest 240/240 pass; other model 240/240 caught; random tokens 240/240 caught
-#   t=0.7   honest 640/640 pass; other model 215/240 caught (exact ranks, k=1000 and
-#           max_outside=0, would catch 236/240 with 640/640 honest passing); random 240/240
-#   t=1.0   honest 240/240 pass; other model 159/240 caught; random tokens 240/240 caught
-NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
-GREEDY_POLICY = VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04, far_logprob=-11.0, max_far=0)
-LOW_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=4, min_mean_logprob=-3.47, far_logprob=-10.0, max_far=1)
-HIGH_TEMPERATURE_POLICY = VerifyPolicy(top_k=100, max_outside=NO_RANK_RULE, min_mean_logprob=-8.07)
-# When the request's temperature is unknown: the policy every honest tier passes.
-DEFAULT_POLICY = HIGH_TEMPERATURE_POLICY
+# Calibration (bench/calibrate_verify.py, figures in the report and in bench/results/):
+# the e-value rule needs no fitted threshold: its false-flag bound holds by construction (see
+# `log_evalue`); the bench measures the honest pass rate and the detection rate on SmolLM2.
+# The raw-distribution rules of the first calibration (mean logprob, top-100 rank) are off:
+# they caught another model only 92% (t=0.7) and 66% (t=1.0) of the time.
+SAMPLED_POLICY = VerifyPolicy()
+GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
+LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
+HIGH_TEMPERATURE_POLICY = SAMPLED_POLICY
+DEFAULT_POLICY = SAMPLED_POLICY
 
 
 @dataclass(frozen=True, slots=True)
 class ScoredOutput:
-    """The verifier's view of one output: per-token logprob and rank (0 = argmax)."""
+    """The verifier's view of one output: per-token raw logprob and rank (0 = argmax), and,
+    when the verifier knew the request's sampling parameters, per token under the sampling
+    distribution q: log q(token) (-inf when excluded), H(q), Var[log q], and
+    log sum_v q(v)^(1-theta) for each theta in `tilts` (darkbloom.inference.scoring.SampledToken)."""
 
     logprobs: tuple[float, ...]
     ranks: tuple[int, ...]
+    sample_logprobs: tuple[float, ...] = ()  # () when the verifier sent no sampled statistics
+    entropies: tuple[float, ...] = ()
+    variances: tuple[float, ...] = ()
+    log_tilts: tuple[tuple[float, ...], ...] = ()
+    tilts: tuple[float, ...] = ()
+    excluded: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.logprobs) != len(self.ranks):
+        n = len(self.logprobs)
+        if len(self.ranks) != n:
             raise ValueError("logprobs and ranks must have the same length")
+        if self.sample_logprobs:
+            if not (len(self.sample_logprobs) == len(self.entropies) == len(self.variances) == len(self.log_tilts)
+                    == len(self.excluded) == n):
+                raise ValueError("sampled statistics must cover every scored token")
+            if not self.tilts or any(len(row) != len(self.tilts) for row in self.log_tilts):
+                raise ValueError("one log tilt per tilt exponent and token")
+            if any(not 0.0 < th < 1.0 for th in self.tilts):
+                raise ValueError("tilt exponents must be in (0, 1)")
+
+    @property
+    def has_sampled(self) -> bool:
+        return bool(self.sample_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +134,65 @@ class Verdict:
     tokens: int
     outside_top_k: int
     mean_logprob: float
+    log_evalue: float = 0.0  # ln of the e-value (0 without sampled statistics)
+    z: float = 0.0  # standardized sum of log q (0 without sampled statistics or variance)
+    excluded: int = 0  # tokens the sampler could not have produced
 
 
 def scored_from_ranked(tokens: Iterable[Any]) -> ScoredOutput:
     """From darkbloom.inference.scoring.RankedToken (or anything with .logprob and .rank)."""
     ts = list(tokens)
     return ScoredOutput(tuple(float(t.logprob) for t in ts), tuple(int(t.rank) for t in ts))
+
+
+def scored_from_sampled(tokens: Iterable[Any], tilts: Sequence[float]) -> ScoredOutput:
+    """From darkbloom.inference.scoring.SampledToken computed with tilt exponents `tilts`."""
+    ts = list(tokens)
+    if not ts:
+        return ScoredOutput((), ())
+    return ScoredOutput(
+        tuple(float(t.logprob) for t in ts), tuple(int(t.rank) for t in ts),
+        sample_logprobs=tuple(float(t.sample_logprob) for t in ts), entropies=tuple(float(t.entropy) for t in ts),
+        variances=tuple(float(t.variance) for t in ts), log_tilts=tuple(tuple(float(x) for x in t.log_tilts) for t in ts),
+        tilts=tuple(float(x) for x in tilts), excluded=tuple(bool(t.excluded) for t in ts),
+    )
+
+
+def log_evalue(scored: ScoredOutput, n: int | None = None) -> float:
+    """ln of the spot-check e-value over the first `n` scored tokens (excluded tokens skipped).
+
+    For each tilt theta, E_theta = prod_i q_i(x_i)^(-theta) / sum_v q_i(v)^(1-theta): the
+    likelihood ratio of x_i under the flattened distribution q_i^(1-theta)/Z against q_i. When
+    each x_i is drawn from q_i (an honest node), every factor has conditional expectation 1, so
+    E_theta, and the average E over the thetas, is a nonnegative martingale with mean 1, and by
+    Ville's inequality P(E >= 1/alpha at any length) <= alpha, whatever q_i and however the
+    output stops. A node whose tokens are less likely under q than q's own samples (another
+    model, random tokens, a higher temperature) drives E up geometrically with length.
+    """
+    m = len(scored.sample_logprobs) if n is None else min(n, len(scored.sample_logprobs))
+    if not scored.has_sampled or m == 0:
+        return 0.0
+    per_theta = []
+    for j, th in enumerate(scored.tilts):
+        acc = 0.0
+        for i in range(m):
+            if scored.excluded[i]:
+                continue
+            acc += -th * scored.sample_logprobs[i] - scored.log_tilts[i][j]
+        per_theta.append(acc)
+    top = max(per_theta)
+    return top + math.log(sum(math.exp(x - top) for x in per_theta) / len(per_theta))
+
+
+def z_score(scored: ScoredOutput, n: int | None = None) -> float:
+    """(sum log q(x_i) + sum H_i) / sqrt(sum Var_i): about N(0, 1) for an honest node over many
+    tokens (left tail heavier than Gaussian for few). 0 when there is no variance to speak of."""
+    m = len(scored.sample_logprobs) if n is None else min(n, len(scored.sample_logprobs))
+    idx = [i for i in range(m) if not scored.excluded[i]]
+    var = sum(scored.variances[i] for i in idx)
+    if var <= 1e-9:
+        return 0.0
+    return (sum(scored.sample_logprobs[i] for i in idx) + sum(scored.entropies[i] for i in idx)) / math.sqrt(var)
 
 
 def scored_from_token_scores(tokens: Iterable[Any], top_k: int) -> ScoredOutput:
@@ -121,10 +208,13 @@ def spot_check_window(output_token_ids: Sequence[int], policy: VerifyPolicy = DE
 
 
 def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdict:
+    """Pass or flag one scored output. Raw-distribution rules first (when the policy turns them
+    on), then the sampling-distribution rules: an excluded token, the e-value, the optional z.
+    Without sampled statistics and without raw rules on, the verdict is inconclusive."""
     n = min(len(scored.logprobs), policy.max_scored_tokens)
     lps = scored.logprobs[:n]
     ranks = scored.ranks[:n]
-    if any(math.isnan(x) for x in lps):
+    if any(math.isnan(x) for x in lps) or any(math.isnan(x) for x in scored.sample_logprobs[:n]):
         return Verdict(True, False, "nan_logprob", n, 0, math.nan)
     outside = sum(1 for r in ranks if r >= policy.top_k)
     mean = sum(lps) / n if n else 0.0
@@ -136,16 +226,27 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
         return Verdict(True, False, "improbable_token", n, outside, mean)
     if mean < policy.min_mean_logprob:
         return Verdict(True, False, "low_mean_logprob", n, outside, mean)
-    return Verdict(False, False, "", n, outside, mean)
+    legacy_on = policy.max_outside < NO_RANK_RULE or policy.far_logprob > -math.inf or policy.min_mean_logprob > -math.inf
+    if not scored.has_sampled:
+        return Verdict(False, not legacy_on, "", n, outside, mean)
+    excluded = sum(1 for e in scored.excluded[:n] if e)
+    le, z = log_evalue(scored, n), z_score(scored, n)
+    if excluded > policy.max_excluded:
+        return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded)
+    if le >= policy.max_log_evalue:
+        return Verdict(True, False, "high_evalue", n, outside, mean, le, z, excluded)
+    if z < policy.min_z:
+        return Verdict(True, False, "low_z", n, outside, mean, le, z, excluded)
+    return Verdict(False, False, "", n, outside, mean, le, z, excluded)
 
 
 def should_spot_check(probability: float, rng: random.Random, *, eligible: bool = True) -> bool:
     """Draw whether to spot-check one finished request (ApiConfig.spot_check_probability).
 
     `eligible` is False for outputs a second node cannot reproduce the distribution of:
-    requests with logit_bias, penalties, a grammar (JSON mode, tools) or a non-default top_p /
-    top_k / min_p change what the first node sampled from; the teacher-forced score uses the
-    raw distribution. (Greedy and plain-temperature requests are the checkable ones.)
+    penalties and grammars (JSON mode, tools) change what the first node sampled from in ways
+    the teacher-forced pass does not rebuild; temperature, top_p, top_k, min_p and logit_bias
+    it does (darkbloom.inference.scoring.SamplingSpec).
     """
     if not eligible or probability <= 0.0:
         return False
@@ -154,8 +255,9 @@ def should_spot_check(probability: float, rng: random.Random, *, eligible: bool 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicySet:
-    """One verdict policy per sampling regime: honest sampling at a higher temperature strays
-    further from the verifier's top-k, so it needs looser rules (and catches less)."""
+    """One verdict policy per sampling regime. With the sampled statistics one policy serves
+    every temperature (the e-value adapts to the distribution); raw-distribution policies need
+    looser rules at higher temperatures."""
 
     greedy: VerifyPolicy  # temperature 0
     low: VerifyPolicy  # 0 < temperature <= low_max_temperature (calibrated at 0.7)
