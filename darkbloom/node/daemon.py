@@ -414,7 +414,7 @@ async def open_node(
         node.service = InferenceService(
             engine, digests={m.id: m.digest for m in models}, embedders=embedders,
             paused=node.paused, on_served=node._served, max_frame_bytes=config.p2p.max_frame_bytes,
-            meter=meter, identity=identity,
+            meter=meter, identity=identity, max_per_peer=config.node.max_requests_per_peer,
         )
         serve_inference(net, node.service)
         serve_p2p_status(net, node.status_reply)

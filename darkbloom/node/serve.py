@@ -63,6 +63,7 @@ REQUEST_READ_TIMEOUT_S = 30.0  # a client that opens a stream and sends nothing 
 LANE_BUSY_WAIT_S = 2.0  # a request on a lane still finishing another one waits this long for it
 SCORE_TOP_K = 100  # spot checks: "inside" means among the verifier's top 100 (trust.verify.DEFAULT_POLICY)
 MAX_SCORED_TOKENS = 256  # a score request scores at most this many output tokens
+DEFAULT_EMBED_PER_PEER = 4  # an embeddings-only node (no engine to size the share by)
 EmbedFn = Callable[[Sequence[str]], Awaitable[tuple[np.ndarray, int]]]  # texts -> (float32 [n, dim], tokens)
 
 
@@ -295,6 +296,8 @@ class InferenceService:
     `meter` (a `NodeMeter`) makes serving paid through ledger lanes; None serves free;
     `identity` (the node's key) lets it answer `score` requests: teacher-forced logprobs of
     another node's output, signed (`ScoreAttestation`), for the shim's spot checks.
+    `max_per_peer` caps the requests one peer has in progress here (running or queued; the
+    excess is refused `no_capacity`); 0 means half the engine's slots + queue, at least 1.
     """
 
     def __init__(
@@ -309,6 +312,7 @@ class InferenceService:
         identity: Any | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         node_version: str = __version__,
+        max_per_peer: int = 0,
     ) -> None:
         self.engine = engine
         self.identity = identity  # signs score attestations (spot checks); None: this node does not verify
@@ -320,6 +324,17 @@ class InferenceService:
         self.max_frame_bytes = max_frame_bytes
         self.node_version = node_version
         self.active_embeddings = 0
+        self.max_per_peer = max_per_peer
+        self.per_peer: dict[str, int] = {}  # peer id -> its requests in progress here
+
+    def per_peer_cap(self) -> int:
+        """How many requests one peer may have in progress (running or queued) on this node."""
+        if self.max_per_peer > 0:
+            return self.max_per_peer
+        if self.engine is None:
+            return DEFAULT_EMBED_PER_PEER
+        total = getattr(self.engine, "max_concurrent", 1) + getattr(self.engine, "max_queue", 0)
+        return max(1, total // 2)
 
     def load(self) -> NodeLoad:
         if self.engine is not None:
@@ -396,6 +411,13 @@ class InferenceService:
             await io.send(ErrorFrame(request_id=rid, code="no_capacity", message="node paused by its operator",
                                      retry_after_s=30.0))
             return
+        cap = self.per_peer_cap()
+        if self.per_peer.get(peer, 0) >= cap:
+            log.info("%s peer=%s refused: it already has %d requests here (per-peer cap)", rid, peer[-8:], cap)
+            await io.send(ErrorFrame(request_id=rid, code="no_capacity", retry_after_s=1.0,
+                                     message=f"this node serves at most {cap} requests at once per client"))
+            return
+        self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
         progress = _Progress()
         outcome = "cancelled"
         metered: _Metered | None = None
@@ -418,6 +440,9 @@ class InferenceService:
                 outcome = "done"  # the client closed (or we were stopped) while the final voucher was settling
             if metered is not None:
                 metered.release()
+            left = self.per_peer.pop(peer) - 1
+            if left:
+                self.per_peer[peer] = left
             seconds = trio.current_time() - started
             log.info("%s peer=%s model=%s kind=%s outcome=%s prompt_tokens=%d completion_tokens=%d ms=%.0f", rid,
                      peer[-8:], req.model, req.kind, outcome, progress.prompt_tokens, progress.completion_tokens,
