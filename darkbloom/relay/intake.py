@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from darkbloom.api.trust.evidence import check_report
@@ -32,16 +32,20 @@ from darkbloom.errors import EvidenceRejected, InvalidSignature, MalformedMessag
 from darkbloom.wire.codec import decode, encode
 from darkbloom.wire.trust import OutputAttestation, ScoreAttestation, SpotCheckReport
 
-__all__ = ["Accepted", "IntakePolicy", "TrustStore", "admit", "merge_failures"]
+__all__ = ["RELAY_POLICY", "Accepted", "IntakePolicy", "TrustStore", "admit", "merge_failures"]
 
 DAY_MS = 86_400_000
+# The shim's default policy, plus the raw mean-logprob rule at the level calibrated safe for every
+# sampling temperature on SmolLM2 (-8.07 nats/token), so evidence from verifiers that send only
+# logprobs and ranks is judged too.
+RELAY_POLICY = replace(DEFAULT_POLICY, min_mean_logprob=-8.07)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IntakePolicy:
     max_age_ms: int = DAY_MS  # a report (and the output it is about) older than this is refused
     max_skew_ms: int = 5 * 60 * 1000  # ... and one dated further in the future than this
-    verify: VerifyPolicy = DEFAULT_POLICY  # the relay's own judgement of the signed scores
+    verify: VerifyPolicy = field(default_factory=lambda: RELAY_POLICY)  # the relay's own judgement of the signed scores
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

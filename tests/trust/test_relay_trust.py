@@ -12,7 +12,7 @@ import trio.testing
 from darkbloom.api.trust.evidence import attest_output, attest_scores, make_report
 from darkbloom.api.trust.refresh import entry_for
 from darkbloom.api.trust.routing import TrustedRouting
-from darkbloom.api.trust.verify import DEFAULT_POLICY, ScoredOutput, judge
+from darkbloom.api.trust.verify import ScoredOutput, judge
 from darkbloom.config import LedgerConfig
 from darkbloom.errors import EvidenceRejected, InvalidSignature
 from darkbloom.identity import Identity
@@ -23,7 +23,7 @@ from darkbloom.ledger.service import LedgerService
 from darkbloom.ledger.store import SqliteStore
 from darkbloom.ledger.trustclient import TrustClient
 from darkbloom.p2p.keys import peer_id_from_public_key
-from darkbloom.relay.intake import TrustStore
+from darkbloom.relay.intake import RELAY_POLICY, TrustStore
 from darkbloom.relay.trust import RelayTrust
 
 from tests.ledger.helpers import LEDGER, LEDGER_KEY, Pair, seeded
@@ -93,8 +93,8 @@ def _report(reporter: Identity, suspect: Identity = CHEAT, *, verifier: Identity
                         time_ms=time_ms - 1000)
     score = attest_scores(verifier, model_digest="d" * 64, prompt_ids=PROMPT, output_ids=output,
                           logprobs=[logprob] * len(output), ranks=[5000] * len(output), time_ms=time_ms - 500)
-    verdict = judge(ScoredOutput((-12.0,) * len(output), (5000,) * len(output)), DEFAULT_POLICY)
-    return make_report(reporter, out, score, verdict, DEFAULT_POLICY, time_ms=time_ms)
+    verdict = judge(ScoredOutput((-12.0,) * len(output), (5000,) * len(output)), RELAY_POLICY)
+    return make_report(reporter, out, score, verdict, RELAY_POLICY, time_ms=time_ms)
 
 
 async def test_table_published_after_each_epoch_and_verified_by_the_client(relay, tmp_path):
@@ -163,8 +163,8 @@ async def test_forged_unsigned_and_pointless_reports_are_refused_with_a_reason(r
         (dataclasses.replace(good, signature=b""), EvidenceRejected, "not signed"),
         (dataclasses.replace(good, signature=bytes(64)), InvalidSignature, "invalid signature"),
         (dataclasses.replace(good, reason="other"), InvalidSignature, "invalid signature"),  # tampered after signing
-        (make_report(SHIMS[0], *_swap_output_signature(good), judge(ScoredOutput((-12.0,) * 16, (5000,) * 16), DEFAULT_POLICY),
-                     DEFAULT_POLICY, time_ms=NOW_MS), InvalidSignature, "trust.output"),
+        (make_report(SHIMS[0], *_swap_output_signature(good), judge(ScoredOutput((-12.0,) * 16, (5000,) * 16), RELAY_POLICY),
+                     RELAY_POLICY, time_ms=NOW_MS), InvalidSignature, "trust.output"),
         (_report(SHIMS[0], verifier=CHEAT), EvidenceRejected, "cannot verify itself"),
         (_report(CHEAT), EvidenceRejected, "cannot report itself"),
         (_report(SHIMS[0], verifier=SHIMS[0]), EvidenceRejected, "own verifier"),
