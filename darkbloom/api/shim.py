@@ -95,19 +95,21 @@ async def open_shim(
         identity = identity or load_or_create_identity(shim_dir(config))
         meter = ConsumerMeter(network, identity, config.ledger, ledger_peer=target[0], ledger_addrs=target[1])
     if trust is None and (api.hedge or api.spot_check_probability > 0):
-        from darkbloom.api.trust.hedge import HedgePolicy
-        from darkbloom.api.trust.routing import TrustedRouting
+        from darkbloom.api.trust.refresh import routing_from_config
 
-        from darkbloom.api.trust.verify import DEFAULT_POLICIES
-
-        trust = TrustedRouting(hedge=HedgePolicy(enabled=api.hedge), max_attempts=api.max_attempts,
-                               spot_check_probability=api.spot_check_probability, policies=DEFAULT_POLICIES)
+        trust = routing_from_config(api)  # breaker and spot-check policy from [api]
     backend = NetworkBackend(network, api, meter=meter, trust=trust,
                              known_models=default_known_models(config) if known_models is None else known_models)
     metrics = metrics or Metrics()
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(partial(serve, api, backend, auth=auth, metrics=metrics))
+            reputation_from = target if target is not None else ledger_target(config)
+            if reputation_from is not None and api.reputation_refresh_s > 0:  # the relay's signed reputation table
+                from darkbloom.api.trust.refresh import run_shim_reputation
+
+                await nursery.start(partial(run_shim_reputation, backend, network, reputation_from,
+                                            interval_s=api.reputation_refresh_s))
             yield Shim(url=url, backend=backend, metrics=metrics, keys=keys, meter=meter)
             nursery.cancel_scope.cancel()
     finally:
