@@ -1,24 +1,26 @@
-"""Calibrate the spot-check verdict (darkbloom/api/trust/verify.py) on the bundled SmolLM2.
+"""Measure the spot-check verdict (darkbloom/api/trust/verify.py) on the bundled SmolLM2: honest pass rate, cheats caught.
 
-    .venv/bin/python bench/calibrate_verify.py [--prompts 300] [--per-prompt 2] [--max-tokens 24]
-                                               [--cheats 300] [--out bench/results/verify_calibration.json]
-                                               [--samples bench/results/verify_samples.json] [--analyse-only]
+    .venv/bin/python bench/calibrate_verify.py [--prompts 240] [--greedy 120] [--filtered 60] [--cheats 240]
+        [--random-cheats 120] [--max-tokens 24] [--generate-only] [--analyse-only]
+        [--samples bench/results/verify_samples.json] [--out bench/results/verify_calibration.json]
 
+Phase 1 (generation; token ids go to --workdir only, never to bench/results):
 1. Honest node: our real engine (`open_engine`, continuous batching) serving SmolLM2 answers
-   chat prompts greedily and sampled at temperature 0.7 and 1.0 (top_p 1), the way requests
-   are served. Outputs are the engine's own token ids (EOS included when it stopped).
+   chat prompts per sampling regime (REGIMES: greedy, t=0.7, t=1.0, and t=0.7 with top_p 0.9
+   and top_k 50), the way requests are served. Outputs are the engine's own token ids.
 2. Cheating node A, "another model": the project's random ~20M test model (`small`) answers
-   the same prompts through its own engine; its text is re-tokenized with SmolLM2's tokenizer
-   (what a cheater advertising SmolLM2's digest would have to send).
+   the same prompts through its own engine (temperature 0 / 0.7 / 1.0 in turn); its text is
+   re-tokenized with SmolLM2's tokenizer (what a cheater advertising SmolLM2's digest sends).
 3. Cheating node B: uniformly random token ids from SmolLM2's vocabulary.
-4. Cheating node C (informative): an honest SmolLM2 answer to a *different* prompt (replayed).
-5. Verifier: a second SmolLM2 instance (mlx_lm.load on its own thread) scores every output in
-   one teacher-forced forward pass per batch (darkbloom.inference.scoring.score_batch).
+Phase 2 (the verifier): a second SmolLM2 instance scores every output in one teacher-forced
+forward pass per batch (scoring.output_logits + sampled_stats) under the regime it is claimed
+to come from: an honest answer under its own, a cheat under every regime.
 
-The samples are split by prompt into a calibration half and a held-out half; the verdict
-parameters are chosen on the calibration half (verify.calibrate) and the pass/fail rates
-reported on the held-out half, with the Clopper-Pearson-free "rule of three" bound when a
-count is zero. Prompts are synthetic (no user data). Prints a table and writes JSON.
+The shipped policy (verify.DEFAULT_POLICY) has no fitted threshold (the e-value's false-flag
+bound holds by construction), so there is no calibration split: every sample is out of sample.
+Reported per cell: n, flagged, pass or catch rate, the one-sided 95% Clopper-Pearson upper
+bound on the honest failure rate, the z rule at -3 / -4 and the legacy raw-distribution
+policies for comparison, and detection by scored length. Prompts are synthetic.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ async def collect_generations(args: argparse.Namespace) -> dict[str, Any]:
         tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False))
         for p in prompts
     ]
-    counts = {"greedy": args.prompts, "t0.7": args.prompts, "t1.0": args.prompts, "t0.7_filtered": args.filtered}
+    counts = {"greedy": args.greedy or args.prompts, "t0.7": args.prompts, "t1.0": args.prompts, "t0.7_filtered": args.filtered}
     jobs = []  # (regime, prompt index)
     for regime, n in counts.items():
         jobs += [(regime, i) for i in range(min(n, len(prompts)))]
@@ -161,169 +163,135 @@ async def collect_generations(args: argparse.Namespace) -> dict[str, Any]:
     return {"items": items, "generate_s": gen_s + 0.0, "vocab": vocab, "max_tokens": args.max_tokens}
 
 
-def score_all(model_dir: Path, items: list[tuple[list[int], list[int]]], batch: int) -> list[list[Any]]:
-    """Second instance: load SmolLM2 on this thread and score everything here (MLX streams are per thread)."""
+def score_items(model_dir: Path, items: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Phase 2, the verifier: a second SmolLM2 instance loaded on this thread scores every output
+    in one teacher-forced forward pass per batch, under each sampling regime the output is
+    claimed to come from (an honest answer: its own; a cheat: every regime)."""
     import mlx_lm
 
-    from darkbloom.inference.scoring import score_batch
+    from darkbloom.inference.scoring import TILTS, SamplingSpec, output_logits, sampled_stats
 
-    model, tok = mlx_lm.load(str(model_dir))
+    model, _ = mlx_lm.load(str(model_dir))
     vocab = model.args.vocab_size
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))  # similar lengths per batch
-    res: list[Any] = [None] * len(items)
+    specs = {r: SamplingSpec(temperature=t, top_p=p, top_k=k) for r, (t, p, k) in REGIMES.items()}
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["p"]) + len(items[i]["o"]))
+    rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
     for b in range(0, len(order), batch):
         idx = order[b : b + batch]
-        scored = score_batch(model, [items[i] for i in idx], vocab_size=vocab)
-        for i, s in zip(idx, scored):
-            res[i] = [(r.logprob, r.rank) for r in s]
+        logits = output_logits(model, [(items[i]["p"], items[i]["o"]) for i in idx], vocab_size=vocab)
+        for i, lg in zip(idx, logits):
+            it = items[i]
+            claims = [it["regime"]] if "regime" in it else list(REGIMES)
+            for claim in claims:
+                st = sampled_stats(lg, it["o"], specs[claim])
+                x = verify.scored_from_sampled(st, TILTS)
+                rows.append({"kind": it["kind"], "claim": claim, "prompt": it["prompt"], "lp": x.logprobs, "rk": x.ranks,
+                             "slp": x.sample_logprobs, "h": x.entropies, "var": x.variances, "lt": x.log_tilts,
+                             "ex": x.excluded})
         if (b // batch) % 10 == 0:
             print(f"  scored {b + len(idx)}/{len(items)} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
-    return res
+    return rows
 
 
-async def collect(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+def _obs(r: dict[str, Any]) -> verify.ScoredOutput:
+    from darkbloom.inference.scoring import TILTS
 
-    from darkbloom.config import load_config
-    from darkbloom.inference.catalog import models_dir, prepare_bundled
-    from darkbloom.inference.testmodel import make_test_model
-
-    root = models_dir(load_config().inference)
-    prepare_bundled(root)
-    smol = root / "smollm2-135m-instruct"
-    small = make_test_model(Path(args.workdir) / "small", "small", seed=0)
-    tok = AutoTokenizer.from_pretrained(str(smol))
-    vocab = len(tok)
-
-    prompts = all_prompts(args.prompts, args.seed)
-    prompt_ids = [
-        tuple(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False))
-        for p in prompts
-    ]
-    temps = [float(t) for t in args.temps.split(",")] if args.temps else [0.0] + [0.7, 1.0] * args.per_prompt
-    honest_jobs = [(pi, i, t) for i in range(len(prompts)) for t in temps for pi in [prompt_ids[i]]]
-    print(f"honest: {len(honest_jobs)} generations of <= {args.max_tokens} tokens", file=sys.stderr)
-    t0 = time.monotonic()
-    honest_out = await generate(smol, "smollm2", [(p, t) for p, _, t in honest_jobs], args.max_tokens, args.concurrency)
-    gen_s = time.monotonic() - t0
-
-    cheat_prompts = list(range(min(args.cheats, len(prompts))))
-    cheat_temps = [0.0, 0.7, 1.0]
-    other_jobs = [([{"role": "user", "content": prompts[i]}], cheat_temps[i % 3]) for i in cheat_prompts]
-    small_tok = AutoTokenizer.from_pretrained(str(small))
-    other_raw = await generate(small, "small", other_jobs, args.max_tokens, args.concurrency) if other_jobs else []
-    rng = random.Random(args.seed)
-
-    samples: list[dict[str, Any]] = []
-    for (p, i, t), o in zip(honest_jobs, honest_out):
-        if o:
-            samples.append({"kind": f"honest_t{t}", "prompt": i, "p": list(p), "o": list(o)})
-    for i, raw in zip(cheat_prompts, other_raw):
-        text = small_tok.decode(list(raw), skip_special_tokens=True)
-        ids = tok.encode(text, add_special_tokens=False)[: args.max_tokens]
-        if ids:
-            samples.append({"kind": "other_model", "prompt": i, "p": list(prompt_ids[i]), "o": ids})
-    for i in cheat_prompts:
-        samples.append({"kind": "random_tokens", "prompt": i, "p": list(prompt_ids[i]), "o": [rng.randrange(vocab) for _ in range(args.max_tokens)]})
-    greedy = {s["prompt"]: s["o"] for s in samples if s["kind"] == "honest_t0.0"}
-    for i in cheat_prompts:
-        j = (i * 7 + 13) % len(prompts)
-        if j != i and j in greedy:
-            samples.append({"kind": "replayed_answer", "prompt": i, "p": list(prompt_ids[i]), "o": greedy[j]})
-
-    t1 = time.monotonic()
-    scores = await trio.to_thread.run_sync(score_all, smol, [(s["p"], s["o"]) for s in samples], args.batch)
-    score_s = time.monotonic() - t1
-    for s, sc in zip(samples, scores):
-        s["lp"] = [round(lp, 4) for lp, _ in sc]
-        s["rk"] = [rk for _, rk in sc]
-        del s["p"], s["o"]  # keep only what the verdict needs
-    return {"samples": samples, "generate_s": gen_s, "score_s": score_s, "vocab": vocab, "max_tokens": args.max_tokens}
+    return verify.ScoredOutput(tuple(r["lp"]), tuple(r["rk"]), sample_logprobs=tuple(r["slp"]), entropies=tuple(r["h"]),
+                               variances=tuple(r["var"]), log_tilts=tuple(tuple(t) for t in r["lt"]), tilts=TILTS,
+                               excluded=tuple(r["ex"]))
 
 
-TIERS = {"greedy": "honest_t0.0", "low": "honest_t0.7", "high": "honest_t1.0"}
-CHEATS = ("other_model", "random_tokens", "replayed_answer")
+def upper95(k: int, n: int) -> float:
+    """One-sided 95% Clopper-Pearson upper bound on a rate with k events in n trials."""
+    if n == 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        cdf = sum(math.comb(n, j) * mid**j * (1 - mid) ** (n - j) for j in range(k + 1))
+        lo, hi = (mid, hi) if cdf > 0.05 else (lo, mid)
+    return hi
 
 
-def analyse(data: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Per sampling tier: calibrate on half the prompts, report rates on the other half and on all.
-
-    Two rank regimes: k fixed at 100 (what a node reports today: in/out of its top 100) and k
-    chosen freely (needs exact ranks from the verifier)."""
-    samples = data["samples"]
-    prompts = sorted({s["prompt"] for s in samples})
-    rng = random.Random(seed)
-    rng.shuffle(prompts)
-    cal_prompts = set(prompts[: len(prompts) // 2])
-
-    def obs(s: dict[str, Any]) -> verify.ScoredOutput:
-        return verify.ScoredOutput(logprobs=tuple(s["lp"]), ranks=tuple(s["rk"]))
-
-    cal = [s for s in samples if s["prompt"] in cal_prompts]
-    held = [s for s in samples if s["prompt"] not in cal_prompts]
-    cheat_cal = [obs(s) for s in cal if s["kind"] in ("other_model", "random_tokens")]
-    results: dict[str, Any] = {}
-    for regime, ks in (("k100", (100,)), ("free_k", (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))):
-        policies: dict[str, Any] = {}
-        rows = []
-        for tier, honest_kind in TIERS.items():
-            policy = verify.calibrate([obs(s) for s in cal if s["kind"] == honest_kind], cheat_cal, ks=ks)
-            policies[tier] = verify.policy_to_dict(policy)
-            for kind in (honest_kind, *CHEATS):
-                for split, group in (("held-out", held), ("all", samples)):
-                    xs = [obs(s) for s in group if s["kind"] == kind]
-                    flagged = sum(1 for x in xs if verify.judge(x, policy).flagged)
-                    n = len(xs)
-                    ok = n - flagged if kind.startswith("honest") else flagged
-                    rows.append({"tier": tier, "kind": kind, "split": split, "n": n, "flagged": flagged,
-                                 "correct_rate": ok / n if n else math.nan,
-                                 "rule_of_three_miss_bound": (3.0 / n) if n and ok == n else None})
-        results[regime] = {"policies": policies, "rows": rows}
-    tok_counts = [len(s["lp"]) for s in samples if s["kind"].startswith("honest")]
-    return {"regimes": results, "honest_mean_tokens": sum(tok_counts) / max(1, len(tok_counts))}
+# The raw-distribution policies shipped before the e-value (for comparison on the same data).
+LEGACY = {
+    "greedy": verify.VerifyPolicy(top_k=100, max_outside=0, min_mean_logprob=-2.04, far_logprob=-11.0, max_far=0, min_tokens=4),
+    "t0.7": verify.VerifyPolicy(top_k=100, max_outside=4, min_mean_logprob=-3.47, far_logprob=-10.0, max_far=1, min_tokens=4),
+    "t1.0": verify.VerifyPolicy(top_k=100, max_outside=verify.NO_RANK_RULE, min_mean_logprob=-8.07, min_tokens=4),
+}
+LEGACY["t0.7_filtered"] = LEGACY["t0.7"]
 
 
-def fixed_report(data: dict[str, Any], out: str) -> int:
-    """Judge every sample with the shipped policies (no calibration on this data)."""
-    tier_of = {"honest_t0.0": 0.0, "honest_t0.7": 0.7, "honest_t1.0": 1.0}
-    rows = []
-    for kind in sorted({s["kind"] for s in data["samples"]}):
-        xs = [s for s in data["samples"] if s["kind"] == kind]
-        temps = [tier_of[kind]] if kind in tier_of else [0.0, 0.7, 1.0]
-        for t in temps:
-            policy = verify.DEFAULT_POLICIES.for_temperature(t)
-            flagged = sum(1 for s in xs if verify.judge(verify.ScoredOutput(tuple(s["lp"]), tuple(s["rk"])), policy).flagged)
-            ok = len(xs) - flagged if kind in tier_of else flagged
-            rows.append({"kind": kind, "policy_temperature": t, "n": len(xs), "flagged": flagged, "correct_rate": ok / len(xs),
-                         "rule_of_three_miss_bound": 3.0 / len(xs) if ok == len(xs) else None})
-            b = f"<= {3.0 / len(xs):.4f}" if ok == len(xs) else ""
-            print(f"{kind:<16} policy t={t:<4} n={len(xs):>4} flagged={flagged:>4} correct={ok / len(xs):.4f} {b}")
-    mean_tokens = sum(len(s["lp"]) for s in data["samples"]) / max(1, len(data["samples"]))
-    print(f"generation {data['generate_s']:.0f}s, scoring {data['score_s']:.0f}s, mean {mean_tokens:.1f} tokens per answer")
-    Path(out).write_text(json.dumps({"rows": rows, "policies": {"greedy": verify.policy_to_dict(verify.DEFAULT_POLICIES.greedy),
-                                     "low": verify.policy_to_dict(verify.DEFAULT_POLICIES.low),
-                                     "high": verify.policy_to_dict(verify.DEFAULT_POLICIES.high)}}, indent=2))
-    return 0
+def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (kind, claimed regime): pass/catch rates of the shipped policy, the z rule at -3 and
+    -4 and the legacy raw rules; honest e-value quantiles; detection by output length."""
+    policy = verify.DEFAULT_POLICY
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["kind"], r["claim"]), []).append(r)
+    table = []
+    for (kind, claim), rs in sorted(cells.items()):
+        xs = [_obs(r) for r in rs]
+        honest = kind.startswith("honest")
+        verdicts = [verify.judge(x, policy) for x in xs]
+        flagged = sum(v.flagged for v in verdicts)
+        inconclusive = sum(v.inconclusive for v in verdicts)
+        zs = [verify.z_score(x) for x in xs]
+        les = sorted(v.log_evalue for v in verdicts)
+        row = {
+            "kind": kind, "claim": claim, "n": len(xs), "flagged": flagged, "inconclusive": inconclusive,
+            "reasons": {k: sum(v.reason == k for v in verdicts) for k in ("excluded_token", "high_evalue")},
+            "rate": (len(xs) - flagged) / len(xs) if honest else flagged / len(xs),
+            "honest_fail_upper95": upper95(flagged, len(xs)) if honest else None,
+            "z_lt_-3": sum(z < -3 for z in zs), "z_lt_-4": sum(z < -4 for z in zs),
+            "z_or_excluded_lt_-4": sum((z < -4) or v.excluded > 0 for z, v in zip(zs, verdicts)),
+            "legacy_flagged": sum(verify.judge(verify.ScoredOutput(x.logprobs, x.ranks), LEGACY[claim]).flagged for x in xs),
+            "log_evalue_max": les[-1], "log_evalue_p99": les[min(len(les) - 1, int(0.99 * len(les)))], "min_z": min(zs),
+            "mean_tokens": sum(len(x.logprobs) for x in xs) / len(xs),
+            "excluded_tokens": sum(sum(x.excluded) for x in xs),
+            "rank_gt0_tokens": sum(sum(1 for r in x.ranks if r > 0) for x in xs),
+        }
+        if not honest:  # detection when only the first L tokens are scored
+            row["caught_by_length"] = {
+                L: sum(verify.judge(x, verify.VerifyPolicy(max_scored_tokens=L)).flagged for x in xs) / len(xs)
+                for L in (1, 2, 4, 8, 16, 24)
+            }
+        table.append(row)
+    return {"policy": verify.policy_to_dict(policy), "cells": table}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"policy: {result['policy']}")
+    print(f"{'kind':<22} {'claimed':<14} {'n':>4} {'tok':>5} {'flag':>5} {'pass/caught':>11} {'95%UB fail':>10} "
+          f"{'z<-3':>5} {'z<-4':>5} {'legacy':>6} {'lnE max':>8} {'min z':>6}")
+    for c in result["cells"]:
+        ub = f"{c['honest_fail_upper95']:.4f}" if c["honest_fail_upper95"] is not None else ""
+        print(f"{c['kind']:<22} {c['claim']:<14} {c['n']:>4} {c['mean_tokens']:>5.1f} {c['flagged']:>5} {c['rate']:>11.4f} {ub:>10} "
+              f"{c['z_lt_-3']:>5} {c['z_lt_-4']:>5} {c['legacy_flagged']:>6} {c['log_evalue_max']:>8.2f} {c['min_z']:>6.2f}")
+    print("detection by scored length (cheats):")
+    for c in result["cells"]:
+        if "caught_by_length" in c:
+            print(f"  {c['kind']:<14} {c['claim']:<14} " + " ".join(f"L={L}:{v:.3f}" for L, v in c["caught_by_length"].items()))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=300)
-    ap.add_argument("--per-prompt", type=int, default=2, help="sampled answers per prompt at each of t=0.7 and t=1.0")
+    ap.add_argument("--prompts", type=int, default=240)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--cheats", type=int, default=300)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--cheats", type=int, default=240, help="another model's answers (one per prompt)")
+    ap.add_argument("--concurrency", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="/tmp/darkbloom-calibration")
-    ap.add_argument("--samples", default="bench/results/verify_samples.json")
+    ap.add_argument("--samples", default="bench/results/verify_samples.json", help="scored statistics (no token ids)")
     ap.add_argument("--out", default="bench/results/verify_calibration.json")
     ap.add_argument("--analyse-only", action="store_true", help="re-run the analysis on saved samples")
-    ap.add_argument("--temps", default="", help="honest temperatures per prompt, e.g. 0.7,0.7 (default 0 + 0.7,1.0 x per-prompt)")
-    ap.add_argument("--fixed", action="store_true", help="judge with verify.DEFAULT_POLICIES instead of calibrating (out-of-sample check)")
-    ap.add_argument("--filtered", type=int, default=100, help="honest answers at t=0.7, top_p 0.9, top_k 50")
-    ap.add_argument("--random-cheats", type=int, default=150)
+    ap.add_argument("--greedy", type=int, default=0, help="honest greedy answers (default: one per prompt)")
+    ap.add_argument("--filtered", type=int, default=60, help="honest answers at t=0.7, top_p 0.9, top_k 50")
+    ap.add_argument("--random-cheats", type=int, default=120)
     ap.add_argument("--generations", default="", help="token ids of phase 1 (default <workdir>/generations.json; private to this machine)")
     ap.add_argument("--generate-only", action="store_true")
     args = ap.parse_args()
@@ -337,22 +305,24 @@ def main() -> int:
     if args.analyse_only:
         data = json.loads(Path(args.samples).read_text())
     else:
-        data = trio.run(collect, args)
+        if not gen_file.exists():
+            gen = trio.run(collect_generations, args)
+            gen_file.parent.mkdir(parents=True, exist_ok=True)
+            gen_file.write_text(json.dumps(gen))
+        gen = json.loads(gen_file.read_text())
+        from darkbloom.config import load_config
+        from darkbloom.inference.catalog import models_dir
+
+        smol = models_dir(load_config().inference) / "smollm2-135m-instruct"
+        t0 = time.monotonic()
+        rows = score_items(smol, gen["items"], args.batch)
+        data = {"rows": rows, "generate_s": gen["generate_s"], "score_s": time.monotonic() - t0, "max_tokens": gen["max_tokens"]}
         Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
         Path(args.samples).write_text(json.dumps(data))
-    if args.fixed:
-        return fixed_report(data, args.out)
-    result = analyse(data, args.seed)
-    result.update({k: data[k] for k in ("generate_s", "score_s", "vocab", "max_tokens")})
-    for regime, r in result["regimes"].items():
-        print(f"== {regime}")
-        for tier, pol in r["policies"].items():
-            print(f"  {tier}: top_k={pol['top_k']} max_outside={pol['max_outside']} min_mean_logprob={pol['min_mean_logprob']}")
-        print(f"  {'tier':<7} {'kind':<16} {'split':<9} {'n':>4} {'flagged':>7} {'correct':>8}  95% miss bound")
-        for row in r["rows"]:
-            b = f"<= {row['rule_of_three_miss_bound']:.4f}" if row["rule_of_three_miss_bound"] else ""
-            print(f"  {row['tier']:<7} {row['kind']:<16} {row['split']:<9} {row['n']:>4} {row['flagged']:>7} {row['correct_rate']:>8.4f}  {b}")
-    print(f"generation {data['generate_s']:.0f}s, scoring {data['score_s']:.0f}s, honest mean {result['honest_mean_tokens']:.1f} tokens")
+    result = analyse(data["rows"])
+    result.update({k: data[k] for k in ("generate_s", "score_s", "max_tokens")})
+    print_table(result)
+    print(f"generation {data['generate_s']:.0f}s, scoring {data['score_s']:.0f}s")
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
