@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LEDGER_RETRY_S = 60.0  # after the ledger could not be reached, go unpaid this long before trying again
 FREE_NODE_RECHECK_S = 600.0  # a node that served without countersigning gets no lane for this long
+LEDGER_DOWN_WAIT_S = 15.0  # ledger unreachable: wait this long for a lane we hold to the node before going unpaid
 LANE_BUSY_RETRIES = 1  # a lane refused as busy: ask the same node again with another lane this many times
 
 
@@ -65,6 +66,8 @@ class ConsumerMeter:
         self._client_lock = trio.Lock()
         self._idle: dict[str, list[ConsumerLane]] = {}  # node peer id -> lanes free for a request
         self._free: dict[str, float] = {}  # node peer id -> when it was seen serving without vouchers
+        self._held: dict[str, int] = {}  # node peer id -> lanes to it that are idle or lent to a request
+        self._returned: dict[str, trio.Event] = {}  # node peer id -> set when one of its lanes comes back or drops
         self._ledger_down_until = -float("inf")
         self.opened = 0
 
@@ -92,17 +95,11 @@ class ConsumerMeter:
         free_since = self._free.get(node_peer_id)
         if free_since is not None and trio.current_time() - free_since < FREE_NODE_RECHECK_S:
             return None
-        idle = self._idle.get(node_peer_id, [])
-        for i in range(len(idle) - 1, -1, -1):  # the most recently used first
-            lane = idle[i]
-            if lane.lane == avoid:  # just refused as busy: keep it for later
-                continue
-            del idle[i]
-            if lane.headroom() > 0 and lane.reservation.price_input_per_m == price_input_per_m \
-                    and lane.reservation.price_output_per_m == price_output_per_m:
-                return lane
+        lane = self._idle_lane(node_peer_id, price_input_per_m, price_output_per_m, avoid)
+        if lane is not None:
+            return lane
         if trio.current_time() < self._ledger_down_until:
-            return None
+            return await self._wait_for_held(node_peer_id, price_input_per_m, price_output_per_m, avoid)
         node_account = public_key_from_peer_id(node_peer_id).hex()
         try:
             client = await self._ledger()
@@ -114,12 +111,58 @@ class ConsumerMeter:
             # payment refuse, and the router tries others) rather than failing every request.
             self._client = None
             self._ledger_down_until = trio.current_time() + LEDGER_RETRY_S
-            log.warning("ledger %s unreachable (%s): requests go unpaid for %.0f s", short_id(self.ledger_peer),
-                        type(exc).__name__, LEDGER_RETRY_S)
-            return None
+            log.warning("ledger %s unreachable (%s): requests wait for held lanes (or go unpaid) for %.0f s",
+                        short_id(self.ledger_peer), type(exc).__name__, LEDGER_RETRY_S)
+            return await self._wait_for_held(node_peer_id, price_input_per_m, price_output_per_m, avoid)
         self.opened += 1
+        self._held[node_peer_id] = self._held.get(node_peer_id, 0) + 1
         log.info("lane %s opened to node %s (cap %d)", reservation.lane[:8], short_id(node_peer_id), reservation.cap)
         return ConsumerLane(self.identity, reservation, voucher_every_tokens=self.config.voucher_every_tokens)
+
+    def _idle_lane(self, node_peer_id: str, price_input_per_m: int, price_output_per_m: int,
+                   avoid: str) -> ConsumerLane | None:
+        """Take an idle lane to the node at these prices with headroom left (the most recently used first)."""
+        idle = self._idle.get(node_peer_id, [])
+        for i in range(len(idle) - 1, -1, -1):
+            lane = idle[i]
+            if lane.lane == avoid:  # just refused as busy: keep it for later
+                continue
+            del idle[i]
+            if lane.headroom() > 0 and lane.reservation.price_input_per_m == price_input_per_m \
+                    and lane.reservation.price_output_per_m == price_output_per_m:
+                return lane
+            self._drop(node_peer_id)  # spent or at old prices: no use any more
+        return None
+
+    async def _wait_for_held(self, node_peer_id: str, price_input_per_m: int, price_output_per_m: int,
+                             avoid: str) -> ConsumerLane | None:
+        """The ledger is unreachable: wait (bounded) for a lane this shim holds to the node to come back.
+
+        A node that requires payment refuses a request without a lane, so while we hold lanes
+        to it, queueing for one beats going unpaid. None (go unpaid) when we hold none, or
+        none came back within LEDGER_DOWN_WAIT_S.
+        """
+        with trio.move_on_after(LEDGER_DOWN_WAIT_S):
+            while self._held.get(node_peer_id, 0) > 0:
+                lane = self._idle_lane(node_peer_id, price_input_per_m, price_output_per_m, avoid)
+                if lane is not None:
+                    return lane
+                avoid = ""  # a busy lane is fine to retry once it came back
+                await self._returned.setdefault(node_peer_id, trio.Event()).wait()
+        return None
+
+    def _returns(self, node_peer_id: str) -> None:
+        event = self._returned.pop(node_peer_id, None)
+        if event is not None:
+            event.set()
+
+    def _drop(self, node_peer_id: str) -> None:
+        held = self._held.get(node_peer_id, 0) - 1
+        if held > 0:
+            self._held[node_peer_id] = held
+        else:
+            self._held.pop(node_peer_id, None)
+        self._returns(node_peer_id)
 
     def release(self, node_peer_id: str, lane: ConsumerLane, outcome: str) -> None:
         """Give a lane back after a request ("clean", "busy", "unclean" or "unmetered"); clean and busy ones are reused.
@@ -130,13 +173,17 @@ class ConsumerMeter:
         if outcome == "clean":
             self._free.pop(node_peer_id, None)
             self._idle.setdefault(node_peer_id, []).append(lane)
+            self._returns(node_peer_id)
         elif outcome == "busy":
             self._idle.setdefault(node_peer_id, []).insert(0, lane)
+            self._returns(node_peer_id)
         elif outcome == "unmetered":
             self._free[node_peer_id] = trio.current_time()
             log.info("node %s serves free: no lanes for it for a while", short_id(node_peer_id))
+            self._drop(node_peer_id)
         else:
             log.info("lane %s to node %s dropped after an unfinished request", lane.lane[:8], short_id(node_peer_id))
+            self._drop(node_peer_id)
 
     async def aclose(self) -> None:
         if self._client is not None:

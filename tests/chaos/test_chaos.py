@@ -272,10 +272,6 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: with the ledger's relay down the shim cannot open lanes, so requests beyond the lanes it already "
-    "holds go unpaid (ConsumerMeter goes unpaid for 60 s) and a node with node.require_payment = true (the "
-    "default) refuses them (payment_required -> 503) instead of the request waiting for a held lane"))
 def test_paid_direct_path_keeps_serving_while_the_relay_is_down(procnet):
     net = procnet
     net.start_relay()
