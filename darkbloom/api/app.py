@@ -337,7 +337,7 @@ def create_app(
         if infer is not None and comp.finished and wanted is not None and wanted(infer):
             # After the answer: a second node scores these tokens; the client does not wait.
             app.add_background_task(backend.spot_check, infer, session.node_id,  # type: ignore[attr-defined]
-                                    session.accepted.digest, comp.choices[0].token_ids)
+                                    session.accepted.digest, comp.choices[0].token_ids, comp.choices[0].attestation)
         if auth is not None:
             with trio.CancelScope(shield=True):
                 await auth.record(who, model=parsed.model, prompt_tokens=comp.prompt_tokens,

@@ -152,6 +152,7 @@ class NetworkBackend:
         self.trust = trust
         self.meter = meter  # a darkbloom.api.metering.ConsumerMeter: pay nodes through ledger lanes
         self.on_spot_check: Any | None = None  # called (served_by, verdict or None) after each spot check
+        self.reporter: Any | None = None  # darkbloom.api.trust.report.Reporter: flagged nodes go to the relay
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
@@ -367,8 +368,11 @@ class NetworkBackend:
             return False
         return self.trust.want_spot_check(spot_checkable(request.params))
 
-    async def spot_check(self, request: InferRequest, served_by: str, digest: str, output_ids: tuple[int, ...]) -> Any:
+    async def spot_check(self, request: InferRequest, served_by: str, digest: str, output_ids: tuple[int, ...],
+                         output_attestation: bytes = b"") -> Any:
         """Ask another node serving the same weights to score `served_by`'s output; judge it.
+        `output_attestation`: the node's signed OutputAttestation (from ChoiceEnd); with it a
+        flagged node is reported to the relay by `self.reporter` (darkbloom.api.trust.report).
 
         Returns the Verdict (also recorded in the trust book), or None when no verifier could
         run it. Runs after the answer was delivered; the client never waits for it.
@@ -425,6 +429,9 @@ class NetworkBackend:
             )
             log.info("spot check of %s by %s: %s", served_by[-8:], cand.peer_id[-8:],
                      "flagged " + verdict.reason if verdict.flagged else ("inconclusive" if verdict.inconclusive else "ok"))
+            if verdict.flagged and self.reporter is not None:
+                await self.reporter.report(public_key_from_peer_id(served_by).hex(), output_attestation, attestation,
+                                           verdict, self.trust.policy_for(temperature if isinstance(temperature, (int, float)) else 1.0))
             if self.on_spot_check is not None:
                 self.on_spot_check(served_by, verdict)
             return verdict
