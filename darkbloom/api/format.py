@@ -42,6 +42,7 @@ class _Choice:
     finish_reason: str | None = None
     started: bool = False  # role chunk sent
     token_ids: tuple[int, ...] = ()  # output token ids from ChoiceEnd (for spot checks; never sent)
+    attestation: bytes = b""  # the node's signed OutputAttestation from ChoiceEnd (spot-check evidence; never sent)
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class Completion:
         # The node may fold the last (stop) token into ChoiceEnd; the whole choice reached us.
         c.tokens = max(c.tokens, e.completion_tokens)
         c.token_ids = tuple(e.token_ids)
+        c.attestation = e.attestation
         reason = e.finish_reason
         if reason == "stop" and c.tool_calls:
             reason = "tool_calls"

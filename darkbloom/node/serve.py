@@ -583,10 +583,11 @@ class InferenceService:
                         metered.lane.served(completion_tokens=event.tokens)
                 elif isinstance(event, ChoiceFinished):
                     progress.ended_tokens += event.completion_tokens
+                    attestation = await self._attest(req, gen_req, digest, event.token_ids) if event.index == 0 else b""
                     await io.send(ChoiceEnd(request_id=rid, index=event.index,
                                             finish_reason=event.finish_reason,  # type: ignore[arg-type]
                                             completion_tokens=event.completion_tokens,
-                                            token_ids=tuple(event.token_ids)))
+                                            token_ids=tuple(event.token_ids), attestation=attestation))
         extra = max(0, progress.ended_tokens - progress.completion_tokens)  # tokens folded into ChoiceEnd
         progress.completion_tokens += extra
         if metered is not None and extra:
@@ -594,6 +595,19 @@ class InferenceService:
         await io.send(Done(request_id=rid, usage=Usage(prompt_tokens=progress.prompt_tokens,
                                                        completion_tokens=progress.completion_tokens),
                            load=self.load()))
+
+    async def _attest(self, req: InferRequest, gen_req: Any, digest: str, token_ids: Sequence[int]) -> bytes:
+        """Spot-check evidence: this node's signature over the prompt ids and its first output ids
+        (hashes only), so a shim can prove to the relay what this node answered."""
+        if self.identity is None or not token_ids:
+            return b""
+        from darkbloom.api.trust.evidence import ATTESTED_TOKENS, attest_output
+        from darkbloom.wire.codec import encode
+
+        prompt_ids = await self.engine.prompt_ids(req.model, gen_req)
+        return encode(attest_output(self.identity, request_id=req.request_id, model=req.model, model_digest=digest,
+                                    prompt_ids=prompt_ids, output_ids=tuple(token_ids)[:ATTESTED_TOKENS],
+                                    time_ms=int(time.time() * 1000)))
 
     async def _watch(self, io: _StreamIO, scope: trio.CancelScope, rid: str, metered: _Metered | None) -> None:
         """The client's side of the stream: vouchers; EOF or reset means stop generating now."""

@@ -102,6 +102,9 @@ class ChoiceEnd:
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "cancelled"]
     completion_tokens: int = 0
     token_ids: tuple[int, ...] = ()  # output token ids, for verification of work
+    # encode(trust.OutputAttestation) signed by the node over the prompt ids and the first
+    # trust.evidence.ATTESTED_TOKENS output ids (choice 0, nodes with an identity): spot-check evidence
+    attestation: bytes = b""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,6 +29,7 @@ from darkbloom.wire.ledger import signed_bytes
 from darkbloom.wire.trust import OutputAttestation, ScoreAttestation, SpotCheckReport
 
 __all__ = [
+    "ATTESTED_TOKENS",
     "attest_output",
     "attest_scores",
     "check_report",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 _ROLES = {OutputAttestation: "node", ScoreAttestation: "verifier", SpotCheckReport: "reporter"}
+ATTESTED_TOKENS = 32  # a serving node attests its first this many output tokens (VerifyPolicy.max_scored_tokens)
 
 
 def token_hash(token_ids: Iterable[int]) -> bytes:
