@@ -105,6 +105,10 @@ async def open_shim(
         async with trio.open_nursery() as nursery:
             url = await nursery.start(partial(serve, api, backend, auth=auth, metrics=metrics))
             reputation_from = target if target is not None else ledger_target(config)
+            if trust is not None and api.spot_check_report and reputation_from is not None:
+                from darkbloom.api.trust.report import Reporter
+
+                backend.reporter = Reporter(network, identity or load_or_create_identity(shim_dir(config)), reputation_from)
             if reputation_from is not None and api.reputation_refresh_s > 0:  # the relay's signed reputation table
                 from darkbloom.api.trust.refresh import run_shim_reputation
 
