@@ -75,6 +75,7 @@ class InferenceConfig:
     prefill_step_size: int = 512
     prompt_cache_mb: int = 256  # KV caches kept for prefix reuse, per model; counted against node.max_memory_mb
     openblas: bool = True  # Linux: load OpenBLAS before MLX when present
+    blas_threads: int = 1  # OpenBLAS threads (process-wide); 1 is fastest for decode on CPU; 0: OpenBLAS default
     self_benchmark: bool = True
 
 

@@ -74,6 +74,7 @@ def engine_options(cfg: Any, node_cfg: Any = None) -> dict[str, Any]:
         "prompt_cache_bytes": batching.prompt_cache_budget_bytes(
             cfg.prompt_cache_mb, getattr(node_cfg, "max_memory_mb", 0) or 0
         ),
+        "blas_threads": cfg.blas_threads,
         "self_benchmark": cfg.self_benchmark,
     }
 
@@ -209,13 +210,15 @@ async def open_engine(
     default_max_tokens: int = 512,
     prefill_step_size: int = 512,
     prompt_cache_bytes: int = 256 << 20,
+    blas_threads: int = 1,
     self_benchmark: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start the engine thread, load `models` ((id, path) pairs or objects with .id and .path),
     yield the Engine, and stop the thread on exit. A model that fails to load raises here.
 
     `prompt_cache_bytes` bounds each model's cache of finished requests' KV caches (prefix
-    reuse); 0 turns prefix reuse off."""
+    reuse); 0 turns prefix reuse off. `blas_threads` sets OpenBLAS's (process-wide) thread count
+    on Linux (0 leaves it alone); see `blas.set_blas_threads`."""
     if max_concurrent < 1 or max_queue < 0 or prompt_cache_bytes < 0:
         raise ValueError("max_concurrent must be >= 1, max_queue and prompt_cache_bytes >= 0")
     # Embedding models (catalog kind "embedding") are served elsewhere, not by this engine.
@@ -234,6 +237,7 @@ async def open_engine(
         default_max_tokens=default_max_tokens,
         prefill_step_size=prefill_step_size,
         prompt_cache_bytes=prompt_cache_bytes,
+        blas_threads=blas_threads,
         self_benchmark=self_benchmark,
         post=post,
     )

@@ -105,6 +105,7 @@ class Worker:
         default_max_tokens: int,
         prefill_step_size: int,
         prompt_cache_bytes: int,
+        blas_threads: int = 0,
         self_benchmark: bool,
         post: Callable[[list[tuple[Any, Any]]], None],
     ) -> None:
@@ -113,6 +114,7 @@ class Worker:
         self.default_max_tokens = default_max_tokens
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
+        self.blas_threads = blas_threads
         self.self_benchmark = self_benchmark
         self.post = post  # deliver [(send_channel, event)] on the trio side, without waiting
         self.commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -128,9 +130,10 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------
 
     def load_all(self) -> None:
-        from darkbloom.inference.blas import ensure_blas
+        from darkbloom.inference.blas import ensure_blas, set_blas_threads
 
         ensure_blas()
+        set_blas_threads(self.blas_threads)
         import mlx_lm
         from mlx_lm.models.cache import LRUPromptCache
 

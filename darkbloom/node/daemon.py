@@ -389,6 +389,7 @@ async def open_node(
                     default_max_tokens=config.inference.default_max_tokens,
                     prefill_step_size=config.inference.prefill_step_size,
                     prompt_cache_bytes=engine_options(config.inference, config.node)["prompt_cache_bytes"],
+                    blas_threads=config.inference.blas_threads,
                     self_benchmark=config.inference.self_benchmark,
                 )
             )
