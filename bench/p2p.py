@@ -1,6 +1,7 @@
 """Benchmark the P2P layer on loopback: connect, discovery, streams, round trips, throughput, relay load.
 
     .venv/bin/python bench/p2p.py [--samples 30] [--streams 200] [--tokens 100] [--rate 50]
+                                  [--only tokens-relayed|tokens-direct]
                                   [--out bench/results/p2p.json]
 
 Real libp2p hosts on 127.0.0.1 (TCP + Noise + Yamux). The relay runs in its own process
@@ -8,6 +9,9 @@ Real libp2p hosts on 127.0.0.1 (TCP + Noise + Yamux). The relay runs in its own 
 Token streams: a private node sends `--tokens` tokens at `--rate` tokens/s on each of
 `--streams` concurrent streams, all through the one relay, each token stamped with its send
 time; the client measures delivery latency and compares with the same load sent directly.
+The token arms also report the CPU seconds the relay and node processes used (from /proc).
+Profiling: BENCH_RELAY_SCRIPT=<script.py> starts the relay from that script instead (for
+example a wrapper that runs tests.p2p.nat_peer under cProfile).
 """
 
 from __future__ import annotations
@@ -85,6 +89,15 @@ def serve_all(net, rate: float, tokens: int) -> None:
     net.serve(TOKENS, token_server(rate, tokens))
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a live process used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def spawn(*args: str) -> tuple[trio.Process, dict]:
     """A helper process; its first JSON line."""
     proc = await trio.lowlevel.open_process([sys.executable, *args], stdout=subprocess.PIPE,
@@ -116,7 +129,8 @@ async def read_all_json(proc: trio.Process) -> dict:
 
 
 async def relay_process(_: object) -> tuple[trio.Process, str]:
-    proc, ready = await spawn("-m", "tests.p2p.nat_peer", "relay", "--listen", "/ip4/127.0.0.1/tcp/0")
+    cmd = os.environ.get("BENCH_RELAY_SCRIPT")
+    proc, ready = await spawn(cmd) if cmd else await spawn("-m", "tests.p2p.nat_peer", "relay", "--listen", "/ip4/127.0.0.1/tcp/0")
     return proc, ready["addrs"][0]
 
 
@@ -154,7 +168,7 @@ async def warm_up(net, peer: str, addrs) -> None:
     await trio.sleep(1.0)  # benchmark warm-up, not synchronisation
 
 
-async def token_load_processes(relay: str, reachability: str, args: argparse.Namespace) -> dict:
+async def token_load_processes(relay: str, reachability: str, args: argparse.Namespace, relay_pid: int = 0) -> dict:
     """Node and clients in their own processes (the relay too): what one relay carries."""
     procs = []
     try:
@@ -168,11 +182,19 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
                                   "--streams", str(n), "--tokens", str(args.tokens), "--addrs", *info["addrs"])
             procs.append(proc)
             clients.append(proc)
-        results = [await read_all_json(p) for p in clients]
+        cpu0 = {"relay": cpu_s(relay_pid) if relay_pid else float("nan"), "node": cpu_s(node.pid)}
+        t0 = time.perf_counter()
+        results = []
+        for p in clients:
+            results.append(await read_all_json(p))
+        elapsed = time.perf_counter() - t0
+        cpu = {k: round(cpu_s(pid) - cpu0[k], 2) for k, pid in (("relay", relay_pid), ("node", node.pid)) if pid}
         latencies = [x for r in results for x in r.pop("raw")]
         return {"streams": args.streams, "tokens_per_stream": args.tokens, "rate_per_stream": args.rate,
-                "processes": {"clients": len(clients)}, "delivered": len(latencies),
-                "errors": sum(r["errors"] for r in results), "token_latency": ms(latencies) if latencies else {}}
+                "processes": {"clients": len(clients)},
+                "cpu_s": cpu, "wall_s": round(elapsed, 2), "delivered": len(latencies),
+                "errors": sum(r["errors"] for r in results),
+                "error_kinds": [r.get("error_kinds", {}) for r in results], "token_latency": ms(latencies) if latencies else {}}
     finally:
         for p in procs:
             if p.returncode is None:
@@ -213,6 +235,7 @@ async def measure_streams(client, peer: str, addrs, samples: int) -> dict:
 async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: bool = False) -> dict:
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
 
     async def one(client) -> None:
         nonlocal errors
@@ -225,13 +248,16 @@ async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: 
                     return
                 _, sent = TOKEN.unpack(data)
                 latencies.append(time.perf_counter() - sent)
-        except Exception:  # counted, reported: the benchmark must finish
+        except Exception as exc:  # counted, reported: the benchmark must finish
             errors += 1
+            kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+            kinds[kind] = kinds.get(kind, 0) + 1
 
     async with trio.open_nursery() as n:
         for i in range(streams):
             n.start_soon(one, clients[i % len(clients)])
     out = {"streams": streams, "tokens_per_stream": tokens, "delivered": len(latencies), "errors": errors,
+           "error_kinds": kinds,
            "token_latency": ms(latencies) if latencies else {}}
     if raw:
         out["raw"] = [round(x, 6) for x in latencies]
@@ -242,6 +268,8 @@ async def main(args: argparse.Namespace) -> dict:
     results: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
                                  "cpus": os.cpu_count()}}
     cfg = loopback_config(record_ttl_s=1200.0, announce_interval_s=600.0, dial_timeout_s=10.0)
+    if args.only in ("tokens-direct", "tokens-relayed"):
+        return await tokens_only(args, results)
     async with contextlib.AsyncExitStack() as stack:
         proc = None
         if args.relay_in_process:
@@ -281,8 +309,9 @@ async def main(args: argparse.Namespace) -> dict:
                 results["find_providers"] = {**ms(finds), "providers": len(found)}
                 results["direct"] = await measure_streams(shim, public.peer_id, public.listen_addrs, args.samples)
                 results["relayed"] = await measure_streams(shim, private.peer_id, private.announce_addrs, args.samples)
-            results["tokens_direct"] = await token_load_processes(relay_addr, "public", args)
-            results["tokens_relayed"] = await token_load_processes(relay_addr, "private", args)
+            relay_pid = proc.pid if proc is not None else 0
+            results["tokens_direct"] = await token_load_processes(relay_addr, "public", args, relay_pid)
+            results["tokens_relayed"] = await token_load_processes(relay_addr, "private", args, relay_pid)
             d = results["tokens_direct"]["token_latency"]
             r = results["tokens_relayed"]["token_latency"]
             if d and r:
@@ -294,12 +323,28 @@ async def main(args: argparse.Namespace) -> dict:
     return results
 
 
+async def tokens_only(args: argparse.Namespace, results: dict) -> dict:
+    """Just one token-stream arm (relay in its own process): `--only tokens-relayed`."""
+    proc, relay_addr = await relay_process(None)
+    results["relay"] = "own process"
+    try:
+        route = args.only.removeprefix("tokens-")
+        results[f"tokens_{route}"] = await token_load_processes(
+            relay_addr, "public" if route == "direct" else "private", args, proc.pid)
+    finally:
+        proc.kill()
+        await proc.wait()
+    return results
+
+
 def table(r: dict) -> str:
-    rows = [
+    rows = [] if "connect" not in r else [
         ("connect (direct)", f"p50 {r['connect']['p50_ms']} ms, p95 {r['connect']['p95_ms']} ms", "<= 15 ms"),
         ("find_providers (fresh query)", f"p50 {r['find_providers']['p50_ms']} ms, p95 {r['find_providers']['p95_ms']} ms", "p50 <= 60 ms"),
     ]
     for route in ("direct", "relayed"):
+        if route not in r:
+            continue
         x = r[route]
         rows += [
             (f"stream open, {route}", f"p50 {x['stream_open']['p50_ms']} ms, p95 {x['stream_open']['p95_ms']} ms",
@@ -309,6 +354,8 @@ def table(r: dict) -> str:
             (f"20 MB one stream, {route}", f"{x['throughput_20MB_MBps']} MB/s", ""),
         ]
     for route in ("direct", "relayed"):
+        if f"tokens_{route}" not in r:
+            continue
         t = r[f"tokens_{route}"]
         lat = t["token_latency"]
         rows.append((f"{t['streams']} token streams x {t['tokens_per_stream']} tok, {route}",
@@ -330,6 +377,8 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--only", choices=["all", "tokens-direct", "tokens-relayed"], default="all",
+                        help="run one token-stream arm alone (relay in its own process)")
     parser.add_argument("--relay-in-process", action="store_true",
                         help="run the relay in this process (no cross-process scheduling on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/p2p.json"))
@@ -343,7 +392,9 @@ if __name__ == "__main__":
         trio.run(helper_node if a.helper == "node" else helper_client, a)
         sys.exit(0)
     res = trio.run(main, a)
+    res["load_average"] = list(os.getloadavg())
     print(table(res))
+    print(f"load average {res['load_average']}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {a.out}")
