@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -18,10 +19,13 @@ from darkbloom.api.trust.verify import (
     VerifyPolicy,
     calibrate,
     judge,
+    log_evalue,
     scored_from_ranked,
+    scored_from_sampled,
     scored_from_token_scores,
     should_spot_check,
     spot_check_window,
+    z_score,
 )
 from darkbloom.errors import InvalidRequest
 from darkbloom.inference.engine import ChoiceFinished, open_engine
@@ -130,3 +134,211 @@ def test_far_token_rule() -> None:
     assert v.flagged and v.reason == "improbable_token"
     # a greedy token is the argmax: its logprob is at least -ln(vocab), so the greedy rule is safe
     assert DEFAULT_POLICIES.greedy.far_logprob < -math.log(49152)
+
+
+# --- the sampling-distribution statistic (e-value, excluded tokens, z) ---------------------
+
+THETAS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _stats(q: list[float], x: int) -> tuple[float, float, float, tuple[float, ...]]:
+    """Exact per-position statistics of distribution q (pure Python) for token x."""
+    support = [p for p in q if p > 0]
+    h = -sum(p * math.log(p) for p in support)
+    var = sum(p * (math.log(p) + h) ** 2 for p in support)
+    tilts = tuple(math.log(sum(p ** (1 - th) for p in support)) for th in THETAS)
+    return math.log(q[x]) if q[x] > 0 else -math.inf, h, var, tilts
+
+
+def _softmax(logits: list[float], t: float) -> list[float]:
+    m = max(logits)
+    e = [math.exp((v - m) / t) for v in logits]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def _output(rng: random.Random, n: int, sample_t: float, claim_t: float, vocab: int = 40) -> ScoredOutput:
+    """n positions with random logits; tokens drawn at `sample_t`, scored as if sampled at `claim_t`."""
+    rows = []
+    for _ in range(n):
+        logits = [rng.gauss(0.0, 2.5) for _ in range(vocab)]
+        x = rng.choices(range(vocab), weights=_softmax(logits, sample_t))[0]
+        rows.append(_stats(_softmax(logits, claim_t), x))
+    return ScoredOutput(
+        tuple(r[0] for r in rows), tuple(0 for _ in rows), sample_logprobs=tuple(r[0] for r in rows),
+        entropies=tuple(r[1] for r in rows), variances=tuple(r[2] for r in rows), log_tilts=tuple(r[3] for r in rows),
+        tilts=THETAS, excluded=tuple(False for _ in rows),
+    )
+
+
+def test_evalue_bounds_honest_false_flags_and_catches_a_different_sampler() -> None:
+    """Honest tokens (drawn from the claimed distribution) are flagged at most alpha of the time
+    (Ville); tokens from another distribution (here: sampled hotter than claimed) are caught."""
+    rng = random.Random(7)
+    alpha_policy = VerifyPolicy(max_log_evalue=math.log(20))  # alpha = 5%: a bound we can see in 400 draws
+    honest = [_output(rng, 16, 1.0, 1.0) for _ in range(400)]
+    flagged = sum(judge(x, alpha_policy).flagged for x in honest)
+    assert flagged <= 400 * 0.05 * 1.6  # 20 expected at most; Ville's bound is loose, observed far lower
+    assert all(not judge(x, DEFAULT_POLICY).flagged for x in honest)
+    hot = [_output(rng, 32, 4.0, 1.0) for _ in range(100)]  # 32 tokens sampled at t=4, claimed t=1
+    assert sum(judge(x, DEFAULT_POLICY).flagged for x in hot) >= 99
+    assert all(judge(x, DEFAULT_POLICY).reason == "high_evalue" for x in hot if judge(x, DEFAULT_POLICY).flagged)
+    # z drifts negative for the cheat and stays near 0 for honest outputs
+    assert sum(z_score(x) for x in honest) / len(honest) == pytest.approx(0.0, abs=0.2)
+    assert all(z_score(x) < -4 for x in hot)
+    assert min(z_score(x) for x in honest) < -2.5  # the honest left tail is heavier than Gaussian (why z needs care)
+
+
+def test_evalue_grows_with_length_and_short_outputs_pass() -> None:
+    rng = random.Random(11)
+    cheat = _output(rng, 32, 3.0, 0.7)
+    lengths = [log_evalue(cheat, n) for n in (1, 4, 16, 32)]
+    assert lengths[-1] > lengths[1] > 0  # evidence accumulates with length
+    assert not judge(cheat, VerifyPolicy(max_scored_tokens=1)).flagged or lengths[0] >= DEFAULT_POLICY.max_log_evalue
+    assert judge(cheat, DEFAULT_POLICY).flagged
+
+
+def test_excluded_tokens_and_missing_statistics() -> None:
+    rng = random.Random(3)
+    x = _output(rng, 8, 1.0, 1.0)
+    bad = dataclasses.replace(x, sample_logprobs=(-math.inf,) + x.sample_logprobs[1:], excluded=(True,) + x.excluded[1:])
+    v = judge(bad, DEFAULT_POLICY)
+    assert v.flagged and v.reason == "excluded_token" and v.excluded == 1
+    assert not judge(bad, VerifyPolicy(max_excluded=1)).flagged
+    raw_only = ScoredOutput(x.logprobs, x.ranks)
+    v = judge(raw_only, DEFAULT_POLICY)  # a verifier that could not rebuild the distribution
+    assert not v.flagged and v.inconclusive
+    nan = dataclasses.replace(x, sample_logprobs=(math.nan,) + x.sample_logprobs[1:])
+    assert judge(nan, DEFAULT_POLICY).flagged
+    with pytest.raises(ValueError):
+        dataclasses.replace(x, entropies=x.entropies[1:])
+    with pytest.raises(ValueError):
+        dataclasses.replace(x, tilts=(0.5,))
+    # one policy for every temperature now; min_z is the optional Gaussian rule
+    assert DEFAULT_POLICIES.for_temperature(0.0) == DEFAULT_POLICIES.for_temperature(1.0) == DEFAULT_POLICY
+    assert judge(_output(rng, 16, 2.5, 1.0), VerifyPolicy(max_log_evalue=math.inf, min_z=-2.0)).reason == "low_z"
+
+
+@given(st.lists(st.tuples(st.floats(-30, -0.01), st.floats(0, 5)), min_size=1, max_size=32), st.floats(0, 3))
+def test_evalue_is_monotone_in_token_likelihood(tokens, boost) -> None:
+    """A more likely token (under the sampling distribution) never raises the e-value."""
+    tilts = tuple(tuple(th * h for th in THETAS) for _, h in tokens)  # any fixed values
+    def make(lps):
+        return ScoredOutput(tuple(lps), tuple(0 for _ in lps), sample_logprobs=tuple(lps), entropies=tuple(h for _, h in tokens),
+                            variances=tuple(1.0 for _ in lps), log_tilts=tilts, tilts=THETAS, excluded=tuple(False for _ in lps))
+    base = make([lp for lp, _ in tokens])
+    better = make([min(0.0, lp + boost) for lp, _ in tokens])
+    assert log_evalue(better) <= log_evalue(base) + 1e-9
+    if not judge(base, DEFAULT_POLICY).flagged:
+        assert not judge(better, DEFAULT_POLICY).flagged
+
+
+def test_sampled_stats_reproduce_the_mlx_sampler() -> None:
+    """The verifier's distribution is the one mlx-lm's sampler draws from: over 4000 draws per
+    setting no token is excluded, empirical frequencies match exp(sample_logprob), and the
+    mean log q equals minus the entropy."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from darkbloom.inference.scoring import TILTS, SamplingSpec, sampled_stats
+
+    mx.random.seed(0)
+    vocab, draws = 200, 4000
+    logits = (mx.random.normal((1, vocab)) * 3).astype(mx.float32)
+    specs = [SamplingSpec(temperature=0.7), SamplingSpec(temperature=1.0, top_p=0.9, top_k=50),
+             SamplingSpec(temperature=0.7, min_p=0.05), SamplingSpec(temperature=1.3, top_p=0.5, logit_bias=((3, 5.0),)),
+             SamplingSpec(temperature=0.0)]
+    for spec in specs:
+        biased = logits.at[:, mx.array([3])].add(mx.array([5.0])) if spec.logit_bias else logits
+        lp = biased - mx.logsumexp(biased, axis=-1, keepdims=True)
+        toks = make_sampler(spec.temperature, top_p=spec.top_p, min_p=spec.min_p, top_k=spec.top_k)(mx.broadcast_to(lp, (draws, vocab))).tolist()
+        scored = sampled_stats(mx.broadcast_to(logits, (draws, vocab)), toks, spec)
+        assert not any(t.excluded for t in scored), spec
+        every = sampled_stats(mx.broadcast_to(logits, (vocab, vocab)), list(range(vocab)), spec)
+        counts = [0] * vocab
+        for t in toks:
+            counts[t] += 1
+        for v in range(vocab):
+            p = 0.0 if every[v].excluded else math.exp(every[v].sample_logprob)
+            assert abs(counts[v] / draws - p) < 0.03, (spec, v)
+        assert sum(math.exp(t.sample_logprob) for t in every if not t.excluded) == pytest.approx(1.0, abs=1e-3)
+        # each e-value factor has expectation exactly 1 under q (what makes the e-value sound)
+        for j, th in enumerate(TILTS):
+            factor = sum(math.exp(t.sample_logprob) * math.exp(-th * t.sample_logprob - t.log_tilts[j]) for t in every if not t.excluded)
+            assert factor == pytest.approx(1.0, abs=1e-3), (spec, th)
+        mean_lq = sum(t.sample_logprob for t in scored) / draws
+        assert mean_lq == pytest.approx(-scored[0].entropy, abs=0.1)
+        if spec.top_k:
+            assert sum(not t.excluded for t in every) <= spec.top_k
+    greedy = sampled_stats(logits, [int(mx.argmax(logits).item())], SamplingSpec(temperature=0.0))[0]
+    assert greedy.sample_logprob == 0.0 and not greedy.excluded
+
+
+def test_score_attestation_round_trip_keeps_the_verdict() -> None:
+    """The sampled statistics survive signing, the wire (milli-nat integers) and the relay's re-check."""
+    from darkbloom.api.trust.evidence import attest_scores, scored_from_attestation
+    from darkbloom.errors import MalformedMessage
+    from darkbloom.identity import Identity
+    from darkbloom.inference.scoring import SampledToken
+    from darkbloom.wire.codec import decode, encode
+    from darkbloom.wire.trust import ScoreAttestation
+
+    rng = random.Random(5)
+    x = _output(rng, 12, 2.5, 1.0)
+    tokens = [SampledToken(i, x.logprobs[i], 0, x.sample_logprobs[i], x.entropies[i], x.variances[i], x.log_tilts[i], i == 3)
+              for i in range(12)]
+    verifier = Identity.from_seed(b"\x07" * 32)
+    att = attest_scores(verifier, model_digest="d", prompt_ids=[1, 2], output_ids=list(range(12)),
+                        logprobs=x.logprobs, ranks=x.ranks, time_ms=1, sampled=tokens, sampling="temperature=1", tilts=THETAS)
+    back = scored_from_attestation(decode(encode(att), ScoreAttestation))
+    assert back.excluded == tuple(i == 3 for i in range(12)) and back.sample_logprobs[3] == -math.inf
+    assert back.tilts == THETAS
+    assert judge(back).reason == "excluded_token"
+    no_ex = [dataclasses.replace(t, excluded=False) for t in tokens]
+    att2 = attest_scores(verifier, model_digest="d", prompt_ids=[1, 2], output_ids=list(range(12)),
+                         logprobs=x.logprobs, ranks=x.ranks, time_ms=1, sampled=no_ex, sampling="temperature=1", tilts=THETAS)
+    back2 = scored_from_attestation(decode(encode(att2), ScoreAttestation))
+    assert log_evalue(back2) == pytest.approx(log_evalue(x), abs=0.05)  # rounding to milli-nats
+    assert judge(back2).flagged == judge(x).flagged
+    # an old verifier (raw scores only) still decodes: inconclusive under the sampled policy
+    raw = attest_scores(verifier, model_digest="d", prompt_ids=[1, 2], output_ids=list(range(12)),
+                        logprobs=x.logprobs, ranks=x.ranks, time_ms=1)
+    assert judge(scored_from_attestation(decode(encode(raw), ScoreAttestation))).inconclusive
+    broken = dataclasses.replace(att2, log_tilts_mnats=att2.log_tilts_mnats[:-1])
+    with pytest.raises(MalformedMessage):
+        scored_from_attestation(broken)
+
+
+async def test_engine_outputs_are_never_excluded_under_their_sampling(tiny_model_dir: Path) -> None:
+    """Numerical agreement: the engine's batched decode (prompt cache, continuous batching) and
+    the verifier's single forward pass agree on which tokens the sampler could produce, with
+    tight filters (top_k 3, top_p 0.3, min_p 0.5) and greedy; honest e-values stay small."""
+    from darkbloom.inference.scoring import SamplingSpec
+
+    settings = [Sampling(temperature=0.0), Sampling(temperature=1.0, top_k=3), Sampling(temperature=0.8, top_p=0.3),
+                Sampling(temperature=1.2, min_p=0.5), Sampling(temperature=1.0, logit_bias=((5, 4.0),))]
+    with trio.fail_after(180):
+        async with open_engine([("tiny", tiny_model_dir)], max_concurrent=4, self_benchmark=False) as eng:
+            prompt = await eng.tokenize("tiny", "Once upon a time, in a small town,")
+            results = []
+
+            async def one(s: Sampling) -> None:
+                req = GenerationRequest(kind="completion", prompt=tuple(prompt), max_tokens=24, sampling=s)
+                async for ev in eng.generate("tiny", req):
+                    if isinstance(ev, ChoiceFinished):
+                        results.append((s, list(ev.token_ids)))
+
+            async with trio.open_nursery() as n:  # concurrently: batched decode
+                for s in settings * 2:
+                    n.start_soon(one, s)
+            scored = [(s, await eng.score_sampled("tiny", prompt, out, SamplingSpec.from_sampling(s))) for s, out in results]
+            wrong = await eng.score_sampled("tiny", prompt, [t + 1 for t in results[0][1]], SamplingSpec(temperature=0.0))
+    assert len(scored) == 10
+    for s, toks in scored:
+        assert len(toks) == 24 and not any(t.excluded for t in toks), s
+        x = scored_from_sampled(toks, (0.1, 0.25, 0.5, 0.75, 0.9))
+        assert not judge(x).flagged and log_evalue(x) < 6.0, s
+        if s.temperature == 0:
+            assert all(t.rank == 0 and t.sample_logprob == 0.0 for t in toks)
+    assert judge(scored_from_sampled(wrong, (0.1, 0.25, 0.5, 0.75, 0.9))).reason == "excluded_token"
+    assert SamplingSpec.from_sampling(Sampling(presence_penalty=1.0)) is None
