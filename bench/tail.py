@@ -160,7 +160,7 @@ def run_net(n: int, slow_delay_s: float) -> dict[str, Any]:
     import openai
 
     from darkbloom.api.app import serve
-    from darkbloom.api.metrics import Metrics
+    from darkbloom.metrics import ShimMetrics as Metrics
     from darkbloom.api.network import NetworkBackend
     from darkbloom.api.trust.routing import TrustedRouting
     from darkbloom.config import ApiConfig

@@ -30,7 +30,6 @@ from darkbloom import __version__
 from darkbloom.api import errors as api_errors
 from darkbloom.api.backend import Backend, Session
 from darkbloom.api.format import Completion, embedding_response, fingerprint, model_object
-from darkbloom.api.metrics import Metrics
 from darkbloom.api.openapi import openapi_document
 from darkbloom.api.requests import (
     ShimRequest,
@@ -41,6 +40,8 @@ from darkbloom.api.requests import (
 from darkbloom.api.sse import DONE, sse_data, sse_error
 from darkbloom.config import ApiConfig
 from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound, StreamClosed
+from darkbloom.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from darkbloom.metrics import ShimMetrics
 from darkbloom.wire.infer import ChoiceEnd, Delta, Done, Embeddings, InferRequest
 
 __all__ = ["Authenticator", "Principal", "create_app", "serve"]
@@ -106,12 +107,12 @@ def create_app(
     backend: Backend,
     *,
     config: ApiConfig | None = None,
-    metrics: Metrics | None = None,
+    metrics: ShimMetrics | None = None,
     auth: Authenticator | None = None,
 ) -> QuartTrio:
     """The quart-trio app over `backend`. `auth` None: local mode, every caller is `local`."""
     cfg = config or ApiConfig()
-    stats = metrics or Metrics()
+    stats = metrics or ShimMetrics()
     app = _App(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     # Quart would cut a response at RESPONSE_TIMEOUT without a word; our own deadlines below end a
@@ -148,10 +149,12 @@ def create_app(
 
         def wrap(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
             async def run(*args: Any, **kwargs: Any) -> Response:
+                code = None
                 try:
                     response = await handler(*args, **kwargs)
                 except DarkbloomError as exc:  # the single table decides status and body
                     err = api_errors.to_api_error(exc)
+                    code = err.code
                     if err.status >= 500:
                         logger.warning("%s answered %d: %s", name, err.status, err.code)
                     response = _error_response(err)
@@ -162,7 +165,8 @@ def create_app(
                     where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
                     logger.error("%s failed: %s at %s", name, type(exc).__name__, where)
                     response = _error_response(api_errors.to_api_error(exc))
-                stats.request(name, response.status_code)
+                    code = "internal"
+                stats.answered(name, response.status_code, code)
                 return response
 
             run.__name__ = f"endpoint_{name}"
@@ -180,7 +184,7 @@ def create_app(
     @app.get("/metrics")
     @endpoint("metrics")
     async def metrics_text() -> Response:
-        return Response(stats.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(stats.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/openapi.json")
     @endpoint("openapi")
@@ -291,7 +295,7 @@ def create_app(
                 if not isinstance(exc, (DarkbloomError, ValueError)) or isinstance(exc, (InvalidRequest, ModelNotFound)):
                     raise
                 tried.add(session.node_id)
-                stats.failovers += 1
+                stats.failover()
                 logger.warning("%s node %s failed mid-answer (%s); retrying elsewhere", request_id,
                                session.node_id[-8:], type(exc).__name__)
                 if len(tried) >= cfg.max_attempts:
@@ -365,7 +369,7 @@ def create_app(
             except DarkbloomError as exc:
                 # After the first byte: end with an error event, never a silent truncation.
                 ended = True
-                stats.stream_errors += 1
+                stats.stream_error()
                 err = api_errors.to_api_error(exc)
                 logger.warning("%s node %s failed mid-stream: %s", request_id, session.node_id[-8:],
                                type(exc).__name__)
@@ -375,7 +379,7 @@ def create_app(
                 with trio.CancelScope(shield=True):
                     await session.aclose()
                     if not ended:
-                        stats.client_disconnects += 1
+                        stats.client_disconnect()
                         logger.info("%s client disconnected after %d tokens", request_id, comp.completion_tokens)
                     await finish(who, parsed, request_id, session, comp, started, infer if ended else None)
 
@@ -396,7 +400,7 @@ def create_app(
             err = ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
         else:
             err = ApiError(exc.code or 500, exc.description or exc.name, code=None)
-        stats.request("other", err.status)
+        stats.answered("other", err.status, err.code)
         return _error_response(err)
 
     return app
@@ -419,7 +423,7 @@ async def serve(
     backend: Backend,
     *,
     auth: Authenticator | None = None,
-    metrics: Metrics | None = None,
+    metrics: ShimMetrics | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the app on hypercorn until cancelled; `task_status.started(base_url)` once listening.

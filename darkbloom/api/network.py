@@ -91,6 +91,7 @@ class NetworkSession:
     trust_ttft_s: float | None = None  # set when the trust layer opened it
     tokens: int = 0  # completion tokens received
     _released: bool = field(default=False, repr=False)
+    _last_at: float | None = field(default=None, repr=False)  # trio time the previous frame was handed on
 
     @property
     def node_id(self) -> str:
@@ -117,14 +118,18 @@ class NetworkSession:
                     if self.backend.trust is not None:
                         self.backend.trust.failed_midstream(self.node_id, now)
                 raise
+        now = trio.current_time()
         if isinstance(frame, Delta):
             self.tokens += frame.tokens
+            metrics = self.backend.metrics
+            if metrics is not None and self._last_at is not None and frame.tokens:
+                metrics.token_gap(now - self._last_at, frame.tokens)
         elif isinstance(frame, Done):
-            now = trio.current_time()
             self.backend._note_load(self.node_id, frame.load)
             if self.backend.trust is not None:
                 self.backend.trust.finished(self.node_id, now, ttft_s=self.trust_ttft_s, tokens=self.tokens,
                                             duration_s=now - self.started)
+        self._last_at = now
         return frame
 
     async def aclose(self) -> None:
@@ -153,6 +158,7 @@ class NetworkBackend:
         self.meter = meter  # a darkbloom.api.metering.ConsumerMeter: pay nodes through ledger lanes
         self.on_spot_check: Any | None = None  # called (served_by, verdict or None) after each spot check
         self.reporter: Any | None = None  # darkbloom.api.trust.report.Reporter: flagged nodes go to the relay
+        self.metrics: Any | None = None  # a darkbloom.metrics.RoleMetrics: lookups, routes, token gaps
         self.config = config or ApiConfig()
         self.known_models = set(known_models)
         self.stats: dict[str, PeerStats] = {}
@@ -181,7 +187,9 @@ class NetworkBackend:
             providers = await self.network.find_providers(model)
             if not providers:
                 providers = await self.network.find_providers(model, fresh=True)
+            self._count_dht("find_providers", "ok" if providers else "empty")
         except P2PError as exc:
+            self._count_dht("find_providers", "error")
             last = self._last_good.get(model)
             if not fallback or last is None or now - last[0] >= LAST_GOOD_TTL_S:
                 raise
@@ -205,6 +213,10 @@ class NetworkBackend:
             return last[1]
         return out
 
+    def _count_dht(self, kind: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dht(kind, outcome)
+
     def _replace_candidate(self, model: str, fresh: Candidate) -> None:
         """Put `fresh` in place of the same peer's entry in the cached and last good lists."""
         for table in (self._cache, self._last_good):
@@ -219,7 +231,9 @@ class NetworkBackend:
         with trio.move_on_after(min(RECORD_REFRESH_S, self.config.first_token_timeout_s)):
             try:
                 record = await self.network.get_record(cand.peer_id, fresh=True)
+                self._count_dht("get_record", "ok" if record is not None else "empty")
             except DarkbloomError as exc:  # no fresher record to be had: the failure stands
+                self._count_dht("get_record", "error")
                 log.debug("record refresh for %s failed: %s", cand.peer_id[-8:], type(exc).__name__)
         if record is None:
             return None
@@ -477,6 +491,8 @@ class NetworkBackend:
                             cand.peer_id[-8:], what)
             raise
         router.record_success(stats, trio.current_time(), trio.current_time() - started)
+        if self.metrics is not None:
+            self.metrics.routed(call.route)
         log.info("%s routed to %s via %s", request.request_id, cand.peer_id[-8:], call.route)
         return NetworkSession(call=call, backend=self, first=first, started=started)
 

@@ -24,11 +24,11 @@ import trio
 
 from darkbloom.api.app import serve
 from darkbloom.api.keys import KeyAuthenticator, KeyStore
-from darkbloom.api.metrics import Metrics
 from darkbloom.api.network import NetworkBackend
 from darkbloom.api.metering import ConsumerMeter
 from darkbloom.config import Config, bundled_bootstrap_file, load_bootstrap_file
 from darkbloom.identity import Identity, load_or_create_identity
+from darkbloom.metrics import ShimMetrics
 
 __all__ = ["Shim", "default_known_models", "ledger_target", "open_shim", "run_shim", "shim_dir"]
 
@@ -37,7 +37,7 @@ __all__ = ["Shim", "default_known_models", "ledger_target", "open_shim", "run_sh
 class Shim:
     url: str  # e.g. http://127.0.0.1:8080 (append /v1 for the OpenAI SDK)
     backend: NetworkBackend
-    metrics: Metrics
+    metrics: ShimMetrics
     keys: KeyStore | None
     meter: ConsumerMeter | None  # None: no ledger known, requests ask for free serving
 
@@ -77,7 +77,7 @@ async def open_shim(
     *,
     identity: Identity | None = None,
     known_models: Iterable[str] | None = None,
-    metrics: Metrics | None = None,
+    metrics: ShimMetrics | None = None,
     pay: bool = True,
     trust: Any | None = None,
 ) -> AsyncIterator[Shim]:
@@ -100,7 +100,9 @@ async def open_shim(
         trust = routing_from_config(api)  # breaker and spot-check policy from [api]
     backend = NetworkBackend(network, api, meter=meter, trust=trust,
                              known_models=default_known_models(config) if known_models is None else known_models)
-    metrics = metrics or Metrics()
+    metrics = metrics or ShimMetrics()
+    backend.metrics = metrics
+    metrics.refresh = lambda: metrics.peers.set(len(network.peers()))
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(partial(serve, api, backend, auth=auth, metrics=metrics))

@@ -15,7 +15,7 @@ import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -36,7 +36,7 @@ from darkbloom.statushttp import serve_status
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
 from darkbloom.wire.infer import PROTOCOL_VERSION, StatusReply
 
-__all__ = ["Node", "NodeStats", "open_node"]
+__all__ = ["Node", "NodeStats", "ObservedEngine", "open_node"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,35 @@ class NodeStats:
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
         counters.completion_tokens += r.completion_tokens
+
+
+class ObservedEngine:
+    """The engine as the node serves it, timed for the metrics: time from a request reaching the
+    engine to its first token (TTFT, queueing included) and the gap before each later token.
+    Everything else is the engine's own."""
+
+    def __init__(self, engine: object, metrics: RoleMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    async def generate(self, model_id: str, req: object) -> AsyncIterator[object]:
+        from darkbloom.inference.engine import TextDelta
+
+        started = trio.current_time()
+        last: float | None = None
+        async with aclosing(self.engine.generate(model_id, req)) as events:  # type: ignore[attr-defined]
+            async for event in events:
+                if isinstance(event, TextDelta) and event.tokens:
+                    now = trio.current_time()
+                    if last is None:
+                        self.metrics.ttft.observe(now - started)
+                    else:
+                        self.metrics.token_gap(now - last, event.tokens)
+                    last = now
+                yield event
 
 
 @dataclass
@@ -279,8 +308,10 @@ async def _watch_market(node: Node) -> None:
             try:
                 providers = await node.network.find_providers(m.id)  # type: ignore[attr-defined]
             except Exception as exc:  # any lookup failure only leaves the note stale
+                node.metrics.dht("find_providers", "error")
                 log.debug("market lookup for %s failed: %s", m.id, type(exc).__name__)
                 continue
+            node.metrics.dht("find_providers", "ok" if providers else "empty")
             others = [p.record.price_output_per_m for p in providers if p.peer_id != node.peer_id]
             counters = node.stats.models.setdefault(m.id, ModelCounters())
             counters.providers_seen = len(others)
@@ -413,7 +444,7 @@ async def open_node(
         else:
             log.warning("no ledger known (no bootstrap relay or ledger.ledger_peer): serving unpaid")
         node.service = InferenceService(
-            engine, digests={m.id: m.digest for m in models}, embedders=embedders,
+            ObservedEngine(engine, metrics) if engine is not None else None, digests={m.id: m.digest for m in models}, embedders=embedders,
             paused=node.paused, on_served=node._served, max_frame_bytes=config.p2p.max_frame_bytes,
             meter=meter, identity=identity, max_per_peer=config.node.max_requests_per_peer,
         )
@@ -439,8 +470,10 @@ async def open_node(
         )
         await join_network(net)
         node.record = await net.put_record(_template(node, bench))
+        metrics.dht("put_record")
         for m in models:
             await net.provide(m.id)
+            metrics.dht("provide")
         nursery.start_soon(_watch_market, node)
         log.info("node %s serving %s", short_id(node.peer_id), ", ".join(m.id for m in models))
         try:

@@ -9,7 +9,7 @@ from functools import partial
 import trio
 
 from darkbloom.api.app import serve
-from darkbloom.api.metrics import Metrics
+from darkbloom.metrics import ShimMetrics as Metrics
 from darkbloom.config import ApiConfig
 
 

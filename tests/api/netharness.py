@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from darkbloom.api.metrics import Metrics
+from darkbloom.metrics import ShimMetrics as Metrics
 from darkbloom.api.network import NetworkBackend
 from darkbloom.config import ApiConfig
 from darkbloom.inference.catalog import model_info

@@ -15,7 +15,7 @@ import openai
 import pytest
 import trio
 
-from darkbloom.api.metrics import Metrics
+from darkbloom.metrics import ShimMetrics as Metrics
 
 from .fakes import FAKE_DIGEST, FakeEngineBackend
 from .harness import running_shim
@@ -235,7 +235,7 @@ async def test_client_disconnect_closes_the_session():
             assert metrics.client_disconnects == 1
             async with httpx.AsyncClient() as http:
                 text = (await http.get(url.removesuffix("/v1") + "/metrics")).text
-    assert "darkbloom_shim_client_disconnects_total 1" in text
+    assert 'darkbloom_errors_total{kind="client_disconnect",role="shim"} 1.0' in text
 
 
 async def test_health_openapi_metrics():
@@ -249,8 +249,9 @@ async def test_health_openapi_metrics():
                 metrics = (await http.get(base + "/metrics")).text
     assert health["status"] == "ok"
     assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= set(spec["paths"])
-    assert 'darkbloom_shim_requests_total{endpoint="chat",status="200"} 1' in metrics
-    assert 'darkbloom_shim_tokens_total{model="fake-chat",kind="completion"} 6' in metrics
+    assert 'darkbloom_http_responses_total{endpoint="chat",role="shim",status="200"} 1.0' in metrics
+    assert 'darkbloom_requests_total{kind="chat",outcome="ok",role="shim"} 1.0' in metrics
+    assert 'darkbloom_model_tokens_total{direction="completion",model="fake-chat",role="shim"} 6.0' in metrics
 
 
 async def test_a_stalled_node_ends_the_stream_with_an_error_not_a_hang():

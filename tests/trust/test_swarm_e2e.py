@@ -28,7 +28,7 @@ import openai
 import trio
 
 from darkbloom.api.app import serve
-from darkbloom.api.metrics import Metrics
+from darkbloom.metrics import ShimMetrics as Metrics
 from darkbloom.api.network import NetworkBackend
 from darkbloom.api.trust.breaker import BreakerPolicy
 from darkbloom.api.trust.reputation_mix import TrustBook
