@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 _REPLY = (Accepted, ErrorFrame)
 _FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame, Voucher, ScoreAttestation)
 FINAL_VOUCHER_WAIT_S = 2.0  # after Done: how long aclose waits for the node's countersigned copy
+RELEASE_WAIT_S = 2.0  # how long aclose waits for the release hook's work (closing a dropped lane at the ledger)
 
 
 def error_from_frame(frame: ErrorFrame, peer_id: str, model: str = "") -> DarkbloomError:
@@ -201,7 +202,7 @@ class InferCall:
             except DarkbloomError:
                 pass  # the stream is already gone, which is all we wanted
         if self.lane is not None and self._on_release is not None:
-            self._on_release(outcome)
+            await _released(self._on_release, outcome)
 
     async def _await_final_countersign(self) -> str:
         """After Done and the final voucher: read until the node's countersigned copy arrives.
@@ -224,6 +225,13 @@ class InferCall:
         await self.aclose()
 
 
+async def _released(on_release: Callable[[str], Any], outcome: str) -> None:
+    pending = on_release(outcome)
+    if pending is not None:
+        with trio.move_on_after(RELEASE_WAIT_S, shield=True):
+            await pending
+
+
 async def open_infer(
     network: Any,
     peer_id: str,
@@ -239,6 +247,7 @@ async def open_infer(
     Raises PeerUnreachable / ProtocolMismatch (from the network), StreamClosed or
     MalformedMessage (broken answer), or the error the node answered. With `lane`, the
     request must carry that lane's reservation in `session`; `on_release(outcome)` is called
+    (and awaited, bounded, when it returns an awaitable, e.g. closing a dropped lane at the ledger)
     once the call is closed ("clean", "unclean" or "unmetered", see `InferCall.aclose`), or
     "busy" when the node refused the lane as still serving another request (LaneBusy).
     """
@@ -276,4 +285,4 @@ async def open_infer(
                         pass  # already closed by the node after its error frame
             if lane is not None and on_release is not None:
                 # Untouched unless the request began on the lane (then the two chains may differ).
-                on_release("busy" if busy else "clean" if call is None or not call.began else "unclean")
+                await _released(on_release, "busy" if busy else "clean" if call is None or not call.began else "unclean")

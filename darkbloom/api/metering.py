@@ -7,22 +7,27 @@ requests to one node use separate lanes). The infer client (`darkbloom.api.clien
 the per-stream work with the lent `ConsumerLane`: begin the request, count what arrives,
 send a voucher every `voucher_every_tokens` and a final one, keep the node's countersigned
 copies. A lane goes back to the pool only after a clean finish; after a broken stream the
-two sides may disagree about the chain, so it is dropped (its unused reserve is released by
-the ledger at expiry).
+two sides may disagree about the chain, so it is dropped and closed at the ledger
+(`CloseLane`: its unused reserve comes back about an epoch later, not at `lane_ttl_s`).
+
+`open_metered` is the one call the router makes: lend a lane, open the stream, release.
+A lane the node refuses as still busy (`LaneBusy`) is swapped for another one on the same
+node. While the ledger is unreachable no lane can be opened: a request then waits (bounded)
+for a lane this shim already holds to that node, and goes unpaid only when it holds none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import trio
 
 from darkbloom.api.client import InferCall, open_infer
 from darkbloom.config import LedgerConfig
-from darkbloom.errors import DarkbloomError, LaneBusy, P2PError
+from darkbloom.errors import DarkbloomError, LaneBusy, LedgerError, P2PError
 from darkbloom.identity import Identity
 from darkbloom.ledger.client import LedgerClient
 from darkbloom.ledger.lanes import ConsumerLane
@@ -68,8 +73,10 @@ class ConsumerMeter:
         self._free: dict[str, float] = {}  # node peer id -> when it was seen serving without vouchers
         self._held: dict[str, int] = {}  # node peer id -> lanes to it that are idle or lent to a request
         self._returned: dict[str, trio.Event] = {}  # node peer id -> set when one of its lanes comes back or drops
+        self._dropped: list[str] = []  # lanes dropped after unfinished requests, to close at the ledger
         self._ledger_down_until = -float("inf")
         self.opened = 0
+        self.closed = 0  # dropped lanes closed at the ledger
 
     @property
     def account(self) -> str:
@@ -181,11 +188,36 @@ class ConsumerMeter:
             self._free[node_peer_id] = trio.current_time()
             log.info("node %s serves free: no lanes for it for a while", short_id(node_peer_id))
             self._drop(node_peer_id)
+            self._dropped.append(lane.lane)
         else:
             log.info("lane %s to node %s dropped after an unfinished request", lane.lane[:8], short_id(node_peer_id))
             self._drop(node_peer_id)
+            self._dropped.append(lane.lane)
+
+    async def close_dropped(self) -> None:
+        """Close the dropped lanes at the ledger, so their unused reserve comes back in about an epoch, not at
+        `lane_ttl_s`. Lanes that cannot be closed now (ledger unreachable) wait for the next call."""
+        while self._dropped and trio.current_time() >= self._ledger_down_until:
+            lane = self._dropped.pop()
+            try:
+                client = await self._ledger()
+                await client.close_lane(lane)
+            except P2PError as exc:
+                self._dropped.append(lane)
+                self._client = None
+                self._ledger_down_until = trio.current_time() + LEDGER_RETRY_S
+                log.warning("ledger %s unreachable (%s): lanes wait to be closed", short_id(self.ledger_peer),
+                            type(exc).__name__)
+                return
+            except LedgerError as exc:  # unknown or already closed: nothing left to release
+                log.info("lane %s not closed: %s", lane[:8], exc)
+            else:
+                self.closed += 1
+                log.info("lane %s closed at the ledger (its unused reserve is released after an epoch)", lane[:8])
 
     async def aclose(self) -> None:
+        with trio.move_on_after(2, shield=True):
+            await self.close_dropped()
         if self._client is not None:
             with trio.move_on_after(2, shield=True):
                 try:
@@ -219,8 +251,9 @@ async def open_metered(
         if lane is None:
             return await open_infer(network, peer_id, request, addrs=addrs)
 
-        def release(outcome: str, _lane: ConsumerLane = lane) -> None:
+        def release(outcome: str, _lane: ConsumerLane = lane) -> Awaitable[None] | None:
             meter.release(peer_id, _lane, outcome)
+            return meter.close_dropped() if outcome in ("unclean", "unmetered") else None
 
         try:
             return await open_infer(network, peer_id, dataclasses.replace(request, session=session_bytes(lane)),

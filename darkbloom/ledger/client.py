@@ -35,6 +35,7 @@ from darkbloom.wire.codec import FrameDecoder, encode_frame, read_frame
 from darkbloom.wire.ledger import (
     BalanceQuery,
     BalanceReply,
+    CloseLane,
     EpochQuery,
     EpochReply,
     EpochSummary,
@@ -108,6 +109,12 @@ class LedgerClient:
     async def top_up(self, lane: str, cap: int) -> LaneReservation:
         """Raise the lane's total cap to `cap` (absolute)."""
         reply: LaneReply = await self._ask(sign(self.identity, TopUp(lane=lane, cap=cap, time_ms=self._now_ms())), LaneReply)
+        self._check_lane(reply.reservation, lane=lane)
+        return reply.reservation
+
+    async def close_lane(self, lane: str) -> LaneReservation:
+        """Tell the ledger this lane will not be used again: its unused reserve is released about an epoch later."""
+        reply: LaneReply = await self._ask(sign(self.identity, CloseLane(lane=lane, time_ms=self._now_ms())), LaneReply)
         self._check_lane(reply.reservation, lane=lane)
         return reply.reservation
 

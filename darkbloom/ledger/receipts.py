@@ -23,6 +23,7 @@ from darkbloom.identity import Identity
 from darkbloom.wire.codec import decode, encode
 from darkbloom.wire.ledger import (
     BalanceQuery,
+    CloseLane,
     EpochSummary,
     LaneReservation,
     NodeEpochStats,
@@ -116,6 +117,7 @@ _ROLE = {
     EpochSummary: "ledger",
     OpenLane: CONSUMER,
     TopUp: CONSUMER,
+    CloseLane: CONSUMER,
     BalanceQuery: "account",
     SubmitVouchers: NODE,
 }

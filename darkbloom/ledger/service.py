@@ -28,6 +28,7 @@ from darkbloom.wire.codec import FrameDecoder, encode_frame, read_frame
 from darkbloom.wire.ledger import (
     BalanceQuery,
     BalanceReply,
+    CloseLane,
     EpochQuery,
     EpochReply,
     LaneReply,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 FRESH_MS = 5 * 60 * 1000  # signed queries older or newer than this are refused
 MAX_BATCH = 2000  # vouchers per SubmitVouchers
 MAX_FRAME_BYTES = 1 << 20
-REQUESTS = (OpenLane, TopUp, SubmitVouchers, BalanceQuery, EpochQuery, ProofQuery)
+REQUESTS = (OpenLane, TopUp, CloseLane, SubmitVouchers, BalanceQuery, EpochQuery, ProofQuery)
 
 R = TypeVar("R")
 
@@ -163,6 +164,12 @@ class LedgerService:
             return LaneReply(reservation=reservation)
         if isinstance(request, TopUp):
             reservation = await self.ledger.call(store.top_up, request, ledger=self.identity, now_ms=self.now_ms(), ttl_ms=ttl_ms)
+            return LaneReply(reservation=reservation)
+        if isinstance(request, CloseLane):
+            # kept one epoch: the node's latest voucher is submitted and settles before the release
+            reservation = await self.ledger.call(store.close_lane, request, ledger=self.identity, now_ms=self.now_ms(),
+                                                 keep_ms=self.config.epoch_s * 1000)
+            log.info("lane %s closed by its consumer, expires %d", reservation.lane[:8], reservation.expires_ms)
             return LaneReply(reservation=reservation)
         if isinstance(request, SubmitVouchers):
             if len(request.vouchers) > MAX_BATCH:

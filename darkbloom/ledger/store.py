@@ -39,6 +39,7 @@ from darkbloom.wire.codec import encode
 from darkbloom.wire.ledger import (
     NETWORK_ACCOUNT,
     EpochSummary,
+    CloseLane,
     LaneReservation,
     OpenLane,
     ProofStep,
@@ -175,6 +176,10 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def top_up(self, request: TopUp, *, ledger: Identity, now_ms: int, ttl_ms: int) -> LaneReservation: ...
+
+    @abc.abstractmethod
+    def close_lane(self, request: CloseLane, *, ledger: Identity, now_ms: int, keep_ms: int) -> LaneReservation:
+        """Shorten the lane's expiry to `now_ms + keep_ms` (never lengthen it); the reserve is released at expiry."""
 
     @abc.abstractmethod
     def submit(self, node: str, vouchers: Sequence[Voucher]) -> list[SubmitResult]: ...
@@ -389,6 +394,24 @@ class SqlStore(LedgerStore):
                 (need, need, state.consumer),
             )
             self._journal(cur, [(state.consumer, "reserve", -need, need, state.lane, now_ms)])
+            return reservation
+
+    def close_lane(self, request: CloseLane, *, ledger: Identity, now_ms: int, keep_ms: int) -> LaneReservation:
+        with self._tx() as cur:
+            loaded = self._load_lane(cur, request.lane)
+            if loaded is None:
+                raise UnknownLane(request.lane)
+            state, blob = loaded
+            verify(request, state.consumer)
+            current = decode_strict(blob, LaneReservation)
+            expires = now_ms + keep_ms
+            if not state.open or expires >= state.expires_ms:
+                return current
+            reservation = sign(ledger, dataclasses.replace(current, expires_ms=expires, signature=b""))
+            cur.execute(
+                self._q("UPDATE lanes SET expires_ms = ?, reservation = ? WHERE lane = ?"),
+                (expires, encode(reservation), state.lane),
+            )
             return reservation
 
     def lane(self, lane: str) -> LaneState | None:

@@ -13,7 +13,7 @@ Who signs what:
   "node"), over the same fields.
 - `SettlementRow`: nobody; rows are hash-chained and their Merkle root is in the summary.
 - `EpochSummary`: the ledger (`signature`).
-- Requests that act on an account (`OpenLane`, `TopUp`, `SubmitVouchers`, `BalanceQuery`):
+- Requests that act on an account (`OpenLane`, `TopUp`, `CloseLane`, `SubmitVouchers`, `BalanceQuery`):
   that account's key (`signature`).
 """
 
@@ -35,6 +35,7 @@ __all__ = [
     "NETWORK_ACCOUNT",
     "BalanceQuery",
     "BalanceReply",
+    "CloseLane",
     "EpochQuery",
     "EpochReply",
     "EpochSummary",
@@ -275,6 +276,24 @@ class TopUp:
 
     def __post_init__(self) -> None:
         _require(self.cap >= 0, "negative cap")
+        _require(_sig_ok(self.signature), "signature must be 64 bytes")
+
+
+@message("ledger.close_lane")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseLane:
+    """Consumer -> ledger: this lane will not be used again; release its unused reserve soon.
+
+    The ledger shortens the lane's expiry to about one epoch from now (the node's latest
+    voucher still settles in that time), and answers the shortened reservation. A lane that
+    already expires sooner is unchanged, so a replay is a no-op.
+    """
+
+    lane: str
+    time_ms: int
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
         _require(_sig_ok(self.signature), "signature must be 64 bytes")
 
 

@@ -161,3 +161,43 @@ async def test_a_lane_refused_as_busy_is_retried_on_the_same_node_with_another_l
                 await consumer.aclose()
     finally:
         store.close()
+
+
+async def test_a_lane_dropped_after_a_cut_request_is_closed_at_the_ledger(tiny_model_dir, tmp_path):
+    """A request reset mid-answer drops its lane (the chains may differ); the shim closes it at the
+    ledger, so its reserve is released about an epoch later instead of at the 24 h lane expiry."""
+    from darkbloom.api.metering import open_metered
+
+    hub = MemoryHub()
+    ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
+    store = open_store("", tmp_path)
+    store.deposit(shim_id.public_key.hex(), 10_000_000, now_ms=int(time.time() * 1000))
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    cfg = LedgerConfig(voucher_every_tokens=4, epoch_s=600, lane_ttl_s=24 * 3600)
+    try:
+        with trio.fail_after(60):
+            async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                    open_memory_network(hub, ledger_id) as ledger_net, \
+                    open_memory_network(hub, node_id) as node, \
+                    open_memory_network(hub, shim_id) as shim_net:
+                ledger_net.serve(LEDGER_PROTOCOL, LedgerService(store, ledger_id, cfg).handle)
+                meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=PRICE_IN,
+                                  price_output_per_m=PRICE_OUT, voucher_every_tokens=4, voucher_timeout_s=5)
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter))
+                consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
+                request = InferRequest(request_id="cut", kind="chat", model=CHAT,
+                                       params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
+                call = await open_metered(shim_net, consumer, node.peer_id, request,
+                                          price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                lane = call.lane.lane
+                opened = store.lane(lane)
+                assert opened.expires_ms - opened.opened_ms == 24 * 3600 * 1000
+                await call.receive()
+                await call.aclose()  # before Done: reset, the lane is dropped
+                assert consumer.closed == 1
+                closed = store.lane(lane)
+                assert closed.open and closed.expires_ms <= int(time.time() * 1000) + 600_000
+                assert closed.expires_ms >= opened.opened_ms
+                await consumer.aclose()
+    finally:
+        store.close()

@@ -192,3 +192,45 @@ async def test_epoch_loop_and_submitter_loop(service, tmp_path, slow_autojump_cl
     assert await paid() == expected
     assert book.unsettled() == []
     book.close()
+
+
+async def test_a_closed_lane_settles_the_nodes_voucher_and_releases_its_reserve_an_epoch_later(tmp_path):
+    """CloseLane: only its consumer may close it; the expiry shrinks to one epoch (never grows); the node's
+    voucher submitted meanwhile still settles; the unused reserve comes back after expiry + grace, not in 24 h."""
+    now = [NOW]
+    store = SqliteStore(tmp_path / "ledger.sqlite3")
+    service = LedgerService(store, LEDGER, LedgerConfig(epoch_s=600, lane_ttl_s=24 * 3600), clock=lambda: now[0])
+    store.deposit(ALICE.public_key.hex(), 3_000_000, now_ms=1)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                shim = await connect(nursery, service, ALICE)
+                node = await connect(nursery, service, NODE)
+                mallory = await connect(nursery, service, MALLORY)
+                for client in (shim, node, mallory):
+                    client.clock = lambda: now[0]
+                reservation = await shim.open_lane(NODE.public_key.hex(), 1_000_000, price_input_per_m=PRICE_IN,
+                                                   price_output_per_m=PRICE_OUT)
+                assert reservation.expires_ms == int(NOW * 1000) + 24 * 3600 * 1000
+                pair = Pair(ALICE, NODE, reservation)
+                voucher = pair.use(prompt=100, completion=300)
+                with pytest.raises(InvalidSignature):  # signed by another key than the lane's consumer
+                    await mallory.close_lane(reservation.lane)
+                closed = await shim.close_lane(reservation.lane)
+                assert closed.expires_ms == int(NOW * 1000) + 600_000 and closed.cap == reservation.cap
+                now[0] += 60
+                assert (await shim.close_lane(reservation.lane)).expires_ms == closed.expires_ms  # never lengthened
+                assert [r.status for r in await node.submit([voucher])] == ["queued"]
+                now[0] += 600  # past expiry, within the grace of one epoch: settles, not released yet
+                outcome = await service.settle_now()
+                assert [r.paid for r in outcome.rows] == [voucher.cum_cost]
+                assert await shim.balance() == (2_000_000, 1_000_000 - voucher.cum_cost)
+                now[0] += 600  # expiry + grace passed: the unused reserve is back
+                outcome = await service.settle_now()
+                assert outcome.summary.released == 1_000_000 - voucher.cum_cost
+                assert await shim.balance() == (3_000_000 - voucher.cum_cost, 0)
+                assert store.totals().conserved
+                for client in (shim, node, mallory):
+                    await client.close()
+    finally:
+        store.close()
