@@ -24,6 +24,7 @@ from darkbloom.ledger.store import LedgerStore, open_store
 from darkbloom.log import short_id
 from darkbloom.metrics import RoleMetrics
 from darkbloom.relay.intake import TrustStore
+from darkbloom.relay.probe import CanaryPurse, RelayProber, SelfLedgerNetwork
 from darkbloom.relay.trust import RelayTrust
 from darkbloom.statushttp import serve_status
 from darkbloom.wire.ledger import LEDGER_PROTOCOL
@@ -44,6 +45,7 @@ class Relay:
     started_at: float
     trust: RelayTrust | None = None
     settlement: "SettlementGauges | None" = None
+    prober: RelayProber | None = None
 
     @property
     def peer_id(self) -> str:
@@ -108,6 +110,11 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
                 await nursery.start(ledger.run)
                 relay = Relay(identity, net, ledger, store, metrics, "", time.time(), trust, SettlementGauges(metrics))
                 await trust.publish()
+                selfnet = SelfLedgerNetwork(net, ledger, nursery)
+                purse = CanaryPurse(selfnet, identity, ledger, config.ledger, budget=config.relay.canary_budget)
+                relay.prober = RelayProber(selfnet, trust, probe_interval_s=config.relay.probe_interval_s,
+                                           canary_interval_s=config.relay.canary_interval_s, meter=purse)
+                await nursery.start(relay.prober.run)
                 relay.status_url = await nursery.start(
                     partial(
                         serve_status, "relay", config.relay.status_host, config.relay.status_port,
@@ -119,6 +126,8 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
                     yield relay
                 finally:
                     nursery.cancel_scope.cancel()
+                    with trio.move_on_after(2, shield=True):
+                        await purse.aclose()
     finally:
         await trio.to_thread.run_sync(store.close)
         if trust_store is not None:

@@ -146,7 +146,8 @@ class RelayTrust:
     async def publish(self) -> ReputationTable:
         """Compute, sign and keep the table from the settled window and the relay's observations."""
         async with self._lock:
-            data = await self._window()
+            me = self.identity.public_key.hex()  # the relay's own canaries pay nodes: not a consumer that counts
+            data = [(summary, [r for r in rows if r.consumer != me]) for summary, rows in await self._window()]
             last = data[-1][0].epoch if data else 0
             first = max(0, last - self.policy.window_epochs + 1)
             failed = await trio.to_thread.run_sync(self.store.failed_checks, first)
