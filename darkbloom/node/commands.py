@@ -44,16 +44,44 @@ def run(args: argparse.Namespace, config) -> int:
     return trio.run(_run_node, config, tuple(args.bootstrap))
 
 
+def startup_bar(stream=None):
+    """`models prepare`'s progress bar, for the node's start (preparation, load, self-benchmark).
+
+    On a terminal one bar per step; otherwise one line as each step starts and one as it ends.
+    """
+    from darkbloom.inference.commands import ProgressBar
+
+    class StartupBar(ProgressBar):
+        def __call__(self, label: str, done: int, total: int) -> None:
+            if not self.tty:
+                if label != self._current:
+                    self.finish()
+                    self._current = label
+                    print(f"{label} ...", file=self.stream, flush=True)
+                if total and done >= total:
+                    print(f"{label}: done ({done}/{total})", file=self.stream, flush=True)
+                    self._current = ""
+                return
+            super().__call__(label, done, total)
+
+    return StartupBar(stream)
+
+
 async def _run_node(config, bootstrap: tuple[str, ...]) -> int:
     from darkbloom.node.daemon import open_node
     from darkbloom.runner import run_until_signal
 
     async def body(stop):
-        async with open_node(config, bootstrap=bootstrap, report=lambda line: print(line, flush=True)) as node:
-            print(f"node {node.peer_id} serving {', '.join(m.id for m in node.models)}", flush=True)
-            print(f"status page: {node.status_url}", flush=True)
-            await stop.wait()
-            print(f"stopping: letting requests finish (up to {config.node.grace_period_s:.0f} s)", flush=True)
+        bar = startup_bar()
+        try:
+            async with open_node(config, bootstrap=bootstrap, progress=bar) as node:
+                bar.finish()
+                print(f"node {node.peer_id} serving {', '.join(m.id for m in node.models)}", flush=True)
+                print(f"status page: {node.status_url}", flush=True)
+                await stop.wait()
+                print(f"stopping: letting requests finish (up to {config.node.grace_period_s:.0f} s)", flush=True)
+        finally:
+            bar.finish()  # a failed start leaves no half-drawn bar before its error
 
     return await run_until_signal(body)
 

@@ -392,8 +392,14 @@ async def open_node(
     *,
     bootstrap: tuple[str, ...] = (),
     report: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> AsyncIterator[Node]:
-    """A running node; see the module docstring."""
+    """A running node; see the module docstring.
+
+    `report(line)` gets one line per start step; `progress(label, done, total)` follows the
+    steps with progress: "preparing <model>" (files or tensors), "loading <models>" and
+    "self-benchmark" (models done of total), for a bar such as `models prepare` draws.
+    """
     from darkbloom.inference.blas import ensure_blas
 
     ensure_blas(config.inference.openblas)
@@ -403,7 +409,11 @@ async def open_node(
     from darkbloom.p2p.status import serve_status as serve_p2p_status
 
     identity = load_or_create_identity(config.data_path)
-    models = await trio.to_thread.run_sync(partial(resolve_models, config.inference, prepare=True))
+    def prepared(model_id: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"preparing {model_id}", done, total)
+
+    models = await trio.to_thread.run_sync(partial(resolve_models, config.inference, prepare=True, progress=prepared))
     chat = [m for m in models if m.kind == "chat"]
     embedding = [m for m in models if m.kind == "embedding"]
     metrics = RoleMetrics("node")
@@ -412,8 +422,11 @@ async def open_node(
         engine = None
         bench = (0.0, 0.0)
         if chat:
+            loading = f"loading {', '.join(m.id for m in chat)}"
             if report:
-                report(f"loading {', '.join(m.id for m in chat)}")
+                report(loading)
+            if progress is not None:
+                progress(loading, 0, len(chat))
             engine = await stack.enter_async_context(
                 open_engine(
                     chat, max_concurrent=config.inference.max_concurrent, max_queue=config.inference.max_queue,
@@ -421,13 +434,22 @@ async def open_node(
                     prefill_step_size=config.inference.prefill_step_size,
                     prompt_cache_bytes=engine_options(config.inference, config.node)["prompt_cache_bytes"],
                     blas_threads=config.inference.blas_threads,
-                    self_benchmark=config.inference.self_benchmark,
+                    self_benchmark=False,  # measured below, one model at a time, with progress
                 )
             )
+            if progress is not None:
+                progress(loading, len(chat), len(chat))
             if config.inference.self_benchmark:
-                result = await engine.benchmark()
-                bench = (result.prefill_tps, result.decode_tps)
-                log.info("self-benchmark: prefill %.0f tok/s, decode %.1f tok/s", *bench)
+                for i, m in enumerate(chat):
+                    if progress is not None:
+                        progress("self-benchmark", i, len(chat))
+                    result = await engine.benchmark(m.id, rerun=True)
+                    log.info("self-benchmark of %s: prefill %.0f tok/s, decode %.1f tok/s", m.id,
+                             result.prefill_tps, result.decode_tps)
+                    if i == 0:  # the capability record carries the first model's figures
+                        bench = (result.prefill_tps, result.decode_tps)
+                if progress is not None:
+                    progress("self-benchmark", len(chat), len(chat))
         embedders = {}
         for m in embedding:
             embedders[m.id] = await stack.enter_async_context(open_embedder(m.path, model_id=m.id))
