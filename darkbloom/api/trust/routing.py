@@ -195,6 +195,13 @@ class TrustedRouting:
                 self.relay_classes[pid] = e.node_class
         return True
 
+    def with_observed_classes(self, cands: Sequence[Any]) -> list[Any]:
+        """Candidates with the class the relay derived from uptime and speed in place of the one
+        their records declare (declared classes are not trusted); unchanged where the relay has
+        not observed a node yet."""
+        return [replace(c, node_class=self.relay_classes[c.peer_id]) if c.peer_id in self.relay_classes else c
+                for c in cands]
+
     def want_spot_check(self, eligible: bool) -> bool:
         return should_spot_check(self.spot_check_probability, self.rng, eligible=eligible)
 
