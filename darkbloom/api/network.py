@@ -295,6 +295,8 @@ class NetworkBackend:
                 raise api_errors.no_provider(request.model)
             raise ModelNotFound(request.model)
         now = trio.current_time()
+        if self.trust is not None:
+            cands = self.trust.with_observed_classes(cands)  # the relay's measured class, not the declared one
         stats = self.stats if self.trust is None else self.trust.router_stats({c.peer_id for c in cands}, now, self.stats)
         ranked, reason = router.rank(cands, stats, hints, now)
         ranked = [c for c in ranked if c.peer_id not in exclude]
