@@ -215,3 +215,11 @@ async def test_relay_observations_reach_the_table_and_bar_features_at_the_shim(r
     pid = peer_id_from_public_key(HONEST.public_key)
     assert routing.canaries.barred(pid, ["json"], 10.0) and not routing.canaries.barred(pid, ["tools"], 10.0)
     assert routing.relay_classes[pid] == "pro"
+    # a node declaring "pro" that the relay never saw keeps its claim; one it measured gets the measured class
+    from darkbloom.api.router import Candidate, RouteHints, rank
+
+    cands = [Candidate(peer_id=pid, model="m", node_class="basic"), Candidate(peer_id="other", model="m", node_class="pro")]
+    observed = routing.with_observed_classes(cands)
+    assert [c.node_class for c in observed] == ["pro", "pro"]
+    ranked, _ = rank(observed, {}, RouteHints(model="m", node_class="pro"), 0.0)
+    assert {c.peer_id for c in ranked} == {pid, "other"}
