@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -36,7 +36,7 @@ from darkbloom.errors import (
     StreamClosed,
 )
 from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
-from darkbloom.wire.ledger import Voucher
+from darkbloom.wire.ledger import LaneReservation, Voucher
 from darkbloom.wire.trust import ScoreAttestation
 from darkbloom.wire.infer import (
     INFER_PROTOCOL,
@@ -102,9 +102,11 @@ class InferCall:
         *,
         lane: Any | None = None,
         on_release: Callable[[str], None] | None = None,
+        refill: Callable[[Any], Awaitable[LaneReservation | None]] | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.stream = stream
+        self._refill = refill  # tops the lane up when it runs low: the new reservation, or None
         self.request = request
         self.accepted = accepted
         self._decoder = decoder
@@ -135,6 +137,9 @@ class InferCall:
     async def _voucher(self, *, final: bool) -> None:
         if self.lane is None:
             return
+        if self._refill is not None and (reservation := await self._refill(self.lane)) is not None:
+            # the node must hold the raised cap before it sees a voucher above the old one
+            await self.stream.write(encode_frame(reservation, self._max_frame_bytes))
         now_ms = int(time.time() * 1000)
         if final:
             voucher = self.lane.final_voucher(now_ms=now_ms)
@@ -241,6 +246,7 @@ async def open_infer(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     lane: Any | None = None,
     on_release: Callable[[str], None] | None = None,
+    refill: Callable[[Any], Awaitable[LaneReservation | None]] | None = None,
 ) -> InferCall:
     """Open a stream to `peer_id`, send `request`, return once the node has accepted it.
 
@@ -250,6 +256,8 @@ async def open_infer(
     (and awaited, bounded, when it returns an awaitable, e.g. closing a dropped lane at the ledger)
     once the call is closed ("clean", "unclean" or "unmetered", see `InferCall.aclose`), or
     "busy" when the node refused the lane as still serving another request (LaneBusy).
+    `refill(lane)`, when given, is asked before each voucher; a reservation it returns (the
+    lane topped up at the ledger) is sent to the node ahead of the voucher.
     """
     decoder = FrameDecoder(max_frame_bytes)
     stream = None
@@ -270,7 +278,7 @@ async def open_infer(
             raise error
         if reply.request_id != request.request_id:
             raise MalformedMessage(f"accepted frame for another request {reply.request_id!r}")
-        call = InferCall(stream, request, reply, decoder, lane=lane, on_release=on_release,
+        call = InferCall(stream, request, reply, decoder, lane=lane, on_release=on_release, refill=refill,
                          max_frame_bytes=max_frame_bytes)
         await call.start_metering()
         ok = True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from darkbloom.log import short_id
 from darkbloom.p2p.keys import public_key_from_peer_id
 from darkbloom.wire.codec import encode
 from darkbloom.wire.infer import InferRequest
-from darkbloom.wire.ledger import LEDGER_PROTOCOL
+from darkbloom.wire.ledger import LEDGER_PROTOCOL, LaneReservation
 
 __all__ = ["ConsumerMeter", "open_metered", "session_bytes"]
 
@@ -77,6 +78,7 @@ class ConsumerMeter:
         self._ledger_down_until = -float("inf")
         self.opened = 0
         self.closed = 0  # dropped lanes closed at the ledger
+        self.topped_up = 0  # lanes whose cap was raised at the ledger
 
     @property
     def account(self) -> str:
@@ -104,6 +106,7 @@ class ConsumerMeter:
             return None
         lane = self._idle_lane(node_peer_id, price_input_per_m, price_output_per_m, avoid)
         if lane is not None:
+            await self.refill(lane)  # before it is lent: the node gets the raised cap with the request
             return lane
         if trio.current_time() < self._ledger_down_until:
             return await self._wait_for_held(node_peer_id, price_input_per_m, price_output_per_m, avoid)
@@ -125,6 +128,35 @@ class ConsumerMeter:
         self._held[node_peer_id] = self._held.get(node_peer_id, 0) + 1
         log.info("lane %s opened to node %s (cap %d)", reservation.lane[:8], short_id(node_peer_id), reservation.cap)
         return ConsumerLane(self.identity, reservation, voucher_every_tokens=self.config.voucher_every_tokens)
+
+    def low(self, lane: ConsumerLane) -> bool:
+        """Whether the lane's headroom is under a quarter of `lane_reserve` (time to top it up)."""
+        return lane.headroom() < max(1, self.config.lane_reserve // 4)
+
+    async def refill(self, lane: ConsumerLane) -> LaneReservation | None:
+        """Top the lane up by `lane_reserve` at the ledger when it runs low; the new reservation, or None.
+
+        None too when the ledger cannot be reached or refuses (e.g. the account has no more
+        credits): the lane goes on with what it has, and a voucher above its cap fails as before.
+        """
+        if not self.low(lane) or trio.current_time() < self._ledger_down_until:
+            return None
+        try:
+            client = await self._ledger()
+            reservation = await client.top_up(lane.lane, lane.reservation.cap + self.config.lane_reserve)
+            lane.update_reservation(reservation, self.ledger_key, now_ms=int(time.time() * 1000))
+        except P2PError as exc:
+            self._client = None
+            self._ledger_down_until = trio.current_time() + LEDGER_RETRY_S
+            log.warning("ledger %s unreachable (%s): lane %s not topped up", short_id(self.ledger_peer),
+                        type(exc).__name__, lane.lane[:8])
+            return None
+        except LedgerError as exc:  # e.g. InsufficientFunds: the lane serves what its cap still allows
+            log.warning("lane %s not topped up: %s", lane.lane[:8], exc)
+            return None
+        self.topped_up += 1
+        log.info("lane %s topped up to cap %d", lane.lane[:8], reservation.cap)
+        return reservation
 
     def _idle_lane(self, node_peer_id: str, price_input_per_m: int, price_output_per_m: int,
                    avoid: str) -> ConsumerLane | None:
@@ -257,7 +289,7 @@ async def open_metered(
 
         try:
             return await open_infer(network, peer_id, dataclasses.replace(request, session=session_bytes(lane)),
-                                    addrs=addrs, lane=lane, on_release=release)
+                                    addrs=addrs, lane=lane, on_release=release, refill=meter.refill)
         except LaneBusy:
             if attempt == LANE_BUSY_RETRIES:
                 raise

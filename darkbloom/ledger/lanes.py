@@ -151,12 +151,23 @@ class ConsumerLane:
         return self.next_voucher(now_ms=now_ms) if self.unvouched_tokens > 0 else None
 
     def countersigned(self, voucher: Voucher) -> None:
-        """Keep the node's countersigned copy of the voucher we signed last."""
-        if self.latest is None or voucher.seq != self.latest.seq or voucher.consumer_sig != self.latest.consumer_sig:
-            raise VoucherRejected(self.lane, "the node returned a voucher we did not sign last")
-        verify_voucher(voucher, self.reservation.consumer, self.reservation.node)
-        self.latest = voucher
-        self.countersigned_latest = voucher
+        """Keep the node's countersigned copy of a voucher we signed.
+
+        Usually the last one; an earlier one (its copy crossed our next voucher on the stream)
+        is kept as the latest countersigned one if it is newer than what we hold.
+        """
+        if self.latest is None or voucher.seq > self.latest.seq or voucher.lane != self.lane:
+            raise VoucherRejected(self.lane, "the node returned a voucher we did not sign")
+        if voucher.seq == self.latest.seq:
+            if voucher.consumer_sig != self.latest.consumer_sig:
+                raise VoucherRejected(self.lane, "the node returned a voucher we did not sign last")
+            verify_voucher(voucher, self.reservation.consumer, self.reservation.node)
+            self.latest = voucher
+            self.countersigned_latest = voucher
+            return
+        verify_voucher(voucher, self.reservation.consumer, self.reservation.node)  # our signature on it, and the node's
+        if self.countersigned_latest is None or voucher.seq > self.countersigned_latest.seq:
+            self.countersigned_latest = voucher
 
 
 class NodeLane:

@@ -276,6 +276,16 @@ class _Metered:
                 await self.meter.store(signed)
         self.arrived.set()
 
+    def on_reservation(self, reservation: LaneReservation) -> None:
+        """The consumer topped the lane up mid-request: take the raised cap (checked like the first)."""
+        try:
+            if reservation.lane != self.lane.lane:
+                raise VoucherRejected(reservation.lane, "a reservation for another lane")
+            self.lane.update_reservation(reservation, now_ms=self.meter.now_ms())
+        except DarkbloomError as exc:  # a bad reservation stops serving at the next gate
+            self.failure = exc if isinstance(exc, LedgerError) else VoucherRejected(self.lane.lane, str(exc))
+            log.warning("lane %s: reservation refused: %s", self.lane.lane[:8], type(exc).__name__)
+
     async def settle(self) -> None:
         """After the answer: wait (bounded) for the voucher that covers all of it."""
         with trio.move_on_after(self.meter.timeout_s):
@@ -618,6 +628,8 @@ class InferenceService:
                     break
                 if isinstance(frame, Voucher) and metered is not None:
                     await metered.on_voucher(frame)
+                elif isinstance(frame, LaneReservation) and metered is not None:
+                    metered.on_reservation(frame)
                 else:
                     log.debug("%s ignoring %s frame from the client", rid, type(frame).__name__)
         except (StreamClosed, MalformedMessage):

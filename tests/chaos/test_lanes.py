@@ -201,3 +201,58 @@ async def test_a_lane_dropped_after_a_cut_request_is_closed_at_the_ledger(tiny_m
                 await consumer.aclose()
     finally:
         store.close()
+
+
+async def test_a_lane_near_its_cap_is_topped_up_mid_request_instead_of_failing(tiny_model_dir, tmp_path):
+    """A request that costs several lane reserves: the shim tops the lane up at the (real) ledger as it
+    runs low, sends the raised reservation to the node ahead of the next voucher, and the request is
+    served in full; the ledger's reservation grew, the consumer's balance paid for it, nothing else."""
+    from darkbloom.api.metering import open_metered
+
+    price = 1_000_000  # one micro-credit per token, so a 100-token answer costs over 100
+    hub = MemoryHub()
+    ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
+    store = open_store("", tmp_path)
+    store.deposit(shim_id.public_key.hex(), 10_000, now_ms=int(time.time() * 1000))
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    cfg = LedgerConfig(voucher_every_tokens=4, lane_reserve=40)
+    try:
+        with trio.fail_after(60):
+            async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                    open_memory_network(hub, ledger_id) as ledger_net, \
+                    open_memory_network(hub, node_id) as node, \
+                    open_memory_network(hub, shim_id) as shim_net:
+                ledger_net.serve(LEDGER_PROTOCOL, LedgerService(store, ledger_id, cfg).handle)
+                meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=price,
+                                  price_output_per_m=price, voucher_every_tokens=4, voucher_timeout_s=5)
+                served: list = []
+                handled = trio.Event()
+
+                def on_served(record) -> None:
+                    served.append(record)
+                    handled.set()
+
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter,
+                                                       on_served=on_served))
+                consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
+                request = InferRequest(request_id="big", kind="chat", model=CHAT, params={
+                    "messages": [{"role": "user", "content": "go"}], "max_tokens": 100,
+                    "logit_bias": {"0": -100, "2": -100}})
+                call = await open_metered(shim_net, consumer, node.peer_id, request,
+                                          price_input_per_m=price, price_output_per_m=price)
+                tokens = 0
+                while (frame := await call.receive()) is not None:
+                    tokens += getattr(frame, "tokens", 0)
+                await call.aclose()
+                assert tokens == 100
+                final = call.lane.countersigned_latest
+                assert final is not None and final.cum_cost == call.done.usage.prompt_tokens + 100
+                assert final.cum_cost > cfg.lane_reserve and consumer.topped_up >= 2
+                state = store.lane(final.lane)
+                assert state.cap == call.lane.reservation.cap == cfg.lane_reserve * (1 + consumer.topped_up)
+                assert store.balance(shim_id.public_key.hex()) == (10_000 - state.cap, state.cap)
+                await handled.wait()
+                assert [r.outcome for r in served] == ["done"]
+                await consumer.aclose()
+    finally:
+        store.close()
