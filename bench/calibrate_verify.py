@@ -225,6 +225,16 @@ LEGACY = {
 LEGACY["t0.7_filtered"] = LEGACY["t0.7"]
 
 
+# Variants of the e-value rule, reported side by side (alpha = e^-max_log_evalue; lam = bet fractions).
+VARIANTS = {
+    "a1e-3 lam1": verify.VerifyPolicy(max_log_evalue=math.log(1e3), bet_fractions=(1.0,)),
+    "a1e-3 lam.5": verify.VerifyPolicy(max_log_evalue=math.log(1e3), bet_fractions=(0.5,)),
+    "a1e-3 lam1,.5,.2": verify.VerifyPolicy(max_log_evalue=math.log(1e3), bet_fractions=(1.0, 0.5, 0.2)),
+    "a1e-4 lam.5": verify.VerifyPolicy(max_log_evalue=math.log(1e4), bet_fractions=(0.5,)),
+    "a1e-4 lam1": verify.VerifyPolicy(max_log_evalue=math.log(1e4), bet_fractions=(1.0,)),
+}
+
+
 def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (kind, claimed regime): pass/catch rates of the shipped policy, the z rule at -3 and
     -4 and the legacy raw rules; honest e-value quantiles; detection by output length."""
@@ -251,6 +261,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "legacy_flagged": sum(verify.judge(verify.ScoredOutput(x.logprobs, x.ranks), LEGACY[claim]).flagged for x in xs),
             "log_evalue_max": les[-1], "log_evalue_p99": les[min(len(les) - 1, int(0.99 * len(les)))], "min_z": min(zs),
             "mean_tokens": sum(len(x.logprobs) for x in xs) / len(xs),
+            "variants": {name: sum(verify.judge(x, pol).flagged for x in xs) for name, pol in VARIANTS.items()},
             "excluded_tokens": sum(sum(x.excluded) for x in xs),
             "rank_gt0_tokens": sum(sum(1 for r in x.ranks if r > 0) for x in xs),
         }
@@ -271,6 +282,9 @@ def print_table(result: dict[str, Any]) -> None:
         ub = f"{c['honest_fail_upper95']:.4f}" if c["honest_fail_upper95"] is not None else ""
         print(f"{c['kind']:<22} {c['claim']:<14} {c['n']:>4} {c['mean_tokens']:>5.1f} {c['flagged']:>5} {c['rate']:>11.4f} {ub:>10} "
               f"{c['z_lt_-3']:>5} {c['z_lt_-4']:>5} {c['legacy_flagged']:>6} {c['log_evalue_max']:>8.2f} {c['min_z']:>6.2f}")
+    print("flagged by variant: " + " | ".join(VARIANTS))
+    for c in result["cells"]:
+        print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} " + " ".join(f"{v:>5}" for v in c["variants"].values()))
     print("detection by scored length (cheats):")
     for c in result["cells"]:
         if "caught_by_length" in c:

@@ -119,8 +119,9 @@ def score_tokens(
 # --- scores under the request's sampling distribution (spot checks) ------------------------
 
 # Tilt exponents theta of the spot-check e-value (darkbloom.api.trust.verify): per position the
-# verifier reports log sum_v q(v)^(1 - theta) for each, q being the sampling distribution.
-TILTS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+# verifier reports log sum_v q(v)^(1 - theta) for each, q being the sampling distribution
+# (theta = 1: log of the number of tokens the sampler can produce, the uniform alternative).
+TILTS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
 # Numerical slack between the serving node's batched decode and the verifier's single forward
 # pass (both float32): a token within this many nats of a filter's cut (or of the argmax, for
 # greedy) counts as allowed, and top_p is widened by TOP_P_SLACK of probability mass.

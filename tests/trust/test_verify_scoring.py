@@ -138,7 +138,7 @@ def test_far_token_rule() -> None:
 
 # --- the sampling-distribution statistic (e-value, excluded tokens, z) ---------------------
 
-THETAS = (0.1, 0.25, 0.5, 0.75, 0.9)
+from darkbloom.inference.scoring import TILTS as THETAS  # noqa: E402  (the verifier's tilt exponents)
 
 
 def _stats(q: list[float], x: int) -> tuple[float, float, float, tuple[float, ...]]:
@@ -196,6 +196,24 @@ def test_evalue_grows_with_length_and_short_outputs_pass() -> None:
     assert lengths[-1] > lengths[1] > 0  # evidence accumulates with length
     assert not judge(cheat, VerifyPolicy(max_scored_tokens=1)).flagged or lengths[0] >= DEFAULT_POLICY.max_log_evalue
     assert judge(cheat, DEFAULT_POLICY).flagged
+
+
+def test_running_max_and_bet_fraction_keep_early_evidence() -> None:
+    """A repetition loop: two very unlikely tokens, then tokens more likely than q's own samples.
+    With full bets (lam = 1) the likely tokens erase the evidence; the running maximum keeps
+    it, and lam < 1 bounds what each likely token costs."""
+    vocab = 1000
+    peaked = [0.9] + [0.1 / (vocab - 1)] * (vocab - 1)
+    q_rare = [0.999] + [0.001 / (vocab - 1)] * (vocab - 1)  # the tail tokens have q = 1e-6
+    rows = [_stats(q_rare, 1), _stats(q_rare, 2)] + [_stats(peaked, 0)] * 30
+    x = ScoredOutput(tuple(r[0] for r in rows), tuple(0 for _ in rows), sample_logprobs=tuple(r[0] for r in rows),
+                     entropies=tuple(r[1] for r in rows), variances=tuple(r[2] for r in rows),
+                     log_tilts=tuple(r[3] for r in rows), tilts=THETAS, excluded=tuple(False for _ in rows))
+    early = log_evalue(x, 2)
+    assert early > 10.0
+    assert log_evalue(x) == pytest.approx(early)  # the running maximum: later tokens cannot erase it
+    assert log_evalue(x, None, (0.5,)) > 9.0
+    assert judge(x).flagged and judge(x).reason == "high_evalue"
 
 
 def test_excluded_tokens_and_missing_statistics() -> None:
@@ -336,9 +354,9 @@ async def test_engine_outputs_are_never_excluded_under_their_sampling(tiny_model
     assert len(scored) == 10
     for s, toks in scored:
         assert len(toks) == 24 and not any(t.excluded for t in toks), s
-        x = scored_from_sampled(toks, (0.1, 0.25, 0.5, 0.75, 0.9))
+        x = scored_from_sampled(toks, THETAS)
         assert not judge(x).flagged and log_evalue(x) < 6.0, s
         if s.temperature == 0:
             assert all(t.rank == 0 and t.sample_logprob == 0.0 for t in toks)
-    assert judge(scored_from_sampled(wrong, (0.1, 0.25, 0.5, 0.75, 0.9))).reason == "excluded_token"
+    assert judge(scored_from_sampled(wrong, THETAS)).reason == "excluded_token"
     assert SamplingSpec.from_sampling(Sampling(presence_penalty=1.0)) is None

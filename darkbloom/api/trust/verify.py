@@ -68,6 +68,7 @@ DEFAULT_MAX_LOG_EVALUE = math.log(1e4)
 class VerifyPolicy:
     # Sampling-distribution rules (need the verifier's SampledToken statistics):
     max_log_evalue: float = DEFAULT_MAX_LOG_EVALUE  # flag when ln(e-value) >= this (inf: rule off)
+    bet_fractions: tuple[float, ...] = (1.0,)  # lam grid of the e-process (see `log_evalue`), each in (0, 1]
     max_excluded: int = 0  # tokens the request's sampler could not have produced, allowed per check
     min_z: float = -math.inf  # optional Gaussian rule: flag when z < min_z (-inf: off; see `z_score`)
     min_tokens: int = 1  # fewer scored tokens: inconclusive (the e-value is sound at any length)
@@ -118,8 +119,8 @@ class ScoredOutput:
                 raise ValueError("sampled statistics must cover every scored token")
             if not self.tilts or any(len(row) != len(self.tilts) for row in self.log_tilts):
                 raise ValueError("one log tilt per tilt exponent and token")
-            if any(not 0.0 < th < 1.0 for th in self.tilts):
-                raise ValueError("tilt exponents must be in (0, 1)")
+            if any(not 0.0 < th <= 1.0 for th in self.tilts):
+                raise ValueError("tilt exponents must be in (0, 1]")
 
     @property
     def has_sampled(self) -> bool:
@@ -158,30 +159,37 @@ def scored_from_sampled(tokens: Iterable[Any], tilts: Sequence[float]) -> Scored
     )
 
 
-def log_evalue(scored: ScoredOutput, n: int | None = None) -> float:
-    """ln of the spot-check e-value over the first `n` scored tokens (excluded tokens skipped).
+def log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequence[float] = (1.0,)) -> float:
+    """ln of the spot-check e-process over the first `n` scored tokens, at its highest point.
 
-    For each tilt theta, E_theta = prod_i q_i(x_i)^(-theta) / sum_v q_i(v)^(1-theta): the
-    likelihood ratio of x_i under the flattened distribution q_i^(1-theta)/Z against q_i. When
-    each x_i is drawn from q_i (an honest node), every factor has conditional expectation 1, so
-    E_theta, and the average E over the thetas, is a nonnegative martingale with mean 1, and by
-    Ville's inequality P(E >= 1/alpha at any length) <= alpha, whatever q_i and however the
-    output stops. A node whose tokens are less likely under q than q's own samples (another
-    model, random tokens, a higher temperature) drives E up geometrically with length.
+    For a tilt theta and a bet fraction lam, each token contributes the factor
+        f_i = (1 - lam) + lam * q_i(x_i)^(-theta) / sum_v q_i(v)^(1-theta),
+    the likelihood ratio of x_i under the alternative (1-lam) q_i + lam q_i^(1-theta)/Z (a
+    flatter q, theta = 1 the uniform over what the sampler can produce) against q_i. When each
+    x_i is drawn from q_i (an honest node) every factor has conditional expectation 1, so each
+    product, and their average M_n over the (theta, lam) grid, is a nonnegative martingale with
+    mean 1; by Ville's inequality P(sup_n M_n >= 1/alpha) <= alpha, whatever q_i, the length
+    or how the output stopped. So the running maximum of M_n is a sound statistic. A node whose
+    tokens are less likely under q than q's own samples (another model, random tokens, a higher
+    temperature) drives M up; lam < 1 caps what a too-likely token (a repetition loop) costs.
+    Excluded tokens are skipped here (they are judged on their own).
     """
     m = len(scored.sample_logprobs) if n is None else min(n, len(scored.sample_logprobs))
     if not scored.has_sampled or m == 0:
         return 0.0
-    per_theta = []
-    for j, th in enumerate(scored.tilts):
-        acc = 0.0
-        for i in range(m):
-            if scored.excluded[i]:
-                continue
-            acc += -th * scored.sample_logprobs[i] - scored.log_tilts[i][j]
-        per_theta.append(acc)
-    top = max(per_theta)
-    return top + math.log(sum(math.exp(x - top) for x in per_theta) / len(per_theta))
+    bets = [(j, th, lam) for j, th in enumerate(scored.tilts) for lam in fractions]
+    acc = [0.0] * len(bets)
+    best = 0.0  # M_0 = 1
+    for i in range(m):
+        if scored.excluded[i]:
+            continue
+        lq, lt = scored.sample_logprobs[i], scored.log_tilts[i]
+        for b, (j, th, lam) in enumerate(bets):
+            lr = -th * lq - lt[j]  # ln q^(-theta)/Z
+            acc[b] += lr if lam >= 1.0 else math.log1p(-lam) + math.log1p(lam / (1.0 - lam) * math.exp(lr)) if lr < 700 else math.log(lam) + lr
+        top = max(acc)
+        best = max(best, top + math.log(sum(math.exp(a - top) for a in acc) / len(acc)))
+    return best
 
 
 def z_score(scored: ScoredOutput, n: int | None = None) -> float:
@@ -230,7 +238,7 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
     if not scored.has_sampled:
         return Verdict(False, not legacy_on, "", n, outside, mean)
     excluded = sum(1 for e in scored.excluded[:n] if e)
-    le, z = log_evalue(scored, n), z_score(scored, n)
+    le, z = log_evalue(scored, n, policy.bet_fractions), z_score(scored, n)
     if excluded > policy.max_excluded:
         return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded)
     if le >= policy.max_log_evalue:
