@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from darkbloom.errors import InvalidSignature
 from darkbloom.identity import Identity, verify_signature
@@ -44,12 +45,20 @@ class ReputationPolicy:
     failure_penalty: float = 0.5  # each (recent) failed spot check halves the score
 
 
+class PaidRow(Protocol):
+    """What reputation reads of a settled row (a SettlementRow, or the relay's folded pairs)."""
+
+    consumer: str
+    node: str
+    paid: int
+
+
 def _weight(policy: ReputationPolicy, last: int, epoch: int) -> float:
     return 0.5 ** ((last - epoch) / policy.half_life_epochs)
 
 
 def compute_reputation(
-    epochs: Iterable[tuple[EpochSummary, Sequence[SettlementRow]]],
+    epochs: Iterable[tuple[EpochSummary, Sequence[SettlementRow] | Sequence[PaidRow]]],
     failed_checks: Mapping[str, Sequence[int]] = {},
     *,
     policy: ReputationPolicy = ReputationPolicy(),

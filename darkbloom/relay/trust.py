@@ -19,6 +19,7 @@ from tests through `record_probe` / `record_canary`; every method takes or reads
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,7 @@ from typing import Any
 import trio
 
 from darkbloom.api.trust.classes import ClassPolicy, UptimeTracker, classify
-from darkbloom.errors import EvidenceRejected, InvalidSignature
+from darkbloom.errors import EvidenceRejected, InvalidSignature, LedgerError
 from darkbloom.identity import Identity
 from darkbloom.ledger.reputation import PPM, ReputationPolicy, compute_reputation, reputation_table, sign_table
 from darkbloom.ledger.service import AsyncLedger, LedgerService
@@ -48,6 +49,24 @@ class NodeObservations:
     uptime: UptimeTracker = field(default_factory=UptimeTracker)
     decode_tps: float = 0.0
     canaries: dict[str, tuple[bool, float, str]] = field(default_factory=dict)  # feature -> (ok, at, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class PaidPair:
+    """What reputation needs of an epoch's rows: one entry per (consumer, node) with the total paid."""
+
+    consumer: str
+    node: str
+    paid: int
+
+
+def _paying_pairs(rows: list[SettlementRow]) -> list[PaidPair]:
+    """An epoch's rows folded to distinct (consumer, node) pairs: the window held in memory stays
+    the size of the paying relationships, not of the vouchers settled."""
+    totals: dict[tuple[str, str], int] = {}
+    for r in rows:
+        totals[(r.consumer, r.node)] = totals.get((r.consumer, r.node), 0) + r.paid
+    return [PaidPair(c, n, p) for (c, n), p in sorted(totals.items())]
 
 
 class RelayTrust:
@@ -78,14 +97,20 @@ class RelayTrust:
         self.reports_counted = 0
         self.reports_refused = 0
         self.published = trio.Event()  # set after each publish (a fresh Event replaces it)
-        self._epochs: dict[int, tuple[EpochSummary, list[SettlementRow]]] = {}
+        self._epochs: dict[int, tuple[EpochSummary, list[PaidPair]]] = {}
         self._lock = trio.Lock()
 
     def attach(self, service: LedgerService) -> None:
         """Mount on the ledger service: answer the trust requests and publish after each epoch."""
         service.extra[ReputationQuery] = self.handle_query
         service.extra[SpotCheckReport] = self.handle_report
-        service.on_settled.append(lambda _outcome: self.publish())
+        service.on_settled.append(self._after_epoch)
+
+    async def _after_epoch(self, _outcome: object) -> None:
+        try:
+            await self.publish()
+        except (sqlite3.Error, LedgerError) as exc:  # the last table stays published; the next epoch tries again
+            log.error("reputation table not published: %s", exc)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -124,7 +149,7 @@ class RelayTrust:
 
     # --- publishing --------------------------------------------------------------------
 
-    async def _window(self) -> list[tuple[EpochSummary, list[SettlementRow]]]:
+    async def _window(self) -> list[tuple[EpochSummary, list[PaidPair]]]:
         store = self.ledger.store
         last = await self.ledger.call(store.summary, 0)
         if last is None:
@@ -134,7 +159,7 @@ class RelayTrust:
             if e not in self._epochs:
                 summary = last if e == last.epoch else await self.ledger.call(store.summary, e)
                 if summary is not None:
-                    self._epochs[e] = (summary, await self.ledger.call(store.rows, e))
+                    self._epochs[e] = (summary, _paying_pairs(await self.ledger.call(store.rows, e)))
         for e in [e for e in self._epochs if e < first]:
             del self._epochs[e]
         return [self._epochs[e] for e in sorted(self._epochs)]
