@@ -211,15 +211,19 @@ def _ask(client: openai.OpenAI, model: str, **kw):
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, **kw)
 
 
-@pytest.mark.xfail(strict=False, reason="flaky inside the full suite on 2 cores (passes alone): the relayed node's "
-                   "re-reservation after a relay restart sometimes misses the 30 s bound; under investigation")
 def test_relay_restart_and_shim_killed_mid_stream(procnet):
     net = procnet
     net.start_relay()
-    # the direct node serves unpaid requests too: with the ledger (on the relay) down the shim goes unpaid
+    # Both nodes serve unpaid requests too. The ledger lives on the relay: once the shim finds it down it
+    # goes unpaid for 60 s (ConsumerMeter, defect 3), and a relayed request whose circuit dies before the
+    # node's final countersigned voucher arrives marks that node "serves free" for 600 s (defect 8). A node
+    # requiring payment then refuses every request with payment_required until long after the 30 s this
+    # test allows; that was this test's flakiness (it passed only when the relay stayed down past 60 s and
+    # the countersign won the race with the kill). The paid path without a ledger is tested on its own.
     net.start_node("direct", model_id="tiny-direct", require_payment=False)
     # a long bootstrap backoff: while it sleeps, the node's ledger client (earnings every 5 s) reconnects first
-    net.start_node("private", reachability="private", model_id="tiny-relayed", bootstrap_retry_max_s=30.0)
+    net.start_node("private", reachability="private", model_id="tiny-relayed", bootstrap_retry_max_s=30.0,
+                   require_payment=False)
     net.wait_node("direct")
     net.wait_node("private")
     net.nodes["private"].wait_for(r"reserved on 1 relay", after=0)
@@ -266,7 +270,11 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     mark = node.mark()
     net.shim.kill()
     node.wait_for(r"outcome=cancelled", timeout=30, after=mark)
-    status = _status(net.node_status["direct"])
+    # The handler logs the cancellation when it has posted the cancel to the engine thread, which
+    # drops the request at its next step: the slot frees a moment later (the status page shows it).
+    freed_by = time.monotonic() + 30
+    while (status := _status(net.node_status["direct"]))["active"] and time.monotonic() < freed_by:
+        time.sleep(0.1)  # pace the polling of another process's status page
     assert status["active"] == 0 and status["queued"] == 0
     assert status["completion_tokens"] < 4000  # it stopped generating; it did not run to max_tokens
     client.close()
