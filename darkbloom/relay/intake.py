@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from darkbloom.api.trust.evidence import check_report
 from darkbloom.api.trust.verify import DEFAULT_POLICY, Verdict, VerifyPolicy
@@ -32,7 +33,7 @@ from darkbloom.errors import EvidenceRejected, InvalidSignature, MalformedMessag
 from darkbloom.wire.codec import decode, encode
 from darkbloom.wire.trust import OutputAttestation, ScoreAttestation, SpotCheckReport
 
-__all__ = ["RELAY_POLICY", "Accepted", "IntakePolicy", "TrustStore", "admit", "merge_failures"]
+__all__ = ["RELAY_POLICY", "Accepted", "IntakePolicy", "TrustStore", "admit", "merge_failures", "reporter_had_lane"]
 
 DAY_MS = 86_400_000
 # The shim's default policy, plus the raw mean-logprob rule at the level calibrated safe for every
@@ -46,6 +47,9 @@ class IntakePolicy:
     max_age_ms: int = DAY_MS  # a report (and the output it is about) older than this is refused
     max_skew_ms: int = 5 * 60 * 1000  # ... and one dated further in the future than this
     verify: VerifyPolicy = field(default_factory=lambda: RELAY_POLICY)  # the relay's own judgement of the signed scores
+    # The reporter must be a ledger account that opened a lane with the suspect (a consumer of its
+    # service): reporter keys are free to make, funded lanes are not.
+    require_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +171,17 @@ class TrustStore:
         with self._lock:
             rows = self._db.execute("SELECT report FROM spot_checks WHERE suspect=? ORDER BY time_ms", (suspect,)).fetchall()
         return [decode(bytes(r[0]), SpotCheckReport) for r in rows]
+
+
+def reporter_had_lane(store: Any, reporter: str, suspect: str, *, lookback: int = 1000) -> bool:
+    """Did `reporter` reserve a lane with `suspect` among its last `lookback` journal entries? (store I/O: run on
+    the ledger's worker thread)."""
+    for entry in store.history(reporter, lookback):
+        if entry.kind == "reserve":
+            lane = store.lane(entry.ref)
+            if lane is not None and lane.node == suspect and lane.consumer == reporter:
+                return True
+    return False
 
 
 def merge_failures(*sources: Mapping[str, list[int]]) -> dict[str, list[int]]:

@@ -32,7 +32,7 @@ from darkbloom.errors import EvidenceRejected, InvalidSignature, LedgerError
 from darkbloom.identity import Identity
 from darkbloom.ledger.reputation import PPM, ReputationPolicy, compute_reputation, reputation_table, sign_table
 from darkbloom.ledger.service import AsyncLedger, LedgerService
-from darkbloom.relay.intake import IntakePolicy, TrustStore, admit
+from darkbloom.relay.intake import IntakePolicy, TrustStore, admit, reporter_had_lane
 from darkbloom.wire.ledger import EpochSummary, SettlementRow
 from darkbloom.wire.reputation import ReputationQuery, ReputationReply, SpotCheckAck
 from darkbloom.wire.trust import ReputationEntry, ReputationTable, SpotCheckReport
@@ -208,6 +208,10 @@ class RelayTrust:
             self.reports_refused += 1
             log.info("spot-check report on %s from %s refused: %s", report.suspect[:8], report.reporter[:8], exc)
             raise
+        if self.intake.require_lane and not await self.ledger.call(reporter_had_lane, self.ledger.store, accepted.reporter,
+                                                                     accepted.suspect):
+            self.reports_refused += 1
+            raise EvidenceRejected(accepted.suspect, "the reporter never opened a lane with this node at this ledger")
         epoch = await self.last_epoch()
         counted = await trio.to_thread.run_sync(lambda: self.store.add(accepted, report, epoch=epoch))
         if counted:

@@ -171,6 +171,7 @@ async def test_forged_unsigned_and_pointless_reports_are_refused_with_a_reason(r
         (_report(SHIMS[0], logprob=-0.1), EvidenceRejected, "pass the policy"),
         (_report(SHIMS[0], time_ms=NOW_MS - 2 * 86_400_000), EvidenceRejected, "older"),
         (_report(SHIMS[0], time_ms=NOW_MS + 3_600_000), EvidenceRejected, "future"),
+        (_report(SHIMS[5]), EvidenceRejected, "never opened a lane"),  # sound evidence from a key that never paid it
     ]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

@@ -56,7 +56,7 @@ class LedgerOnlyNetwork:
 async def test_a_flagged_cheat_is_reported_and_counted_by_the_relay(tiny_model_dir, tmp_path):
     store, trust_store = SqliteStore(tmp_path / "ledger.sqlite3"), TrustStore(tmp_path / "trust.sqlite3")
     service = LedgerService(store, RELAY, LedgerConfig(epoch_s=3600))
-    relay = RelayTrust(service.ledger, RELAY, trust_store, intake=IntakePolicy(verify=TINY_POLICY))
+    relay = RelayTrust(service.ledger, RELAY, trust_store, intake=IntakePolicy(verify=TINY_POLICY, require_lane=False))  # the harness serves free
     relay.attach(service)
     trust = TrustedRouting(spot_check_probability=1.0, verify_policy=TINY_POLICY)
     verdicts: list = []
