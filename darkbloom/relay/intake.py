@@ -10,6 +10,9 @@ suspect's signed `OutputAttestation` and the verifier's signed `ScoreAttestation
   scores that do not cover the output, a report or output too old or from the future, or
   signed scores that pass the relay's own policy (`EvidenceRejected`).
 
+The reporter must also have opened a lane with the suspect at this ledger (`require_lane`):
+keys cost nothing to make, a funded lane does.
+
 The relay judges with its own `VerifyPolicy` (by default the loosest shipped policy, safe
 for every sampling temperature), never the one the report names. What it cannot check is
 the scores themselves (it never sees the prompt), so `TrustStore` counts at most one
