@@ -1,17 +1,25 @@
 """Benchmark the generation engine against `mlx_lm.server` on the same models and prompts.
 
     .venv/bin/python bench/engine.py [--models smollm2,small] [--concurrency 1,4,16]
-                                     [--max-tokens 48] [--rounds 2] [--trials 2]
+                                     [--max-tokens 48] [--rounds 2] [--trials 3]
+                                     [--blas-threads 1] [--embeddings/--no-embeddings]
                                      [--out bench/results/engine.json]
 
 For each model, our engine runs in this process (`open_engine`, max_concurrent = the highest
 concurrency) and `mlx_lm.server` runs as a subprocess on 127.0.0.1 with the same model
-directory and OpenBLAS preloaded through LD_PRELOAD. At each concurrency C, C clients each
-send `rounds` streaming chat requests one after another (greedy, the same distinct prompts for
-both sides), and we measure aggregate completion tokens/s over the wall time and the time to
-first token (p50/p95). The two sides alternate `trials` times per concurrency level and the
-best trial of each side is reported, so load from other processes on a shared machine hits
-both and spoils neither. Prints a table and writes JSON.
+directory, `--decode-concurrency` = the same highest concurrency, and OpenBLAS preloaded
+through LD_PRELOAD with the same thread count as ours (OPENBLAS_NUM_THREADS = --blas-threads).
+
+Fairness: at each concurrency C, C clients each send `rounds` streaming chat requests one after
+another; both sides get the same prompts, the same max_tokens and the same sampling (greedy).
+Each trial uses prompts neither side has seen before (so no prompt-cache hits beyond the chat
+template's shared prefix, which both sides can reuse), and one warm-up round per side with
+other prompts runs first and is not measured. The two sides alternate `trials` times per level
+(load from other processes hits both) and the median trial (by tokens/s) of each side is
+reported; TTFT p50/p95 are over every request of every trial of that side. Measured: aggregate
+completion tokens/s over the wall time (usage counts from each side), TTFT = request start to
+first non-empty text. Embeddings (our MiniLM encoder; mlx_lm.server has none): sentences/s at
+batch 1 and 64, median of the trials. Prints a table and writes JSON with the load average.
 """
 
 from __future__ import annotations
@@ -43,9 +51,10 @@ ANIMALS = "fox owl whale ant crow bear lynx moth eel yak hare wolf seal frog new
 PLACES = "desert harbour forest city glacier library market orchard canyon island".split()
 
 
-def prompts(n: int) -> list[str]:
+def prompts(n: int, tag: str = "") -> list[str]:
+    """n distinct prompts; a different `tag` gives prompts that share no prefix past "Story"."""
     return [
-        f"Story {i}: write a long, detailed story about a {ANIMALS[i % len(ANIMALS)]} "
+        f"Story {tag}{i}: write a long, detailed story about a {ANIMALS[i % len(ANIMALS)]} "
         f"who opens a bakery in a {PLACES[(i * 7) % len(PLACES)]}. Describe every day of its first week."
         for i in range(n)
     ]
@@ -95,6 +104,7 @@ async def run_ours(eng: Any, model_id: str, texts: list[str], concurrency: int, 
         "tok_per_cpu_s": tokens / cpu,
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p95_s": pct(ttfts, 0.95),
+        "ttfts": ttfts,
     }
 
 
@@ -107,8 +117,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlx_server(model_dir: Path, port: int, concurrency: int, log: Any) -> subprocess.Popen[bytes]:
+def start_mlx_server(model_dir: Path, port: int, concurrency: int, blas_threads: int, log: Any) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if blas_threads > 0:
+        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
     blas = next((p for p in OPENBLAS_PATHS if Path(p).exists()), None)
     if blas:
         env["LD_PRELOAD"] = blas
@@ -204,6 +216,7 @@ async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], con
         "tok_per_cpu_s": tokens / cpu,
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p95_s": pct(ttfts, 0.95),
+        "ttfts": ttfts,
         "connection_resets": resets,
     }
 
@@ -230,36 +243,50 @@ def model_dirs(names: list[str]) -> dict[str, Path]:
     return out
 
 
-async def bench_model(name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, trials: int, log: Any) -> list[dict[str, Any]]:
+def median_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median trial by tokens/s, with TTFT percentiles over every request of every trial."""
+    mid = dict(sorted(trials, key=lambda r: r["tok_s"])[(len(trials) - 1) // 2])
+    ttfts = [t for r in trials for t in r["ttfts"]]
+    mid["ttft_p50_s"], mid["ttft_p95_s"] = pct(ttfts, 0.5), pct(ttfts, 0.95)
+    mid["tokens_all_trials"] = [r["tokens"] for r in trials]
+    mid["tok_s_all_trials"] = [round(r["tok_s"], 2) for r in trials]
+    return mid
+
+
+async def bench_model(
+    name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, trials: int, blas_threads: int, log: Any
+) -> list[dict[str, Any]]:
     rows = []
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_mlx_server(path, port, max(levels), log)
+    proc = start_mlx_server(path, port, max(levels), blas_threads, log)
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
             await wait_healthy(client, base, proc)
-            async with open_engine([(name, path)], max_concurrent=max(levels), max_queue=256, self_benchmark=False) as eng:
-                # Warm-up both sides (first-call compilation, page-in).
-                await run_ours(eng, name, prompts(2), 2, 8)
-                await run_theirs(client, base, prompts(2), 2, 8, proc.pid)
+            async with open_engine(
+                [(name, path)], max_concurrent=max(levels), max_queue=256, self_benchmark=False, blas_threads=blas_threads
+            ) as eng:
+                # Warm-up both sides (first-call compilation, page-in), not measured.
+                warm = prompts(max(levels), "warm-up ")
+                await run_ours(eng, name, warm, max(levels), 8)
+                await run_theirs(client, base, warm, max(levels), 8, proc.pid)
                 for c in levels:
-                    texts = prompts(c * rounds)
                     ours_trials, theirs_trials = [], []
-                    for _ in range(trials):  # interleaved, so load from other processes hits both
+                    for t in range(trials):  # interleaved, so load from other processes hits both
+                        texts = prompts(c * rounds, f"c{c}t{t}-")  # fresh for this trial, the same for both sides
                         ours_trials.append(await run_ours(eng, name, texts, c, max_tokens))
                         theirs_trials.append(await run_theirs(client, base, texts, c, max_tokens, proc.pid))
-                    ours = max(ours_trials, key=lambda r: r["tok_s"])
-                    theirs = max(theirs_trials, key=lambda r: r["tok_s"])
+                    ours = median_trial(ours_trials)
+                    theirs = median_trial(theirs_trials)
                     row = {
                         "model": name,
                         "concurrency": c,
                         "ours": ours,
                         "mlx_lm_server": theirs,
                         "speedup": ours["tok_s"] / theirs["tok_s"],
-                        # Tokens per CPU-second, best trial each: less sensitive to other load.
-                        "cpu_efficiency_ratio": max(t["tok_per_cpu_s"] for t in ours_trials)
-                        / max(t["tok_per_cpu_s"] for t in theirs_trials),
-                        "trials": {"ours": ours_trials, "mlx_lm_server": theirs_trials},
+                        # Tokens per CPU-second, median trial each: less sensitive to other load.
+                        "cpu_efficiency_ratio": ours["tok_per_cpu_s"] / theirs["tok_per_cpu_s"],
+                        "load_avg_1m": os.getloadavg()[0],
                     }
                     rows.append(row)
                     print(
@@ -276,46 +303,104 @@ async def bench_model(name: str, path: Path, levels: list[int], max_tokens: int,
     return rows
 
 
+def bench_embeddings(trials: int) -> dict[str, Any]:
+    """Sentences/s of our MiniLM encoder at batch 1 and 64 (16-word sentences), median of trials."""
+    import random
+    import statistics
+
+    from darkbloom.config import load_config
+    from darkbloom.inference.bert import Embedder
+    from darkbloom.inference.catalog import models_dir, prepare_bundled
+
+    root = models_dir(load_config().inference)
+    prepare_bundled(root)
+    embedder = Embedder(root / "all-minilm-l6-v2")
+    words = "the a model peer node network weather city river music code light small large early".split()
+    rnd = random.Random(0)
+    texts = [" ".join(rnd.choice(words) for _ in range(16)) + "." for _ in range(256)]
+    embedder.embed(texts[:64])  # warm-up, not measured
+    out: dict[str, Any] = {}
+    for batch, n in ((1, 32), (64, 256)):
+        embedder.max_batch = batch
+        rates = []
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            embedder.embed(texts[:n])
+            rates.append(n / (time.perf_counter() - t0))
+        out[f"batch_{batch}_sentences_s"] = statistics.median(rates)
+        out[f"batch_{batch}_all_trials"] = [round(r, 1) for r in rates]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,small")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--trials", type=int, default=2, help="interleaved repeats; the best of each side is reported")
+    ap.add_argument("--trials", type=int, default=3, help="interleaved repeats; the median of each side is reported")
+    ap.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads for both sides (0: OpenBLAS default)")
+    ap.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     dirs = model_dirs([m.strip() for m in args.models.split(",") if m.strip()])
     rows: list[dict[str, Any]] = []
+    load_start = os.getloadavg()
     log_path = Path(tempfile.gettempdir()) / "darkbloom-bench-mlx-server.log"
     with open(log_path, "wb") as log:
         for name, path in dirs.items():
-            rows += trio.run(bench_model, name, path, levels, args.max_tokens, args.rounds, args.trials, log)
+            rows += trio.run(bench_model, name, path, levels, args.max_tokens, args.rounds, args.trials, args.blas_threads, log)
+    emb = bench_embeddings(args.trials) if args.embeddings else None
+    load_end = os.getloadavg()
 
     print()
     print(
         f"{'model':9} {'conc':>4} | {'ours tok/s':>10} {'TTFT p50':>9} {'p95':>7} | {'mlx_lm tok/s':>12} {'TTFT p50':>9} "
-        f"{'p95':>7} | {'speedup':>7} | {'tok/CPU-s ratio':>15}"
+        f"{'p95':>7} | {'speedup':>7} | {'tok/CPU-s ratio':>15} | {'load 1m':>7}"
     )
     for r in rows:
         o, t = r["ours"], r["mlx_lm_server"]
         print(
             f"{r['model']:9} {r['concurrency']:>4} | {o['tok_s']:>10.1f} {o['ttft_p50_s']:>8.2f}s {o['ttft_p95_s']:>6.2f}s | "
             f"{t['tok_s']:>12.1f} {t['ttft_p50_s']:>8.2f}s {t['ttft_p95_s']:>6.2f}s | {r['speedup']:>6.2f}x | "
-            f"{r['cpu_efficiency_ratio']:>14.2f}x"
+            f"{r['cpu_efficiency_ratio']:>14.2f}x | {r['load_avg_1m']:>7.1f}"
         )
+    if emb:
+        print(
+            f"\nembeddings (all-MiniLM-L6-v2, ours): batch 1 {emb['batch_1_sentences_s']:.1f} sentences/s, "
+            f"batch 64 {emb['batch_64_sentences_s']:.1f} sentences/s"
+        )
+    print(f"load average (1/5/15 min): start {load_start}, end {load_end}; {os.cpu_count()} CPUs")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for r in rows:  # per-request TTFTs are summarised; keep the JSON small
+        for side in ("ours", "mlx_lm_server"):
+            r[side].pop("ttfts", None)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "blas": blas_status()},
-        "settings": {"max_tokens": args.max_tokens, "rounds": args.rounds, "trials": args.trials, "concurrency": levels, "temperature": 0},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "blas": blas_status(),
+            "blas_threads_both_sides": args.blas_threads,
+            "load_avg_start": load_start,
+            "load_avg_end": load_end,
+        },
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "trials": args.trials,
+            "concurrency": levels,
+            "temperature": 0,
+            "mlx_lm_server_flags": f"--decode-concurrency {max(levels)} (other flags default)",
+        },
         "rows": rows,
+        "embeddings": emb,
         "note": (
-            "aggregate completion tokens/s over wall time, best of the interleaved trials per side; "
-            "TTFT = request start to first non-empty text, from that best trial; "
-            f"load average at the end: {os.getloadavg()}"
+            "aggregate completion tokens/s over wall time, median of the interleaved trials per side; "
+            "fresh prompts per trial, identical for both sides; warm-up excluded; TTFT = request start to "
+            "first non-empty text, p50/p95 over all trials of a side"
         ),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -239,6 +239,21 @@ async def test_prompt_cache_stays_within_its_byte_bound(tiny_model_dir: Path) ->
         assert eng._worker.models[MODEL].prompt_cache.nbytes == 0
 
 
+async def test_engine_sets_the_openblas_thread_count(tiny_model_dir: Path) -> None:
+    from darkbloom.inference.blas import blas_status, blas_threads, set_blas_threads
+
+    if not blas_status().startswith("loaded"):
+        pytest.skip("OpenBLAS is not loaded on this machine")
+    set_blas_threads(2)
+    try:
+        async with engine(tiny_model_dir, blas_threads=1) as eng:
+            assert blas_threads() == 1
+            r = await run(eng, chat(max_tokens=3))
+            assert r["finished"][0].completion_tokens >= 1
+    finally:
+        set_blas_threads(1)
+
+
 async def test_json_mode_output_follows_the_grammar(tiny_model_dir: Path) -> None:
     from llguidance import LLMatcher
 
