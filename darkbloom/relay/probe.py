@@ -39,6 +39,7 @@ __all__ = ["CanaryPurse", "RelayProber", "SelfLedgerNetwork"]
 log = logging.getLogger(__name__)
 
 FORGET_AFTER_S = 86_400.0  # a node not seen (no record, no answer) this long is dropped
+NOT_NODE_RECHECK_S = 3600.0  # a connected peer without a record (shim, relay) is asked again after this
 
 
 @dataclass
@@ -54,6 +55,8 @@ class RelayProber:
     known: dict[str, Any] = field(default_factory=dict)  # peer id -> its last capability record
     seen_at: dict[str, float] = field(default_factory=dict)  # peer id -> last time a record or answer came
     canaries_run: int = 0
+    parallel: int = 16  # probes and record lookups in flight at once
+    not_nodes: dict[str, float] = field(default_factory=dict)  # peer id -> when it was found to have no record
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -83,15 +86,23 @@ class RelayProber:
                         self.seen_at[p.peer_id] = now
             except P2PError as exc:  # the DHT is unhappy: probe whom we know
                 log.debug("provider lookup of %s failed: %s", model, exc)
-        for peer in sorted(candidates - set(self.known)):
+        fresh = [p for p in sorted(candidates - set(self.known)) if now - self.not_nodes.get(p, -FORGET_AFTER_S) > NOT_NODE_RECHECK_S]
+
+        async def look(peer: str) -> None:
+            record = None
             try:
                 with trio.move_on_after(self.timeout_s):
                     record = await self.network.get_record(peer)
             except P2PError:
-                continue  # not a node, or not now
+                pass  # not a node, or not now
             if record is not None and record.models:
                 self.known[peer] = record
                 self.seen_at[peer] = now
+                self.not_nodes.pop(peer, None)
+            else:
+                self.not_nodes[peer] = now  # a shim or a relay: asked again after NOT_NODE_RECHECK_S
+
+        await self._each(fresh, look)
         for peer in [p for p, t in self.seen_at.items() if now - t > FORGET_AFTER_S]:
             self.known.pop(peer, None)
             self.seen_at.pop(peer, None)
@@ -103,7 +114,7 @@ class RelayProber:
         from darkbloom.p2p.keys import public_key_from_peer_id
         from darkbloom.p2p.status import query_status
 
-        for peer in await self.discover():
+        async def probe(peer: str) -> None:
             up = False
             with trio.move_on_after(self.timeout_s):
                 try:
@@ -117,6 +128,20 @@ class RelayProber:
             record = self.known.get(peer)
             self.trust.record_probe(public_key_from_peer_id(peer).hex(), now, up=up,
                                     decode_tps=getattr(record, "decode_tps", None))
+
+        await self._each(await self.discover(), probe)
+
+    async def _each(self, peers: Iterable[str], step: Any) -> None:
+        """`step(peer)` for every peer, at most `parallel` at once."""
+        limiter = trio.CapacityLimiter(max(1, self.parallel))
+
+        async def one(peer: str) -> None:
+            async with limiter:
+                await step(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(one, peer)
 
     # --- canaries ----------------------------------------------------------------------
 
@@ -140,8 +165,15 @@ class RelayProber:
     async def canary_round(self) -> None:
         if self.meter is not None and hasattr(self.meter, "fund"):
             await self.meter.fund()
+        by_peer: dict[str, list[tuple[str, str]]] = {}
         for peer, model, feature in self.plan(await self.discover()):
-            await self.canary(peer, model, feature)
+            by_peer.setdefault(peer, []).append((model, feature))
+
+        async def run_for(peer: str) -> None:  # one node's canaries one after another; nodes in parallel
+            for model, feature in by_peer[peer]:
+                await self.canary(peer, model, feature)
+
+        await self._each(sorted(by_peer), run_for)
 
     async def canary(self, peer: str, model: str, feature: str) -> bool | None:
         """Send one canary; True/False recorded, None when it could not run (busy, unreachable)."""
