@@ -41,6 +41,7 @@ __all__ = ["Node", "NodeStats", "ObservedEngine", "open_node"]
 log = logging.getLogger(__name__)
 
 MARKET_REFRESH_S = 300.0  # how often the node looks at other providers' prices
+IDLE_RECHECK_S = 0.1  # while draining, how often the engine's load is looked at again
 
 
 @dataclass
@@ -189,12 +190,14 @@ class Node:
             self.metrics.error(r.outcome.partition(":")[2] or "unknown")
         self._check_idle()
 
-    def _check_idle(self) -> None:
+    def _check_idle(self) -> bool:
         load = self.service.load()
         if load.active == 0 and load.queued == 0:
             self._idle.set()
-        elif self._idle.is_set():
+            return True
+        if self._idle.is_set():
             self._idle = trio.Event()
+        return False
 
     async def refresh_earnings(self) -> None:
         """Fetch the ledger's signed epoch summaries not seen yet; keep what this node earned."""
@@ -268,9 +271,12 @@ class Node:
         self.draining = True
         for m in self.models:
             self.network.unprovide(m.id)  # type: ignore[attr-defined]
-        self._check_idle()
         with trio.move_on_after(grace_s) as waited:
-            await self._idle.wait()
+            while not self._check_idle():
+                # The engine frees a slot on its own thread a moment after the handler reported the
+                # request served, so an idle engine may not be seen then: look again shortly.
+                with trio.move_on_after(IDLE_RECHECK_S):
+                    await self._idle.wait()
         if waited.cancelled_caught:
             log.warning("grace period over with requests still running; cancelling them")
         else:

@@ -35,6 +35,7 @@ def test_node_start_shows_load_and_self_benchmark_progress(tmp_path, tiny_model_
         assert steps == ["loading tiny-chat ...", "loading tiny-chat: done (1/1)",
                          "self-benchmark ...", "self-benchmark: done (1/1)"], out
         assert re.search(r"self-benchmark of tiny-chat: prefill \d+ tok/s, decode [\d.]+ tok/s", out)
-        assert node.interrupt() == 0
+        code = node.interrupt()
+        assert code == 0, "".join(node.output[-30:])
     finally:
         net.stop()
