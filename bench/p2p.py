@@ -105,8 +105,8 @@ async def spawn(*args: str) -> tuple[trio.Process, dict]:
     return proc, await next_line(proc)
 
 
-async def spawn_quiet(*args: str) -> trio.Process:
-    return await trio.lowlevel.open_process([sys.executable, *args], stdout=subprocess.PIPE,
+async def spawn_client(*args: str) -> trio.Process:
+    return await trio.lowlevel.open_process([sys.executable, *args], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
                                             stderr=subprocess.DEVNULL, cwd=ROOT)
 
 
@@ -121,11 +121,15 @@ async def next_line(proc: trio.Process, buf: list[bytes] | None = None) -> dict:
 
 
 async def read_all_json(proc: trio.Process) -> dict:
+    """The helper's last JSON line, plus the CPU seconds it used in all (`cpu_s`)."""
     data = b""
     while chunk := await proc.stdout.receive_some(1 << 20):
         data += chunk
+    cpu = cpu_s(proc.pid)  # still readable: the process is not reaped before wait()
     await proc.wait()
-    return json.loads(data.strip().splitlines()[-1])
+    out = json.loads(data.strip().splitlines()[-1])
+    out["cpu_s"] = cpu
+    return out
 
 
 async def relay_process(_: object) -> tuple[trio.Process, str]:
@@ -154,6 +158,10 @@ async def helper_client(args: argparse.Namespace) -> None:
     async with open_network(cfg, Identity.generate(), role="shim") as net:
         await net.wait_joined()
         await warm_up(net, args.target, args.addrs)
+        print(json.dumps({"ready": True}), flush=True)
+        go = await trio.wrap_file(sys.stdin).readline()  # every client starts at once
+        if not go:
+            return
         result = await token_load([net], args.target, args.addrs, args.streams, args.tokens, raw=True)
         print(json.dumps(result), flush=True)
 
@@ -178,10 +186,14 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
         per = [args.streams // args.clients + (1 if i < args.streams % args.clients else 0) for i in range(args.clients)]
         clients = []
         for n in per:
-            proc = await spawn_quiet(__file__, "--helper", "client", "--relay", relay, "--target", info["peer_id"],
+            proc = await spawn_client(__file__, "--helper", "client", "--relay", relay, "--target", info["peer_id"],
                                   "--streams", str(n), "--tokens", str(args.tokens), "--addrs", *info["addrs"])
             procs.append(proc)
             clients.append(proc)
+        for p in clients:  # imports, connect and warm-up stay out of the measured window
+            await next_line(p)
+        for p in clients:
+            await p.stdin.send_all(b"go\n")
         cpu0 = {"relay": cpu_s(relay_pid) if relay_pid else float("nan"), "node": cpu_s(node.pid)}
         t0 = time.perf_counter()
         results = []
@@ -189,11 +201,14 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
             results.append(await read_all_json(p))
         elapsed = time.perf_counter() - t0
         cpu = {k: round(cpu_s(pid) - cpu0[k], 2) for k, pid in (("relay", relay_pid), ("node", node.pid)) if pid}
+        cpu["clients_total_incl_start"] = round(sum(r.pop("cpu_s") for r in results), 2)  # incl. imports
         latencies = [x for r in results for x in r.pop("raw")]
+        opens = [x for r in results for x in r.pop("opens")]
         return {"streams": args.streams, "tokens_per_stream": args.tokens, "rate_per_stream": args.rate,
                 "processes": {"clients": len(clients)},
                 "cpu_s": cpu, "wall_s": round(elapsed, 2), "delivered": len(latencies),
                 "errors": sum(r["errors"] for r in results),
+                "stream_open": ms(opens) if opens else {},
                 "error_kinds": [r.get("error_kinds", {}) for r in results], "token_latency": ms(latencies) if latencies else {}}
     finally:
         for p in procs:
@@ -236,28 +251,36 @@ async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: 
     latencies: list[float] = []
     errors = 0
     kinds: dict[str, int] = {}
+    opens: list[float] = []
 
     async def one(client) -> None:
         nonlocal errors
         try:
+            t = time.perf_counter()
             s = await client.open_stream(peer, TOKENS, addrs=addrs)
-            for _ in range(tokens):
+            opens.append(time.perf_counter() - t)
+            for i in range(tokens):
                 data = await read_exact(s, TOKEN.size)
                 if len(data) < TOKEN.size:
                     errors += 1
+                    kind = f"stream ended after {i} tokens"
+                    kinds[kind] = kinds.get(kind, 0) + 1
                     return
                 _, sent = TOKEN.unpack(data)
                 latencies.append(time.perf_counter() - sent)
         except Exception as exc:  # counted, reported: the benchmark must finish
             errors += 1
-            kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+            cause = exc.__cause__
+            while cause is not None and cause.__cause__ is not None:
+                cause = cause.__cause__  # the innermost reason (negotiation timeout, reset...)
+            kind = f"{type(exc).__name__}: {str(exc)[:60]} <- {type(cause).__name__}: {str(cause)[:100]}"
             kinds[kind] = kinds.get(kind, 0) + 1
 
     async with trio.open_nursery() as n:
         for i in range(streams):
             n.start_soon(one, clients[i % len(clients)])
     out = {"streams": streams, "tokens_per_stream": tokens, "delivered": len(latencies), "errors": errors,
-           "error_kinds": kinds,
+           "error_kinds": kinds, "opens": [round(x, 4) for x in opens],
            "token_latency": ms(latencies) if latencies else {}}
     if raw:
         out["raw"] = [round(x, 6) for x in latencies]

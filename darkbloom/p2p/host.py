@@ -61,6 +61,9 @@ class DarkbloomHost(BasicHost):
         return out
 
 
+_WRITE_STALL_S = 30.0  # a socket write that makes no progress this long breaks the connection
+
+
 class _Batch:
     """Yamux frames queued while another task writes; written together in one Noise write."""
 
@@ -112,19 +115,25 @@ class DarkbloomYamux(Yamux):
         rounds = 0
         try:
             while self._batch.frames and rounds < self._MAX_ROUNDS:
+                if rounds:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: hand on, below
                 rounds += 1
                 batch, self._batch = self._batch, _Batch()
+                data = b"".join(batch.frames) if len(batch.frames) > 1 else batch.frames[0]
+                # Shielded: the batch carries other tasks' frames, and a write cut short by
+                # this task's cancellation would fail them all (and leave half a frame on the
+                # wire). Bounded, so a peer that stops reading cannot pin this task forever.
                 try:
-                    async with self._write_lock:
-                        await self.secured_conn.write(b"".join(batch.frames) if len(batch.frames) > 1 else batch.frames[0])
-                    batch.written = True
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + _WRITE_STALL_S):
+                        await self.secured_conn.write(data)
+                        batch.written = True
                 except Exception as exc:  # the waiters of this batch get the write's error too
                     batch.error = exc
-                    raise
-                finally:
-                    if not batch.written and batch.error is None:  # cancelled part-way
-                        batch.error = trio.BrokenResourceError("Yamux frame write interrupted")
-                    batch.done.set()
+                if not batch.written and batch.error is None:
+                    batch.error = trio.BrokenResourceError(f"Yamux write stalled for {_WRITE_STALL_S:.0f} s")
+                batch.done.set()
+                if batch.error is not None:
+                    raise batch.error
         finally:
             self._flushing = False
             if self._batch.frames:  # hand the queued batch to one of its waiters
@@ -180,4 +189,28 @@ def build_host(
         ),
     )
     swarm.auto_connector = _OnDemandOnly(swarm=swarm)
+    _use_our_yamux(swarm)
     return DarkbloomHost(network=swarm)
+
+
+def _use_our_yamux(swarm: object) -> None:
+    """Make the upgrader build DarkbloomYamux connections.
+
+    Defect 17 (found here): `MuxerMultistream.new_conn` ignores the class given in
+    `muxer_opt` for the Yamux protocol id and always builds the library's `Yamux`, so a
+    Yamux subclass never runs. We replace `new_conn` on this swarm's muxer selector only:
+    negotiate as before, then build the class we registered.
+    """
+    selector = swarm.upgrader.muxer_multistream  # type: ignore[attr-defined]
+
+    async def new_conn(conn: object, peer_id: object) -> object:
+        protocol, transport_class = await selector._selector.select(
+            conn, conn.is_initiator, selector.negotiate_timeout  # type: ignore[attr-defined]
+        )
+        if protocol == YAMUX_PROTOCOL_ID:
+            muxed = DarkbloomYamux(conn, peer_id, is_initiator=conn.is_initiator)  # type: ignore[arg-type, attr-defined]
+        else:
+            muxed = transport_class(conn, peer_id)
+        return selector._annotate_connection(muxed, conn, protocol)
+
+    selector.new_conn = new_conn

@@ -619,11 +619,16 @@ def _strip_p2p(addr: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
 
 
 def _is_protocol_refusal(exc: BaseException) -> bool:
+    """The remote answered "na" to our protocol (not: negotiation timed out or broke).
+
+    Every multistream-select failure is a MultiselectClientError, including "response timed
+    out after 10s" on an overloaded peer; only the "not supported" answer is a refusal.
+    """
     seen = 0
     while exc is not None and seen < 6:
         name = type(exc).__name__
         text = str(exc).lower()
-        if "Multiselect" in name or "protocol not supported" in text or "not supported" in text:
+        if name == "ProtocolNotSupportedError" or "not supported" in text:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1
