@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +63,8 @@ def _status_port(config: Config, offset: int, default: int) -> int:
 
 @asynccontextmanager
 async def open_local_network(config: Config, *, chat_models: tuple[ModelSpec, ...] | None = None,
-                             embedding_models: tuple[ModelSpec, ...] | None = None) -> AsyncIterator[LocalNetwork]:
+                             embedding_models: tuple[ModelSpec, ...] | None = None,
+                             progress: Callable[[str, int, int], None] | None = None) -> AsyncIterator[LocalNetwork]:
     from darkbloom.api.shim import open_shim, shim_dir
     from darkbloom.identity import load_or_create_identity
     from darkbloom.node.daemon import open_node
@@ -90,7 +91,7 @@ async def open_local_network(config: Config, *, chat_models: tuple[ModelSpec, ..
                 inference={"models": models},
                 node={"status_port": _status_port(config, i, config.node.status_port)},
             )
-            nodes.append(await stack.enter_async_context(open_node(node_cfg, bootstrap=bootstrap)))
+            nodes.append(await stack.enter_async_context(open_node(node_cfg, bootstrap=bootstrap, progress=progress)))
         shim_cfg = _role_config(config, base, p2p={"bootstrap": bootstrap})
         identity = load_or_create_identity(shim_dir(shim_cfg))
         account = identity.public_key.hex()
@@ -118,7 +119,11 @@ async def _run(config: Config) -> int:
 
     async def body(stop: trio.Event) -> None:
         print("starting a relay, a chat node, an embeddings node and the shim on 127.0.0.1 ...", flush=True)
-        async with open_local_network(config) as net:
+        from darkbloom.node.commands import startup_bar
+
+        bar = startup_bar()  # model preparation, load and self-benchmark, as `darkbloom node` shows them
+        async with open_local_network(config, progress=bar) as net:
+            bar.finish()
             url = net.base_url
             print(f"\nDarkbloom is up in {net.started_in_s:.1f} s. OpenAI-compatible base_url: {url}\n", flush=True)
             print("Try it with curl:", flush=True)
