@@ -7,6 +7,7 @@ entry for the operator's status page). Any stream with `read(n)`, `write(data)` 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -17,7 +18,7 @@ from darkbloom.ledger.service import MAX_FRAME_BYTES, LedgerStream
 from darkbloom.wire.codec import FrameDecoder, encode_frame, read_frame
 from darkbloom.wire.ledger import LedgerErrorReply
 from darkbloom.wire.reputation import ReputationQuery, ReputationReply, SpotCheckAck
-from darkbloom.wire.trust import ReputationTable, SpotCheckReport
+from darkbloom.wire.trust import ReputationEntry, ReputationTable, SpotCheckReport
 
 __all__ = ["TrustClient"]
 
@@ -45,12 +46,39 @@ class TrustClient:
             raise LedgerError(f"ledger refused: {reply.message}")
         return reply
 
-    async def reputation(self) -> ReputationTable | None:
-        """The relay's newest table, verified against `ledger_key` (InvalidSignature otherwise)."""
-        reply: ReputationReply = await self._ask(ReputationQuery(), ReputationReply)
-        if reply.table is not None:
+    async def reputation(self, *, max_pages: int = 1000) -> ReputationTable | None:
+        """The relay's newest table, every page verified against `ledger_key` (InvalidSignature
+        otherwise). A table that came in several pages is returned merged with its `signature`
+        cleared (each page's was checked); one page comes back as signed."""
+        for _attempt in range(3):  # the table may be republished between pages: start over
+            reply: ReputationReply = await self._ask(ReputationQuery(), ReputationReply)
+            if reply.table is None:
+                return None
             verify_table(reply.table, self.ledger_key)
-        return reply.table
+            first, entries, more = reply.table, list(reply.table.entries), reply.more
+            for _ in range(max_pages):
+                if not more or not entries:
+                    break
+                reply = await self._ask(ReputationQuery(after=entries[-1].node), ReputationReply)
+                if reply.table is None or (reply.table.epoch, reply.table.computed_ms) != (first.epoch, first.computed_ms):
+                    break  # republished meanwhile
+                verify_table(reply.table, self.ledger_key)
+                entries.extend(reply.table.entries)
+                more = reply.more
+            else:
+                raise LedgerError("the reputation table has more pages than this client reads", hint="raise max_pages")
+            if not more:
+                return first if len(entries) == len(first.entries) else replace(first, entries=tuple(entries), signature=b"")
+        raise LedgerError("the reputation table kept changing while it was read", hint="try again")
+
+    async def entry(self, node: str) -> tuple[ReputationTable | None, ReputationEntry | None]:
+        """`node`'s entry (hex key) as a one-entry table the relay signed, verified; (None, None) before any table."""
+        reply: ReputationReply = await self._ask(ReputationQuery(node=node), ReputationReply)
+        if reply.table is None:
+            return None, None
+        verify_table(reply.table, self.ledger_key)
+        found = [e for e in reply.table.entries if e.node == node]
+        return reply.table, (found[0] if found else None)
 
     async def report(self, report: SpotCheckReport) -> SpotCheckAck:
         """Submit a signed spot-check report; EvidenceRejected / InvalidSignature say why it was refused."""

@@ -41,6 +41,8 @@ __all__ = ["NodeObservations", "RelayTrust"]
 
 log = logging.getLogger(__name__)
 
+PAGE_ENTRIES = 2000  # entries per reply page (~150 bytes each: well inside the 1 MiB frame)
+
 
 @dataclass(slots=True)
 class NodeObservations:
@@ -196,9 +198,19 @@ class RelayTrust:
     # --- requests ----------------------------------------------------------------------
 
     async def handle_query(self, request: ReputationQuery) -> ReputationReply:
+        """The table, or the page / the one entry asked for (each a table the relay signs)."""
         if self.table is None:
             await self.publish()
-        return ReputationReply(table=self.table)
+        table = self.table
+        assert table is not None
+        if request.node:
+            return ReputationReply(table=sign_table(self.identity, replace(
+                table, entries=tuple(e for e in table.entries if e.node == request.node))))
+        rest = [e for e in table.entries if e.node > request.after] if request.after else list(table.entries)
+        if not request.after and len(rest) <= PAGE_ENTRIES:
+            return ReputationReply(table=table)
+        page = tuple(rest[:PAGE_ENTRIES])
+        return ReputationReply(table=sign_table(self.identity, replace(table, entries=page)), more=len(rest) > len(page))
 
     async def handle_report(self, report: SpotCheckReport) -> SpotCheckAck:
         """Check the evidence; store it; count it at most once per reporter, suspect and epoch."""

@@ -23,20 +23,23 @@ __all__ = ["ReputationQuery", "ReputationReply", "SpotCheckAck"]
 @message("reputation.query")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReputationQuery:
-    """Anyone -> relay: the newest signed table. `node` (hex key) asks for that node's entry only."""
+    """Anyone -> relay: the newest signed table, a page at a time (a large network's table does not
+    fit one frame). `after`: only entries whose node key sorts after it (the last key of the
+    previous page). `node` (hex key): that node's entry only."""
 
     node: str = ""
+    after: str = ""
 
 
 @message("reputation.reply")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReputationReply:
-    """Relay -> asker: the signed table (None before the first one was computed).
-
-    When the query named a node, `table` is still the whole signed table (the signature
-    covers every entry); the client picks its entry."""
+    """Relay -> asker: a signed table (None before the first one was computed) holding the entries
+    asked for, at most a page of them; every page is signed on its own and carries the same
+    `epoch` and `computed_ms`. `more`: further entries follow after this page's last key."""
 
     table: ReputationTable | None = None
+    more: bool = False
 
 
 @message("reputation.spot_check_ack")

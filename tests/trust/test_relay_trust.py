@@ -224,3 +224,30 @@ async def test_relay_observations_reach_the_table_and_bar_features_at_the_shim(r
     assert [c.node_class for c in observed] == ["pro", "pro"]
     ranked, _ = rank(observed, {}, RouteHints(model="m", node_class="pro"), 0.0)
     assert {c.peer_id for c in ranked} == {pid, "other"}
+
+
+async def test_a_large_table_comes_in_signed_pages_and_a_node_gets_its_own_entry(relay, monkeypatch):
+    import darkbloom.relay.trust as relay_trust
+
+    service, trust = relay
+    monkeypatch.setattr(relay_trust, "PAGE_ENTRIES", 2)
+    keys = sorted(seeded(120 + i).public_key.hex() for i in range(5))
+    for k in keys:
+        trust.record_probe(k, NOW, up=True)
+    published = await trust.publish()
+    assert [e.node for e in published.entries] == keys
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client = connect(nursery, service)
+            merged = await client.reputation()
+            table, entry = await client.entry(keys[3])
+            none_table, missing = await client.entry(seeded(99).public_key.hex())
+            client.ledger_key = seeded(99).public_key.hex()
+            with pytest.raises(InvalidSignature):
+                await client.entry(keys[3])
+            nursery.cancel_scope.cancel()
+    assert [e.node for e in merged.entries] == keys and merged.signature == b""  # each page was checked
+    assert (merged.epoch, merged.computed_ms) == (published.epoch, published.computed_ms)
+    assert entry.node == keys[3] and [e.node for e in table.entries] == [keys[3]]
+    verify_table(table, LEDGER_KEY)  # the one-entry table is signed by the relay
+    assert none_table is not None and missing is None
