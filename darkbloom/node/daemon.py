@@ -226,7 +226,6 @@ class Node:
 
     async def refresh_reputation(self) -> None:
         """This node's entry in the relay's signed reputation table (darkbloom.relay.trust)."""
-        from darkbloom.api.trust.refresh import entry_for
         from darkbloom.ledger.reputation import ReputationPolicy
         from darkbloom.ledger.trustclient import TrustClient
 
@@ -236,7 +235,7 @@ class Node:
         try:
             client = TrustClient(await connect(), ledger_key=ledger_key)  # type: ignore[arg-type]
             try:
-                table = await client.reputation()
+                table, entry = await client.entry(self.identity.public_key.hex())
             finally:
                 with trio.move_on_after(1, shield=True):
                     await client.close()
@@ -244,7 +243,6 @@ class Node:
             log.debug("reputation lookup failed: %s", exc)
             return
         if table is not None:
-            entry = entry_for(table, self.identity.public_key.hex())
             self.reputation_entry, self.reputation_epoch = entry, table.epoch
             self.reputation = ReputationPolicy().prior if entry is None else entry.score_ppm / 1_000_000
 
