@@ -28,6 +28,7 @@ from darkbloom.config import P2PConfig, RelayConfig, bundled_bootstrap_file, loa
 from darkbloom.errors import ConfigError, P2PError, PeerUnreachable, ProtocolMismatch, RecordRejected, StreamClosed
 from darkbloom.identity import Identity
 from darkbloom.log import short_id
+from darkbloom.p2p import multistream
 from darkbloom.p2p.api import Route, recv_message, send_message
 from darkbloom.p2p.core import NetworkCore
 from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 
 Role = Literal["relay", "node", "shim"]
 _WINDOW_POLL_S = 0.005
+NEGOTIATE_TIMEOUT_S = 10.0  # as py-libp2p's outbound negotiation timeout
+_MSS_HELLO = multistream.encode(multistream.HELLO)
+
+
+class ProtocolRefused(Exception):
+    """The remote answered something other than our protocol ("na"): internal to open_stream."""
 
 
 def _route_of(conn: object) -> Route:
@@ -62,8 +69,12 @@ class LibP2PStream:
         self.route: Route = route
         self.decoder = FrameDecoder(max_frame)
         self._write_lock = trio.Lock()
+        self.early = b""  # bytes read with the negotiation answers, returned first
 
     async def read(self, n: int = 65536) -> bytes:
+        if self.early:
+            data, self.early = self.early[:n], self.early[n:]
+            return data
         try:
             return await self.raw.read(n)  # type: ignore[attr-defined]
         except StreamEOF:
@@ -360,8 +371,13 @@ class LibP2PNetwork(NetworkCore):
         await self.connect(peer_id, addrs)
         pid = ID.from_base58(peer_id)
         try:
-            raw = await self.host.new_stream(pid, [protocol])  # type: ignore[list-item]
-        except Exception as exc:  # StreamFailure wraps MultiselectClientError, SwarmException...
+            raw, early = await self._new_stream(pid, protocol)
+        except ProtocolRefused as exc:
+            offered = ", ".join(_offered(self.host, pid, prefix="/darkbloom/"))
+            raise ProtocolMismatch(peer_id, protocol, offered) from exc
+        except trio.TooSlowError:
+            raise PeerUnreachable(peer_id, f"stream: no protocol answer in {NEGOTIATE_TIMEOUT_S:.0f} s") from None
+        except Exception as exc:  # StreamError, MuxedStreamError, SwarmException, MalformedMessage...
             if _is_protocol_refusal(exc):
                 offered = ", ".join(_offered(self.host, pid, prefix="/darkbloom/"))
                 raise ProtocolMismatch(peer_id, protocol, offered) from exc
@@ -370,7 +386,49 @@ class LibP2PNetwork(NetworkCore):
         route = _route_of(conn)
         if route == "direct" and (peer_id in self.hole_punched or peer_id in self._circuit_dialed):
             route = "hole-punched"
-        return LibP2PStream(raw, peer_id, protocol, route, self.config.max_frame_bytes)
+        stream = LibP2PStream(raw, peer_id, protocol, route, self.config.max_frame_bytes)
+        stream.early = early
+        return stream
+
+    async def _new_stream(self, pid: ID, protocol: str) -> tuple[object, bytes]:
+        """A negotiated stream and any bytes the remote sent after its answer.
+
+        Instead of `host.new_stream` (multistream-select header, wait, protocol, wait: two
+        round trips, and the answers read one byte at a time), we send the header and the
+        protocol in one write and read both answers together: one round trip. The remote
+        side is unchanged (it reads one message at a time, as the spec allows pipelining).
+        """
+        raw = await self.host.get_network().new_stream(pid)
+        ok = False
+        try:
+            with trio.fail_after(NEGOTIATE_TIMEOUT_S):
+                await raw.write(_MSS_HELLO + multistream.encode(protocol))
+                buf = b""
+                answers: list[str] = []
+                while len(answers) < 2:
+                    try:
+                        chunk = await raw.read(4096)
+                    except StreamEOF:
+                        chunk = b""
+                    if not chunk:
+                        raise StreamError("stream closed during protocol negotiation")
+                    buf += chunk
+                    more, buf = multistream.take(buf, 2 - len(answers))
+                    answers += more
+            if answers[0] != multistream.HELLO:  # a peer that is not multistream-select
+                raise StreamError(f"not a multistream-select answer: {answers[0][:40]!r}")
+            if answers[1] != protocol:
+                raise ProtocolRefused(answers[1])
+            raw.set_protocol(protocol)  # type: ignore[attr-defined]
+            ok = True
+            return raw, buf  # bytes after the two answers are stream data (a server that speaks first)
+        finally:
+            if not ok:
+                with trio.move_on_after(2, shield=True):
+                    try:
+                        await raw.reset()
+                    except Exception:  # already gone
+                        pass
 
     # --- DHT ------------------------------------------------------------------------
 
