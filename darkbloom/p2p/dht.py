@@ -13,13 +13,32 @@ Wraps py-libp2p 0.8.1's KadDHT with workarounds:
   dead peers (10 s each); and a server drops FIND_NODE for keys longer than 50 bytes that
   are not multihashes, which all `/darkbloom/caps/<peer-id>` keys are.
   `ServerPeerRouting` starts from the routing table only (or the trusted bootstrap peers)
-  and looks up long keys by their sha2-256 multihash.
+  and looks up long keys by their sha2-256 multihash;
+- defect 13 (found here): a server handles at most 12 inbound KAD streams at once and resets
+  the rest, and a handler waits forever for the next message on a stream its client never
+  closes (py-libp2p's own client cancels its close when a query times out). A few timed-out
+  queries leave a server, the single bootstrap relay included, resetting every KAD stream
+  for good: at 50 hosts every routing table held only the relay and lookups found nothing.
+  `DarkbloomDHT.handle_stream` waits briefly for a slot, caps concurrent streams per peer,
+  and resets a stream idle for `INBOUND_IDLE_S`;
+- defect 14 (found here): a server keeps at most 20 providers per key (ignoring newcomers),
+  and `find_providers` stops at `count` entries counting duplicates, so a model with more
+  than 20 providers is only partly found. `BoundedProviderStore` keeps up to
+  `PROVIDERS_PER_KEY` (replacing the stalest), and `fresh_providers` asks the closest
+  servers and the trusted bootstrap servers and returns each provider once;
+- defect 7 of docs/RELIABILITY.md: the value store holds 50,000 records and evicts the
+  oldest when full, so a flood of validly signed sybil records evicts honest ones.
+  `QuotaValueStore` holds `VALUE_STORE_CAP` records, at most `VALUES_PER_PEER` new keys per
+  sending peer, and when full evicts from the peer holding the most.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import trio
@@ -27,6 +46,8 @@ from libp2p.bitswap.cid import parse_cid
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.peer_routing import PeerRouting
+from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
+from libp2p.kad_dht.value_store import ValueStore
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.kad_dht.routing_table import RoutingTable
 from libp2p.peer.id import ID
@@ -35,7 +56,10 @@ from libp2p.records.validator import NamespacedValidator, Validator
 
 from darkbloom.errors import RecordRejected
 
-__all__ = ["CapsValidator", "DarkbloomDHT", "DHTMode", "ServerOnlyRoutingTable", "multihash_of"]
+__all__ = [
+    "BoundedProviderStore", "CapsValidator", "DarkbloomDHT", "DHTMode", "QuotaValueStore",
+    "ServerOnlyRoutingTable", "multihash_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +67,18 @@ IDENTIFY_WAIT_S = 3.0
 PEER_QUERY_TIMEOUT_S = 3.0  # one FIND_NODE; 0.8.1 waits 10 s
 LOOKUP_ALPHA = 3
 LOOKUP_MAX_ROUNDS = 10
+
+INBOUND_STREAMS = 32  # concurrent inbound KAD streams per server (0.8.1: 12, the rest reset)
+INBOUND_PER_PEER = 4  # of which one peer may hold
+INBOUND_WAIT_S = 2.0  # a stream waits this long for a slot before it is reset
+INBOUND_IDLE_S = 5.0  # a KAD stream with no message for this long is reset (0.8.1: never)
+PROVIDERS_PER_KEY = 256  # provider entries a server keeps per key (0.8.1: 20)
+PROVIDER_QUERY_TIMEOUT_S = 3.0  # one GET_PROVIDERS
+PROVIDER_QUERY_CONCURRENCY = 8
+VALUE_STORE_CAP = 4096  # records a server keeps (0.8.1: 50,000 of up to 1 MiB)
+VALUES_PER_PEER = 32  # new keys one sending peer may place on a server
+
+_SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("darkbloom_dht_sender", default=None)
 
 
 def multihash_of(cid_text: str) -> bytes:
@@ -90,8 +126,14 @@ class ServerOnlyRoutingTable(RoutingTable):
         if peer_id in getattr(self, "trusted", set()):
             return True
         protocols = _protocols(store, peer_id)
-        if not protocols and self.host.get_network().get_connections(peer_id):
-            # Identify has not finished yet: run it now rather than guess.
+        connected = bool(self.host.get_network().get_connections(peer_id))
+        if not protocols and not connected:
+            # Learned from a server's FIND_NODE answer (servers list servers only) and not
+            # met yet: admit it, as Kademlia does; a failed RPC removes it again. Refusing
+            # these left every table holding only the bootstrap relay.
+            return True
+        if not protocols:
+            # Connected but identify has not finished yet: run it now rather than guess.
             with trio.move_on_after(IDENTIFY_WAIT_S):
                 await self.host._identify_peer(peer_id, reason="darkbloom-routing")  # type: ignore[attr-defined]
             protocols = _protocols(store, peer_id)
@@ -152,6 +194,102 @@ class ServerPeerRouting(PeerRouting):
         return closest
 
 
+class _IdleStream:
+    """An inbound KAD stream whose reads fail after `idle_s` without data (defect 13)."""
+
+    def __init__(self, raw: object, idle_s: float) -> None:
+        self._raw = raw
+        self._idle_s = idle_s
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(self._idle_s):  # TooSlowError: the handler resets the stream
+            return await self._raw.read(n)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._raw, name)
+
+
+async def _reset(stream: object) -> None:
+    try:
+        await stream.reset()  # type: ignore[attr-defined]
+    except Exception:  # already gone; resetting is best effort
+        log.debug("resetting a KAD stream failed", exc_info=True)
+
+
+class BoundedProviderStore(ProviderStore):
+    """Up to `per_key` providers per key; when full the stalest entry makes room (defect 14)."""
+
+    def __init__(self, host: object, peer_routing: object, *, per_key: int = PROVIDERS_PER_KEY) -> None:
+        super().__init__(host, peer_routing)  # type: ignore[arg-type]
+        self.per_key = per_key
+
+    def add_provider(self, key: bytes, provider: PeerInfo) -> None:
+        if not provider or not provider.peer_id:
+            return
+        entries = self.providers.setdefault(key, {})
+        pid = str(provider.peer_id)
+        if pid not in entries and len(entries) >= self.per_key:
+            # Honest providers re-announce every few minutes; a peer that stopped is the stalest.
+            stalest = min(entries, key=lambda p: entries[p].timestamp)
+            del entries[stalest]
+        entries[pid] = ProviderRecord(provider_info=provider, timestamp=time.time())
+
+
+class QuotaValueStore(ValueStore):
+    """At most `cap` records, `per_peer` new keys per sending peer; full: evict from the largest holder.
+
+    The sender of an inbound PUT_VALUE is known from the stream (`_SENDER`, set by
+    `DarkbloomDHT.handle_stream`); local puts and records cached by our own lookups count
+    as ours and have no quota. Replacing the value of a key already stored keeps its holder.
+    """
+
+    def __init__(self, host: object, local_peer_id: ID, *, cap: int = VALUE_STORE_CAP,
+                 per_peer: int = VALUES_PER_PEER) -> None:
+        super().__init__(host=host, local_peer_id=local_peer_id)  # type: ignore[arg-type]
+        self.cap = cap
+        self.per_peer = per_peer
+        self.holder: dict[bytes, ID] = {}
+        self.refused = 0  # new keys refused (quota or full), for tests and diagnostics
+        self.evicted = 0
+
+    def held(self) -> Counter[ID]:
+        """Keys each sending peer holds here now."""
+        for key in [k for k in self.holder if k not in self.store]:
+            del self.holder[key]  # removed or expired meanwhile
+        return Counter(self.holder.values())
+
+    def _admit(self, key: bytes) -> None:
+        sender = _SENDER.get() or self.local_peer_id
+        if key in self.store:
+            self.holder.setdefault(key, sender)
+            return
+        held = self.held()
+        if sender != self.local_peer_id and held[sender] >= self.per_peer:
+            self.refused += 1
+            raise RecordRejected(key.decode(errors="replace"), f"peer {sender} already stores {held[sender]} records here")
+        if len(self.store) >= self.cap:
+            self.cleanup_expired()
+            held = self.held()
+        if len(self.store) >= self.cap:
+            victim, most = held.most_common(1)[0] if held else (None, 0)
+            if victim is None or most <= held[sender]:
+                self.refused += 1
+                raise RecordRejected(key.decode(errors="replace"), "value store full")
+            oldest = next(k for k, h in self.holder.items() if h == victim and k in self.store)
+            del self.store[oldest]
+            del self.holder[oldest]
+            self.evicted += 1
+        self.holder[key] = sender
+
+    def put(self, key: bytes, value: bytes, validity: float = 0.0) -> None:
+        self._admit(key)
+        super().put(key, value, validity)
+
+    def put_record(self, key: bytes, record: object) -> None:
+        self._admit(key)
+        super().put_record(key, record)  # type: ignore[arg-type]
+
+
 class DarkbloomDHT(KadDHT):
     """KadDHT with our validator, strict namespaces and the server-only routing table."""
 
@@ -164,27 +302,100 @@ class DarkbloomDHT(KadDHT):
         routing = ServerPeerRouting(host, table)  # type: ignore[arg-type]
         routing.trusted = lambda: list(table.trusted)
         self.peer_routing = routing
-        self.provider_store.peer_routing = routing
+        self.provider_store = BoundedProviderStore(host, routing)
+        self.value_store = QuotaValueStore(host, self.local_peer_id)
+        self._inbound_slots = trio.Semaphore(INBOUND_STREAMS)
+        self._inbound_by_peer: Counter[ID] = Counter()
+        self.inbound_refused = 0  # inbound KAD streams reset for want of a slot
+
+    async def handle_stream(self, stream: object) -> None:  # type: ignore[override]
+        """Inbound KAD stream: bounded per server and per peer, reset when idle (defect 13)."""
+        if self.mode == DHTMode.CLIENT:
+            await stream.close()  # type: ignore[attr-defined]
+            return
+        peer: ID = stream.muxed_conn.peer_id  # type: ignore[attr-defined]
+        if self._inbound_by_peer[peer] >= INBOUND_PER_PEER:
+            self.inbound_refused += 1
+            await _reset(stream)
+            return
+        self._inbound_by_peer[peer] += 1
+        try:
+            with trio.move_on_after(INBOUND_WAIT_S) as waiting:
+                await self._inbound_slots.acquire()
+            if waiting.cancelled_caught:
+                self.inbound_refused += 1
+                await _reset(stream)
+                return
+            token = _SENDER.set(peer)
+            try:
+                await self._do_handle_stream(_IdleStream(stream, INBOUND_IDLE_S))  # type: ignore[arg-type]
+            finally:
+                _SENDER.reset(token)
+                self._inbound_slots.release()
+        finally:
+            self._inbound_by_peer[peer] -= 1
+            if self._inbound_by_peer[peer] <= 0:
+                del self._inbound_by_peer[peer]
+
+    def _trusted_peers(self) -> list[ID]:
+        return [p for p in self.routing_table.trusted if p != self.local_peer_id]  # type: ignore[attr-defined]
+
+    async def provide(self, key: str) -> bool:
+        """Announce to the servers closest to the key and, always, to the trusted bootstrap servers."""
+        ok = await super().provide(key)
+        mh = multihash_of(key)
+        sent = 0
+        for peer in self._trusted_peers():  # defect 2: they answer while the nearest servers are dead
+            with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+                sent += await self.provider_store._send_add_provider(peer, mh)
+        return ok or sent > 0
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        """Store at the servers closest to the key and, always, at the trusted bootstrap servers."""
+        await super().put_value(key, value)
+        key_bytes = key.encode()
+        for peer in self._trusted_peers():
+            with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+                await self.value_store._store_at_peer(peer, key_bytes, value)
 
     def trust(self, peer_id: ID) -> None:
         """Bootstrap relays: admitted before identify completes."""
         self.routing_table.trusted.add(peer_id)  # type: ignore[attr-defined]
 
     async def fresh_providers(self, cid_text: str, *, keep_local: bool, count: int = 64) -> list[PeerInfo]:
-        """Providers from a network query, plus (on servers) what peers stored here."""
+        """Each provider once: from the servers closest to the key and the trusted bootstrap servers.
+
+        The trusted servers are always asked (defect 2 of docs/RELIABILITY.md): they hear every
+        announcement of the nodes that joined through them, so a model stays findable while
+        the servers nearest its key are dead. On servers, what peers stored here counts too.
+        Unlike 0.8.1's `find_providers`, nothing found is cached locally (defect 8) and
+        duplicates do not count towards `count` (defect 14).
+        """
         key = multihash_of(cid_text)
+        found: dict[ID, PeerInfo] = {}
+        if keep_local:
+            for info in self.provider_store.get_providers(key):
+                found.setdefault(info.peer_id, info)
+        local = self.local_peer_id
+        trusted = self._trusted_peers()
+        closest = await self.peer_routing.find_closest_peers_network(key)
+        targets = list(dict.fromkeys(trusted + [p for p in closest if p != local]))
+        limiter = trio.CapacityLimiter(PROVIDER_QUERY_CONCURRENCY)
         store = self.provider_store
-        local = store.providers.pop(key, None)  # defect 8: force the network query
-        try:
-            found = await store.find_providers(key, count)
-        finally:
-            if local and keep_local:
-                entries = store.providers.setdefault(key, {})
-                for pid, rec in local.items():
-                    entries.setdefault(pid, rec)
-        if keep_local and local:
-            found = found + [rec.provider_info for rec in local.values() if not rec.is_expired()]
-        return found
+
+        async def ask(peer: ID, always: bool) -> None:
+            async with limiter:
+                if len(found) >= count and not always:
+                    return
+                with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+                    providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+                    for info in providers:
+                        found.setdefault(info.peer_id, info)
+
+        async with trio.open_nursery() as nursery:
+            for peer in targets:
+                nursery.start_soon(ask, peer, peer in trusted)
+        return list(found.values())[:count]
 
     async def fresh_value(self, key: str, *, keep_local: bool) -> bytes | None:
         """The best valid value from the network (local copy used only on servers)."""
@@ -193,6 +404,17 @@ class DarkbloomDHT(KadDHT):
         if local is not None and not keep_local:
             self.value_store.remove(key_bytes)  # defect 8: get_value answers from cache
         value = await self.get_value(key)
+        if value is None:
+            # defect 2: the servers nearest the key may be dead; the trusted ones hold it too.
+            for peer in self._trusted_peers():
+                with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+                    found = await self.value_store._get_from_peer(peer, key_bytes)
+                    if isinstance(found, bytes):
+                        try:
+                            self.validator.validate(key, found)  # type: ignore[union-attr]
+                        except Exception:  # RecordRejected and libp2p's validation errors
+                            continue
+                        return found
         if value is None and local is not None and keep_local:
             return local.value
         return value

@@ -240,6 +240,8 @@ async def test_defect8_stock_find_providers_answers_from_cache_ours_asks_the_net
             client = s.clients[0].net
             await announce(first, "model-a")
             assert {p.peer_id for p in await client.find_providers("model-a")} == {first.peer_id}
+            primed = await client.dht.find_providers(model_cid("model-a"))  # stock: caches what it found
+            assert {str(p.peer_id) for p in primed} == {first.peer_id}
             await announce(second, "model-a")
             stock = await client.dht.find_providers(model_cid("model-a"))
             assert {str(p.peer_id) for p in stock} == {first.peer_id}  # the defect: cache only
