@@ -17,6 +17,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.host.basic_host import BasicHost
+from libp2p.io.exceptions import IOException
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -24,8 +26,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from darkbloom.errors import ConfigError
+from darkbloom.errors import ConfigError, MalformedMessage
 from darkbloom.identity import Identity
+from darkbloom.p2p import multistream
 
 __all__ = ["DarkbloomHost", "DarkbloomYamux", "build_host", "key_pair_from_identity"]
 
@@ -48,6 +51,60 @@ class DarkbloomHost(BasicHost):
         self.advertised: list[multiaddr.Multiaddr] | None = None  # None: listen addrs
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
+    async def _swarm_stream_handler(self, net_stream: object) -> None:  # type: ignore[override]
+        """Inbound multistream-select with answers written together (stream open, server side).
+
+        0.8.1 reads each message one byte at a time and writes each answer as its own Yamux
+        frame (header echo, then protocol). We read whatever arrived, answer every complete
+        message, and write the answers in one frame before waiting for more: a pipelined
+        opener (ours, go-libp2p, js-libp2p) gets its two answers in one frame, an
+        interactive one gets them one by one as before. Bytes that follow the protocol
+        (a lazy opener's first data) are handed to the handler ahead of the stream.
+        """
+        handlers = self.multiselect.handlers
+        buf = b""
+        out = b""
+        chosen: str | None = None
+        hello = False
+        try:
+            with trio.fail_after(INBOUND_NEGOTIATE_S):
+                while chosen is None:
+                    msgs, buf = multistream.take(buf, 1)
+                    if not msgs:
+                        if out:
+                            await net_stream.write(out)  # type: ignore[attr-defined]
+                            out = b""
+                        chunk = await net_stream.read(4096)  # type: ignore[attr-defined]
+                        if not chunk:
+                            raise StreamEOF("closed during negotiation")
+                        buf += chunk
+                        continue
+                    msg = msgs[0]
+                    if not hello:
+                        if msg != multistream.HELLO:
+                            raise MalformedMessage(f"multistream: expected the header, got {msg[:40]!r}")
+                        hello = True
+                        out += multistream.encode(multistream.HELLO)
+                    elif msg == "ls":
+                        out += multistream.encode("\n".join(str(p) for p in handlers if p) + "\n")
+                    elif msg and handlers.get(msg) is not None:  # type: ignore[call-overload]
+                        chosen = msg
+                        out += multistream.encode(msg)
+                    else:
+                        out += multistream.encode("na")
+                await net_stream.write(out)  # type: ignore[attr-defined]
+        except (trio.TooSlowError, MalformedMessage, IOException, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("inbound negotiation failed: %s", exc)
+            with trio.move_on_after(2, shield=True):
+                try:
+                    await net_stream.reset()  # type: ignore[attr-defined]
+                except (IOException, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            return
+        net_stream.set_protocol(chosen)  # type: ignore[attr-defined]
+        handler = handlers[chosen]  # type: ignore[index]
+        await handler(_Prefixed(net_stream, buf) if buf else net_stream)  # type: ignore[misc]
+
     def get_addrs(self) -> list[multiaddr.Multiaddr]:
         own = f"/p2p/{self.get_id()!s}"
         base = self.advertised if self.advertised is not None else self.get_transport_addrs()
@@ -61,6 +118,25 @@ class DarkbloomHost(BasicHost):
         return out
 
 
+class _Prefixed:
+    """A net stream whose first reads return bytes already read during negotiation."""
+
+    def __init__(self, stream: object, early: bytes) -> None:
+        self._stream = stream
+        self._early = early
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self._early:
+            n = len(self._early) if n is None else n
+            data, self._early = self._early[:n], self._early[n:]
+            return data
+        return await self._stream.read(n)  # type: ignore[attr-defined, no-any-return]
+
+
+INBOUND_NEGOTIATE_S = 10.0  # as py-libp2p's inbound negotiation timeout
 _WRITE_STALL_S = 30.0  # a socket write that makes no progress this long breaks the connection
 
 
