@@ -15,8 +15,8 @@ from dataclasses import replace
 from typing import TypeVar
 
 import msgpack
-import nacl.bindings
-import nacl.exceptions
+import nacl.bindings  # noqa: F401 - initialises libsodium (sodium_init) before the first _verify
+from nacl import _sodium
 
 from darkbloom.errors import InvalidSignature, MalformedMessage
 from darkbloom.identity import Identity
@@ -176,11 +176,11 @@ def _verify(hex_key: str, data: bytes, signature: bytes) -> bool:
     key = _key(hex_key)
     if key is None or len(signature) != 64:
         return False
-    try:
-        nacl.bindings.crypto_sign_open(signature + data, key)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError, ValueError):
-        return False
-    return True
+    # libsodium's crypto_sign_open checks the signature (crypto_sign_verify_detached) and, given
+    # NULL buffers, copies nothing: what pynacl's wrapper does, minus an allocation and a copy
+    # per call (settlement verifies two signatures per voucher).
+    signed = signature + data
+    return _sodium.lib.crypto_sign_open(_sodium.ffi.NULL, _sodium.ffi.NULL, signed, len(signed), key) == 0
 
 
 def decode_strict(blob: bytes, cls: type[M]) -> M:

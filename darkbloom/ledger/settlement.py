@@ -24,7 +24,15 @@ from darkbloom.errors import LedgerError, MalformedMessage, ReceiptReplay, Unkno
 from darkbloom.identity import Identity
 from darkbloom.ledger import merkle
 from darkbloom.ledger.receipts import ZERO_HASH, cost_of, decode_strict, row_hash, sign, stats_hash, verify_voucher, voucher_hash
-from darkbloom.wire.ledger import NETWORK_ACCOUNT, EpochSummary, NodeEpochStats, SettlementRow, Voucher, encode_flat
+from darkbloom.wire.ledger import (
+    NETWORK_ACCOUNT,
+    EpochSummary,
+    NodeEpochStats,
+    SettlementRow,
+    Voucher,
+    body_and_encoding,
+    encode_flat,
+)
 
 __all__ = [
     "DUPLICATE",
@@ -38,6 +46,7 @@ __all__ = [
     "split",
 ]
 
+_ROW_PREFIX = SettlementRow.DOMAIN + b"\x00"  # type: ignore[attr-defined]  # signed_bytes(row) = this + body
 QUEUED = "queued"
 DUPLICATE = "duplicate"
 PPM = 1_000_000
@@ -88,6 +97,7 @@ class EpochOutcome:
     summary: EpochSummary
     rows: list[SettlementRow] = field(default_factory=list)
     row_hashes: list[bytes] = field(default_factory=list)
+    row_data: list[bytes] = field(default_factory=list)  # encode_flat of each row
     lanes: dict[str, LaneState] = field(default_factory=dict)  # lanes that changed, new state
     deltas: dict[str, list[int]] = field(default_factory=dict)  # account -> [d_balance, d_reserved]
     rejected: list[Rejection] = field(default_factory=list)
@@ -144,7 +154,7 @@ def settle_epoch(
     *,
     epoch: int,
     now_ms: int,
-    pending: Iterable[bytes],
+    pending: Iterable[bytes | tuple[bytes, bytes]],
     lanes: dict[str, LaneState],
     prev_row_hash: bytes,
     prev_summary_hash: bytes,
@@ -154,13 +164,16 @@ def settle_epoch(
 ) -> EpochOutcome:
     """Settle every pending voucher (encoded), then release expired lanes; sign the epoch.
 
-    `lanes` holds every lane a pending voucher names and every open lane that may expire.
+    `pending` items are encoded vouchers, or (encoded voucher, its sha256 as `submit` recorded
+    it): a blob that still matches its recorded hash is the canonical encoding submit wrote,
+    so it is not re-encoded to check. `lanes` holds every lane a pending voucher names and every open lane that may expire.
     A voucher that fails any check is left out with its reason; the rest become rows.
     """
     outcome_lanes: dict[str, LaneState] = {}
     deltas: dict[str, list[int]] = {}
     rows: list[SettlementRow] = []
     hashes: list[bytes] = []
+    row_data: list[bytes] = []  # each row's encoding (what the store keeps)
     rejected: list[Rejection] = []
     stats: dict[str, list] = {}  # node -> [prompt, completion, consumers set, paid]
     prev = prev_row_hash
@@ -171,15 +184,17 @@ def settle_epoch(
         entry[0] += d_balance
         entry[1] += d_reserved
 
-    decoded: list[tuple[Voucher, bytes]] = []
-    for blob in pending:
+    decoded: list[tuple[Voucher, bytes]] = []  # (voucher, sha256 of its canonical encoding)
+    for item in pending:
+        blob, recorded = item if isinstance(item, tuple) else (item, None)
         try:
-            decoded.append((_load_voucher(blob), blob))
+            digest = hashlib.sha256(blob).digest()
+            decoded.append((_load_voucher(blob, canonical=digest == recorded), digest))
         except MalformedMessage as exc:  # stored by an older build or corrupted: refuse, keep going
             rejected.append(Rejection("", 0, "MalformedMessage", exc.reason))
     decoded.sort(key=lambda item: (item[0].lane, item[0].seq))
 
-    for voucher, blob in decoded:
+    for voucher, digest in decoded:
         state = outcome_lanes.get(voucher.lane) or lanes.get(voucher.lane)
         try:
             if check_voucher(voucher, state, signatures=True) == DUPLICATE:
@@ -198,7 +213,7 @@ def settle_epoch(
         new.prompt_tokens = voucher.cum_prompt_tokens
         new.completion_tokens = voucher.cum_completion_tokens
         new.cost = voucher.cum_cost
-        new.voucher_hash = hashlib.sha256(blob).digest()
+        new.voucher_hash = digest
         outcome_lanes[voucher.lane] = new
         delta(new.consumer, 0, -pay)
         delta(new.node, operator, 0)
@@ -226,9 +241,11 @@ def settle_epoch(
             voucher_hash=new.voucher_hash,
             prev_hash=prev,
         )
-        prev = row_hash(row)
+        body, encoded = body_and_encoding(row)
+        prev = hashlib.sha256(_ROW_PREFIX + body).digest()  # == row_hash(row), fields read once
         rows.append(row)
         hashes.append(prev)
+        row_data.append(encoded)
 
     released = 0
     for lane_key in sorted(lanes):
@@ -261,29 +278,33 @@ def settle_epoch(
             ledger=ledger.public_key.hex(),
         ),
     )
-    return EpochOutcome(summary=summary, rows=rows, row_hashes=hashes, lanes=outcome_lanes, deltas=deltas, rejected=rejected)
+    return EpochOutcome(summary=summary, rows=rows, row_hashes=hashes, row_data=row_data, lanes=outcome_lanes,
+                        deltas=deltas, rejected=rejected)
 
 
 _VOUCHER_TYPES = {name: hint for name, hint in typing.get_type_hints(Voucher).items() if name in Voucher.__dataclass_fields__}
 _VOUCHER_FIELDS = frozenset(_VOUCHER_TYPES) | {"type"}
 
 
-def _load_voucher(blob: bytes) -> Voucher:
+def _load_voucher(blob: bytes, *, canonical: bool = False) -> Voucher:
     """Decode a pending voucher; only byte strings that re-encode identically are accepted.
 
     Pending blobs are written by `submit` from decoded vouchers, so this direct path (build,
     validate in __post_init__, re-encode, compare) is as strict as `decode_strict` but faster.
+    `canonical`: the caller knows these are the bytes submit wrote (their recorded hash
+    matches), so the re-encoding is skipped.
     """
     try:
         data = msgpack.unpackb(blob, raw=False)
         if not isinstance(data, dict) or data.get("type") != Voucher.TYPE or set(data) != _VOUCHER_FIELDS:  # type: ignore[attr-defined]
             raise ValueError("not a voucher")
         del data["type"]
-        if any(type(data[name]) is not hint for name, hint in _VOUCHER_TYPES.items()):
+        # (bytes submit wrote came from a strictly decoded voucher: their types are right)
+        if not canonical and any(type(data[name]) is not hint for name, hint in _VOUCHER_TYPES.items()):
             raise ValueError("a field has the wrong type")
         voucher = Voucher(**data)
     except Exception:  # noqa: BLE001 - msgpack and __post_init__ raise many kinds; the strict decoder says why
         return decode_strict(blob, Voucher)
-    if encode_flat(voucher) != blob:
+    if not canonical and encode_flat(voucher) != blob:
         return decode_strict(blob, Voucher)
     return voucher

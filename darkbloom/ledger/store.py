@@ -262,22 +262,11 @@ class SqlStore(LedgerStore):
 
     @staticmethod
     def _lane_state(row: Sequence[Any]) -> LaneState:
+        # BIGINT columns come back as int from sqlite3 and psycopg alike; blobs as bytes or memoryview
         return LaneState(
-            lane=row[0],
-            consumer=row[1],
-            node=row[2],
-            cap=int(row[3]),
-            price_input_per_m=int(row[4]),
-            price_output_per_m=int(row[5]),
-            opened_ms=int(row[6]),
-            expires_ms=int(row[7]),
-            open=bool(row[8]),
-            paid=int(row[9]),
-            seq=int(row[10]),
-            prompt_tokens=int(row[11]),
-            completion_tokens=int(row[12]),
-            cost=int(row[13]),
-            voucher_hash=bytes(row[14]),
+            lane=row[0], consumer=row[1], node=row[2], cap=row[3], price_input_per_m=row[4],
+            price_output_per_m=row[5], opened_ms=row[6], expires_ms=row[7], open=bool(row[8]), paid=row[9],
+            seq=row[10], prompt_tokens=row[11], completion_tokens=row[12], cost=row[13], voucher_hash=bytes(row[14]),
         )
 
     def _load_lane(self, cur: Any, lane: str) -> tuple[LaneState, bytes] | None:
@@ -496,8 +485,8 @@ class SqlStore(LedgerStore):
             last_epoch, _ = self._meta(cur, "epoch")
             _, head = self._meta(cur, "head")
             _, last_summary = self._meta(cur, "last_summary")
-            cur.execute("SELECT voucher FROM pending")
-            pending = [bytes(r[0]) for r in cur.fetchall()]
+            cur.execute("SELECT voucher, hash FROM pending")
+            pending = [(bytes(r[0]), bytes(r[1])) for r in cur.fetchall()]
             cur.execute(
                 self._q(
                     f"SELECT {_LANE_COLUMNS} FROM lanes WHERE lane IN (SELECT lane FROM pending) "
@@ -528,15 +517,23 @@ class SqlStore(LedgerStore):
     def _write_outcome(self, cur: Any, outcome: EpochOutcome, now_ms: int) -> None:
         summary = outcome.summary
         epoch = summary.epoch
+        # Lanes still open only settled (they were open: closed lanes never settle), so is_open is
+        # left out of their update and the (is_open, expires_ms) index is not rewritten for each.
+        settled = [s for s in outcome.lanes.values() if s.open]
+        closed = [s for s in outcome.lanes.values() if not s.open]
         cur.executemany(
             self._q(
-                "UPDATE lanes SET is_open = ?, paid = ?, seq = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "UPDATE lanes SET paid = ?, seq = ?, prompt_tokens = ?, completion_tokens = ?, "
                 "cost = ?, voucher_hash = ? WHERE lane = ?"
             ),
-            [
-                (int(s.open), s.paid, s.seq, s.prompt_tokens, s.completion_tokens, s.cost, s.voucher_hash, s.lane)
-                for s in outcome.lanes.values()
-            ],
+            [(s.paid, s.seq, s.prompt_tokens, s.completion_tokens, s.cost, s.voucher_hash, s.lane) for s in settled],
+        )
+        cur.executemany(
+            self._q(
+                "UPDATE lanes SET is_open = 0, paid = ?, seq = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "cost = ?, voucher_hash = ? WHERE lane = ?"
+            ),
+            [(s.paid, s.seq, s.prompt_tokens, s.completion_tokens, s.cost, s.voucher_hash, s.lane) for s in closed],
         )
         accounts = sorted(outcome.deltas)
         self._ensure_accounts(cur, accounts)
@@ -553,8 +550,8 @@ class SqlStore(LedgerStore):
                 "INSERT INTO settled_rows (epoch, idx, lane, consumer, node, row_hash, row_data) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
             [
-                (epoch, row.index, row.lane, row.consumer, row.node, h, encode_flat(row))
-                for row, h in zip(outcome.rows, outcome.row_hashes)
+                (epoch, row.index, row.lane, row.consumer, row.node, h, data)
+                for row, h, data in zip(outcome.rows, outcome.row_hashes, outcome.row_data)
             ],
         )
         cur.executemany(

@@ -53,6 +53,7 @@ __all__ = [
     "SubmitReply",
     "TopUp",
     "Voucher",
+    "body_and_encoding",
     "encode_flat",
     "is_account",
     "is_lane_id",
@@ -93,6 +94,19 @@ def signed_body(msg: object) -> bytes:
     if names is None:
         return canonical_bytes(msg, exclude=_SIGNATURE_FIELDS + _UNSIGNED.get(type(msg).TYPE, ()))  # type: ignore[attr-defined]
     return type(msg).DOMAIN + msgpack.packb([getattr(msg, n) for n in names if n not in _SIGNATURE_FIELDS], use_bin_type=True)  # type: ignore[attr-defined]
+
+
+def body_and_encoding(msg: object) -> tuple[bytes, bytes]:
+    """(`signed_body(msg)`, `encode_flat(msg)`) of a flat message, reading its fields once (settlement rows)."""
+    names = _flat_fields(type(msg))
+    if names is None:
+        return signed_body(msg), encode(msg)
+    values = [getattr(msg, n) for n in names]
+    body = type(msg).DOMAIN + msgpack.packb(  # type: ignore[attr-defined]
+        [v for n, v in zip(names, values) if n not in _SIGNATURE_FIELDS], use_bin_type=True)
+    data = dict(zip(names, values))
+    data["type"] = type(msg).TYPE  # type: ignore[attr-defined]
+    return body, msgpack.packb(data, use_bin_type=True)
 
 
 def encode_flat(msg: object) -> bytes:
