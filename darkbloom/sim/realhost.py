@@ -159,7 +159,7 @@ def compare(nodes: int, requests: int = 20, seed: int = 1) -> list[dict[str, Any
         a, b = sim[key], real[key]
         rows.append({"metric": key, "sim": round(a, 4), "real": round(b, 4),
                      "within_10pct": abs(a - b) <= 0.1 * max(a, b, 1e-9)})
-    for key in ("timeouts", "discovery_p50_s", "wall_s"):  # context, not comparable (loopback, load)
-        rows.append({"metric": key, "sim": sim[key], "real": real[key], "within_10pct": None})
+    for key in ("timeouts", "discovery_p50_s", "wall_s", "routing_table_p50"):  # context (loopback, load)
+        rows.append({"metric": key, "sim": sim.get(key, "-"), "real": real.get(key, "-"), "within_10pct": None})
     return rows
 
