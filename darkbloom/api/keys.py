@@ -6,6 +6,14 @@ mode); its `*_sync` methods are the same operations for the CLI. `KeyAuthenticat
 app's `Authenticator`: 401 for a missing, unknown or revoked key, 429 with Retry-After for a
 rate limit or an exhausted quota, and usage per key and model after each answer. Each key
 names the ledger account it spends from.
+
+Paying per key (hosted mode): a key created without `--account` gets its own ledger account,
+an Ed25519 key the shim generates and keeps (its seed in the key store, a 0600 file in a
+0700 directory, like the shim's identity). The host deposits to that account
+(`darkbloom ledger deposit <account>`); the shim opens that key's lanes and signs its vouchers
+with it, so the ledger debits the key's account and its history is the key's bill. `authenticate`
+sets `darkbloom.api.metering.PAYER` for the request. A key created with `--account` names an
+account whose key the shim does not hold: its requests are paid from the shim's own account.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,9 @@ import trio
 from darkbloom.api import errors as api_errors
 from darkbloom.api.app import Principal
 from darkbloom.api.limits import KeyLimits, RateLimiter
+from darkbloom.api.metering import PAYER
 from darkbloom.errors import ApiError, ConfigError
+from darkbloom.identity import Identity
 
 __all__ = ["ApiKey", "KeyAuthenticator", "KeyStore", "KEYS_FILE"]
 
@@ -70,6 +80,7 @@ class ApiKey:
     revoked_at: float | None = None
     used_tokens: int = 0
     requests: int = 0
+    payer: Identity | None = field(default=None, repr=False, compare=False)  # signs for `account`, when the shim holds it
 
 
 def _hash(secret: str, salt: bytes) -> bytes:
@@ -93,7 +104,11 @@ class KeyStore:
             self.path = directory / KEYS_FILE
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self.path.chmod(0o600)  # it holds the keys' account seeds
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(api_keys)")}
+            if "account_seed" not in columns:  # a key store from before per-key accounts
+                self._db.execute("ALTER TABLE api_keys ADD COLUMN account_seed BLOB")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the key store in {directory}: {exc}", hint="choose a writable --data-dir") from exc
         self._limiter = trio.CapacityLimiter(1)
@@ -112,16 +127,20 @@ class KeyStore:
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         now = time.time()
-        account = account or f"key:{key_id}"
+        payer = None
+        if not account:  # the key's own ledger account, held by the shim (see the module docstring)
+            payer = Identity.generate()
+            account = payer.public_key.hex()
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
                 "INSERT INTO api_keys (id, name, salt, hash, account, requests_per_min, tokens_per_min, quota_tokens,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, account_seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key_id, name, salt, _hash(secret, salt), account, limits.requests_per_min, limits.tokens_per_min,
-                 limits.quota_tokens, now),
+                 limits.quota_tokens, now, payer.seed if payer is not None else None),
             )
-        return f"{PREFIX}-{key_id}-{secret}", ApiKey(id=key_id, name=name, account=account, limits=limits, created_at=now)
+        return f"{PREFIX}-{key_id}-{secret}", ApiKey(id=key_id, name=name, account=account, limits=limits, created_at=now,
+                                                      payer=payer)
 
     def list_sync(self) -> list[ApiKey]:
         rows = self._db.execute(
@@ -149,8 +168,8 @@ class KeyStore:
             return None
         key_id, secret = parts
         row = self._db.execute(
-            "SELECT salt, hash, name, account, requests_per_min, tokens_per_min, quota_tokens, created_at, revoked_at"
-            " FROM api_keys WHERE id = ?", (key_id,)
+            "SELECT salt, hash, name, account, requests_per_min, tokens_per_min, quota_tokens, created_at, revoked_at,"
+            " account_seed FROM api_keys WHERE id = ?", (key_id,)
         ).fetchone()
         if row is None or row[8] is not None:
             return None
@@ -159,9 +178,10 @@ class KeyStore:
         used = self._db.execute(
             "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM key_usage WHERE key_id = ?", (key_id,)
         ).fetchone()[0]
+        payer = Identity.from_seed(bytes(row[9])) if row[9] is not None else None
         return ApiKey(id=key_id, name=row[2], account=row[3],
                       limits=KeyLimits(requests_per_min=row[4], tokens_per_min=row[5], quota_tokens=row[6]),
-                      created_at=row[7], used_tokens=used)
+                      created_at=row[7], used_tokens=used, payer=payer)
 
     def is_active_sync(self, key_id: str) -> bool:
         row = self._db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
@@ -226,6 +246,7 @@ class KeyAuthenticator:
             cached = self._verified[fast] = (key, now)
             self._used.setdefault(key.id, key.used_tokens)
         key = cached[0]
+        PAYER.set(key.payer)  # this request's lanes are opened and its vouchers signed by the key's account
         return Principal(key_id=key.id, account=key.account)
 
     def _key(self, principal: Principal) -> ApiKey:

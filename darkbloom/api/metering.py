@@ -18,6 +18,7 @@ for a lane this shim already holds to that node, and goes unpaid only when it ho
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import time
@@ -38,12 +39,16 @@ from darkbloom.wire.codec import encode
 from darkbloom.wire.infer import InferRequest
 from darkbloom.wire.ledger import LEDGER_PROTOCOL, LaneReservation
 
-__all__ = ["ConsumerMeter", "open_metered", "session_bytes"]
+__all__ = ["PAYER", "ConsumerMeter", "open_metered", "session_bytes"]
 
 log = logging.getLogger(__name__)
 
 LEDGER_RETRY_S = 60.0  # after the ledger could not be reached, go unpaid this long before trying again
 FREE_NODE_RECHECK_S = 600.0  # a node that served without countersigning gets no lane for this long
+# The account paying for the current request (hosted mode: the API key's, set when the key is
+# checked); None: the meter's own account (the shim's key).
+PAYER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("darkbloom_payer", default=None)
+
 LEDGER_DOWN_WAIT_S = 15.0  # ledger unreachable: wait this long for a lane we hold to the node before going unpaid
 LANE_BUSY_RETRIES = 1  # a lane refused as busy: ask the same node again with another lane this many times
 
@@ -79,10 +84,22 @@ class ConsumerMeter:
         self.opened = 0
         self.closed = 0  # dropped lanes closed at the ledger
         self.topped_up = 0  # lanes whose cap was raised at the ledger
+        self.payers: dict[str, ConsumerMeter] = {}  # account -> the meter paying from it (hosted mode, per API key)
 
     @property
     def account(self) -> str:
         return self.identity.public_key.hex()
+
+    def for_payer(self, payer: Identity | None) -> ConsumerMeter:
+        """The meter whose lanes `payer`'s account funds and whose vouchers it signs (self for None)."""
+        if payer is None or payer.public_key == self.identity.public_key:
+            return self
+        account = payer.public_key.hex()
+        meter = self.payers.get(account)
+        if meter is None:
+            meter = self.payers[account] = ConsumerMeter(self.network, payer, self.config, ledger_peer=self.ledger_peer,
+                                                         ledger_addrs=self.ledger_addrs, ledger_key=self.ledger_key)
+        return meter
 
     async def _ledger(self) -> LedgerClient:
         async with self._client_lock:
@@ -248,6 +265,8 @@ class ConsumerMeter:
                 log.info("lane %s closed at the ledger (its unused reserve is released after an epoch)", lane[:8])
 
     async def aclose(self) -> None:
+        for payer in self.payers.values():
+            await payer.aclose()
         with trio.move_on_after(2, shield=True):
             await self.close_dropped()
         if self._client is not None:
@@ -276,6 +295,7 @@ async def open_metered(
     """
     if meter is None:
         return await open_infer(network, peer_id, request, addrs=addrs)
+    meter = meter.for_payer(PAYER.get())
     avoid = ""
     for attempt in range(LANE_BUSY_RETRIES + 1):
         lane = await meter.acquire(peer_id, price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,

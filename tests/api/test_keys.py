@@ -40,7 +40,7 @@ def test_keys_are_stored_hashed_and_verify(tmp_path):
     assert store.verify_sync(full).id == key.id
     assert store.verify_sync(full[:-1] + ("A" if full[-1] != "A" else "B")) is None
     assert store.verify_sync("sk-not-ours") is None
-    assert key.account == f"key:{key.id}"
+    assert len(key.account) == 64 and key.payer is not None and key.payer.public_key.hex() == key.account
     assert store.revoke_sync(key.id) and not store.revoke_sync(key.id)
     assert store.verify_sync(full) is None
     assert [k.revoked_at is not None for k in store.list_sync()] == [True]
