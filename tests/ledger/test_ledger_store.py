@@ -233,3 +233,29 @@ def test_postgres_connection_problems_are_typed_errors(pg_url):
     with pytest.raises(LedgerError, match="unavailable"):
         store.deposit(hexkey(ALICE), 10, now_ms=1)
     store.close()
+
+
+def test_close_lane_shortens_the_expiry_only_for_its_consumer_and_releases_after_grace(store):
+    from darkbloom.ledger.receipts import sign
+    from darkbloom.wire.ledger import CloseLane
+
+    store.deposit(hexkey(ALICE), 10_000, now_ms=1)
+    a = open_pair(store, ALICE, NODE_A, 4_000, now_ms=1000, ttl_ms=24 * HOUR_MS)
+    v = a.use(completion=5000)  # costs 2000
+    lane = a.reservation.lane
+    with pytest.raises(InvalidSignature):
+        store.close_lane(sign(MALLORY, CloseLane(lane=lane, time_ms=2000)), ledger=LEDGER, now_ms=2000, keep_ms=GRACE)
+    with pytest.raises(UnknownLane):
+        store.close_lane(sign(ALICE, CloseLane(lane="00" * 16, time_ms=2000)), ledger=LEDGER, now_ms=2000, keep_ms=GRACE)
+    closed = store.close_lane(sign(ALICE, CloseLane(lane=lane, time_ms=2000)), ledger=LEDGER, now_ms=2000, keep_ms=GRACE)
+    verify(closed, LEDGER_KEY)
+    assert closed.expires_ms == 2000 + GRACE and store.lane(lane).expires_ms == closed.expires_ms
+    again = store.close_lane(sign(ALICE, CloseLane(lane=lane, time_ms=9000)), ledger=LEDGER, now_ms=9000, keep_ms=GRACE)
+    assert again.expires_ms == closed.expires_ms  # never lengthened
+    store.submit(hexkey(NODE_A), [v])
+    out = settle(store, now_ms=2000 + GRACE + 1)  # expired, within the grace: the voucher settles, nothing released
+    assert [r.paid for r in out.rows] == [2_000] and out.summary.released == 0
+    out = settle(store, now_ms=2000 + 2 * GRACE)
+    assert out.summary.released == 2_000
+    assert store.balance(hexkey(ALICE)) == (8_000, 0)
+    assert_conserved(store)
