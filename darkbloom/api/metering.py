@@ -29,7 +29,7 @@ import trio
 
 from darkbloom.api.client import InferCall, open_infer
 from darkbloom.config import LedgerConfig
-from darkbloom.errors import DarkbloomError, LaneBusy, LedgerError, P2PError
+from darkbloom.errors import ApiError, DarkbloomError, LaneBusy, LedgerError, P2PError
 from darkbloom.identity import Identity
 from darkbloom.ledger.client import LedgerClient
 from darkbloom.ledger.lanes import ConsumerLane
@@ -220,6 +220,10 @@ class ConsumerMeter:
             self._held.pop(node_peer_id, None)
         self._returns(node_peer_id)
 
+    def unmark_free(self, node_peer_id: str) -> bool:
+        """Forget that the node was seen serving free (it asked for payment); True when it was marked."""
+        return self._free.pop(node_peer_id, None) is not None
+
     def release(self, node_peer_id: str, lane: ConsumerLane, outcome: str) -> None:
         """Give a lane back after a request ("clean", "busy", "unclean" or "unmetered"); clean and busy ones are reused.
 
@@ -301,7 +305,16 @@ async def open_metered(
         lane = await meter.acquire(peer_id, price_input_per_m=price_input_per_m, price_output_per_m=price_output_per_m,
                                    avoid=avoid)
         if lane is None:
-            return await open_infer(network, peer_id, request, addrs=addrs)
+            try:
+                return await open_infer(network, peer_id, request, addrs=addrs)
+            except ApiError as exc:
+                # A node taken for free (its stream ended before any countersign, e.g. a relay
+                # circuit died) that asks for payment is not free: pay it, now.
+                if exc.code != "payment_required" or not meter.unmark_free(peer_id) or attempt == LANE_BUSY_RETRIES:
+                    raise
+                log.info("%s node %s wants payment after all; asking again with a lane", request.request_id,
+                         short_id(peer_id))
+                continue
 
         def release(outcome: str, _lane: ConsumerLane = lane) -> Awaitable[None] | None:
             meter.release(peer_id, _lane, outcome)

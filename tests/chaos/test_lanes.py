@@ -256,3 +256,45 @@ async def test_a_lane_near_its_cap_is_topped_up_mid_request_instead_of_failing(t
                 await consumer.aclose()
     finally:
         store.close()
+
+
+async def test_a_paying_node_wrongly_taken_for_free_is_paid_at_its_next_request(tiny_model_dir, tmp_path):
+    """Defect 8: a lane whose stream ended before the node's first countersign (a relay circuit that
+    died) marks the node "free"; when that node then asks for payment, the shim pays it at once
+    (same request, with a lane) instead of sending it unpaid requests for 10 minutes."""
+    from darkbloom.api.metering import open_metered
+
+    hub = MemoryHub()
+    ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
+    store = open_store("", tmp_path)
+    store.deposit(shim_id.public_key.hex(), 10_000_000, now_ms=int(time.time() * 1000))
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    cfg = LedgerConfig(voucher_every_tokens=4)
+    try:
+        with trio.fail_after(60):
+            async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                    open_memory_network(hub, ledger_id) as ledger_net, \
+                    open_memory_network(hub, node_id) as node, \
+                    open_memory_network(hub, shim_id) as shim_net:
+                ledger_net.serve(LEDGER_PROTOCOL, LedgerService(store, ledger_id, cfg).handle)
+                meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=PRICE_IN,
+                                  price_output_per_m=PRICE_OUT, voucher_every_tokens=4, voucher_timeout_s=5)
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter))
+                consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
+                lane = await consumer.acquire(node.peer_id, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                consumer.release(node.peer_id, lane, "unmetered")  # as after a circuit cut before any countersign
+                assert await consumer.acquire(node.peer_id, price_input_per_m=PRICE_IN,
+                                              price_output_per_m=PRICE_OUT) is None  # taken for free
+                request = InferRequest(request_id="again", kind="chat", model=CHAT,
+                                       params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+                call = await open_metered(shim_net, consumer, node.peer_id, request,
+                                          price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                assert call.lane is not None
+                while await call.receive() is not None:
+                    pass
+                await call.aclose()
+                assert call.lane.countersigned_latest is not None
+                assert consumer.opened == 2
+                await consumer.aclose()
+    finally:
+        store.close()
