@@ -174,6 +174,16 @@ class DarkbloomYamux(Yamux):
         self._batch = _Batch()
         self._flushing = False
 
+    async def open_stream(self) -> object:  # type: ignore[override]
+        stream = await super().open_stream()
+        _batch_credit(stream)
+        return stream
+
+    async def accept_stream(self) -> object:  # type: ignore[override]
+        stream = await super().accept_stream()
+        _batch_credit(stream)
+        return stream
+
     async def _write_frame(self, data: bytes) -> None:
         batch = self._batch
         batch.frames.append(data)
@@ -216,6 +226,27 @@ class DarkbloomYamux(Yamux):
                 waiting = self._batch.done
                 self._batch.done = trio.Event()
                 waiting.set()
+
+
+def _batch_credit(stream: object) -> None:
+    """Defect 18 (found here): a YamuxStream returns receive credit after every small read.
+
+    In 0.8.1 a read of a few bytes on a stream whose window is nearly full takes the
+    "partial slack" branch of `_auto_tune_and_send_window_update` and sends a WINDOW_UPDATE
+    for those few bytes, whatever PY_YAMUX_RELEASE_ON_READ says: one extra frame per token
+    read, which a relay forwards back to the sender. Here reads only add to the stream's
+    pending release, and the library's own update runs with nothing newly read, so credit
+    goes back (with auto-tuning) once half the window was consumed, as in go-yamux.
+    """
+    update = stream._auto_tune_and_send_window_update  # type: ignore[attr-defined]
+
+    async def batched(*, bytes_read: int = 0) -> None:
+        if bytes_read > 0:
+            async with stream.window_lock:  # type: ignore[attr-defined]
+                stream._pending_recv_release += bytes_read  # type: ignore[attr-defined]
+        await update(bytes_read=0)
+
+    stream._auto_tune_and_send_window_update = batched  # type: ignore[attr-defined]
 
 
 class _OnDemandOnly(AutoConnector):
