@@ -7,7 +7,9 @@ peers are tried in order until one gives its first content frame within
 to the next peer (at most `max_attempts`); a bad request is final. Piggybacked load and
 measured latency update `PeerStats`; failures open a peer's circuit breaker.
 
-Churn: when a fresh lookup finds no provider (the DHT servers nearest the model key died),
+Churn: when every provider's breaker is open, the one closing first gets one request as a
+half-open probe (one at a time per peer), so nodes that came back are used again at once. When
+a fresh lookup finds no provider (the DHT servers nearest the model key died),
 the last good candidate list of that model is routed by instead (breakers still apply), so a
 burst of lookups failing fast does not become a burst of `no_provider`. A peer that cannot be
 reached gets its capability record fetched afresh; if it now announces other addresses (it
@@ -164,6 +166,7 @@ class NetworkBackend:
         self.stats: dict[str, PeerStats] = {}
         self._cache: dict[str, tuple[float, list[Candidate]]] = {}
         self._last_good: dict[str, tuple[float, list[Candidate]]] = {}  # model -> last non-empty list
+        self._probing: set[str] = set()  # peers with a half-open probe in flight (every breaker open)
         self._seen_models: set[str] = set()  # every model id in a record this shim has read
 
     def _stats(self, peer_id: str) -> PeerStats:
@@ -300,6 +303,10 @@ class NetworkBackend:
         stats = self.stats if self.trust is None else self.trust.router_stats({c.peer_id for c in cands}, now, self.stats)
         ranked, reason = router.rank(cands, stats, hints, now)
         ranked = [c for c in ranked if c.peer_id not in exclude]
+        probe = None
+        if not ranked and self.trust is None:
+            probe = self._half_open(cands, hints, exclude)
+            ranked = [probe] if probe is not None else []
         if self.trust is not None and ranked:
             await self._run_canaries(ranked, hints.features, request.model)
             ranked = self.trust.order(ranked, hints.features, trio.current_time())
@@ -309,6 +316,18 @@ class NetworkBackend:
                                          if reason else "every provider was tried")
         if self.trust is not None:
             return await self._open_trusted(request, ranked)
+        if probe is not None:
+            self._probing.add(probe.peer_id)
+            log.info("%s every provider of %s failed recently; probing %s", request.request_id, request.model,
+                     probe.peer_id[-8:])
+            try:
+                return await self._attempt_or_redial(probe, request)
+            except (DarkbloomError, trio.TooSlowError) as exc:
+                if is_final(exc):
+                    raise
+                raise self._all_failed(request, [exc]) from None
+            finally:
+                self._probing.discard(probe.peer_id)
         failures: list[BaseException] = []
         budget = max(1, self.config.max_attempts)
         queue = list(ranked[:budget])
@@ -326,6 +345,16 @@ class NetworkBackend:
                     redialled.add(cand.peer_id)
                     queue.append(cand)
         raise self._all_failed(request, failures)
+
+    def _half_open(self, cands: list[Candidate], hints: RouteHints, exclude: frozenset[str]) -> Candidate | None:
+        """When every provider that fits is circuit-broken: the one whose breaker closes first, as a
+        half-open probe (one probe per peer at a time); its success closes the breaker. Without
+        this a storm of failures keeps every node out for up to BREAKER_MAX_S after it came back."""
+        pool, _ = router.filter_candidates(cands, hints)
+        waiting = {c.peer_id: c for c in pool if c.peer_id not in exclude and c.peer_id not in self._probing}
+        if not waiting:
+            return None
+        return min(waiting.values(), key=lambda c: (self._stats(c.peer_id).open_until, c.peer_id))
 
     async def _open_trusted(self, request: InferRequest, order: list[Candidate]) -> NetworkSession:
         """Attempts through the trust layer: its breaker, canary gate, hedging and bookkeeping."""

@@ -84,7 +84,7 @@ async def test_a_dead_only_fallback_answers_a_clean_503(tiny_model_dir):
                     assert (await ask(client)).headers["x-darkbloom-node"] == node.peer_id
                 hub.providers.clear()  # the node left and nobody announces the model any more
                 codes = []
-                for _ in range(5):  # unreachable first, then circuit-broken: each a clean 503 at once
+                for _ in range(5):  # unreachable, then circuit-broken (each request a half-open probe): clean 503s
                     backend._cache.clear()
                     with pytest.raises(openai.APIStatusError) as err:
                         await ask(client)
@@ -92,8 +92,33 @@ async def test_a_dead_only_fallback_answers_a_clean_503(tiny_model_dir):
                     assert isinstance(err.value.body, dict) and err.value.body.get("message")
                     codes.append(err.value.body.get("code"))
                 assert set(codes) <= {"providers_failed", "no_provider"}, codes
-                assert codes[-1] == "no_provider"  # the breaker keeps the dead peer out
-                assert backend.stats[node.peer_id].failures >= 1
+                assert backend.stats[node.peer_id].failures >= 5  # every request went to the fallback's peer
+                assert backend.stats[node.peer_id].open_until > trio.current_time()  # and its breaker is open
+
+
+async def test_a_node_back_after_every_breaker_opened_is_probed_and_used(tiny_model_dir):
+    """A storm of failures opened every provider's breaker for long; the node is back: the next
+    request goes to it as a half-open probe instead of answering no_provider until the breaker closes."""
+    from darkbloom.api import router
+
+    hub = MemoryHub()
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    with trio.fail_after(TIMEOUT):
+        async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                open_memory_network(hub, Identity.generate()) as node, \
+                open_memory_network(hub, Identity.generate()) as shim_net:
+            serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}))
+            await announce(node, info)
+            backend = NetworkBackend(shim_net, ApiConfig(), known_models=[CHAT])
+            stats = backend._stats(node.peer_id)
+            for _ in range(10):  # ten requests failed on it at once while it was down
+                router.record_failure(stats, trio.current_time())
+            assert stats.open_until - trio.current_time() >= 60
+            async with running_shim(backend) as url, aclient(url) as client:
+                raw = await ask(client)
+                assert raw.headers["x-darkbloom-node"] == node.peer_id
+                assert raw.parse().choices[0].finish_reason in ("stop", "length")
+            assert not router.breaker_open(stats, trio.current_time())  # the probe's success closed it
 
 
 class AddressedMemoryNetwork(MemoryNetwork):
