@@ -458,13 +458,14 @@ class Worker:
     def _keep_cache(self, m: _Model, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep a finished sequence's KV cache for prefix reuse, within the byte budget.
 
-        The extracted cache is a lazy slice of the batch's arrays: evaluate it now, so the entry
-        holds only its own bytes (the budget counts those) and not the whole batch's buffers."""
+        The extracted cache is a lazy slice of the batch's arrays: have it evaluated (in the
+        background, so the decode pipeline does not stall), after which the entry holds only its
+        own bytes (the budget counts those) and no longer the whole batch's buffers."""
         import mlx.core as mx
 
         if self.prompt_cache_bytes <= 0:
             return
-        mx.eval([c.state for c in cache])
+        mx.async_eval([c.state for c in cache])
         m.prompt_cache.insert_cache(m.id, list(tokens), cache)
 
     def _sampler(self, s: Sampling, index: int) -> Any:
