@@ -122,34 +122,50 @@ def _pid(net):
     return ID.from_base58(net.peer_id)
 
 
-async def test_defect6_slow_reader_direct_and_relayed_is_not_reset():
-    total = 3 << 20
-    with trio.fail_after(TIMEOUT):
+PAUSE_S = 30.0  # the slow reader: a client that stops reading for 30 s
+TOTAL = 16 << 20  # far more than any window, so the writer must wait for the reader
+BUFFER_BOUND = 1 << 20  # in windows and the relay while the reader pauses (measured: 192 KiB direct)
+
+
+async def test_defect6_reader_pausing_30s_direct_and_relayed_is_not_reset_and_buffering_is_bounded():
+    with trio.fail_after(PAUSE_S + TIMEOUT):
         async with swarm(nodes=1, relays=1, clients=1) as s:
             member = await private_node(s)
             direct, relayed, client = s.nodes[0].net, member.net, s.clients[0].net
-            sent = []
+            progress = {"direct": 0, "relayed": 0}  # bytes each writer got past write()
+            finished = []
 
-            async def blast(stream):
-                await stream.write(b"t" * total)  # more than any window: must wait for the reader
-                sent.append(stream.peer_id)
+            def blaster(route):
+                async def blast(stream):
+                    chunk = b"t" * 65536
+                    for _ in range(TOTAL // len(chunk)):
+                        await stream.write(chunk)
+                        progress[route] += len(chunk)
+                    finished.append(route)
+                return blast
 
-            for net in (direct, relayed):
-                net.serve(BLAST, blast)
+            direct.serve(BLAST, blaster("direct"))
+            relayed.serve(BLAST, blaster("relayed"))
+            during_pause = {}
 
             async def slow_read(net, addrs, route):
                 stream = await client.open_stream(net.peer_id, BLAST, addrs=addrs)
                 assert stream.route == route
                 got = len(await stream.read(1000))
-                await trio.sleep(6.5)  # pause longer than Yamux's 5 s window timeout
+                await trio.sleep(PAUSE_S)  # the pause is the behaviour under test
+                during_pause[route] = progress[route]
                 while chunk := await stream.read():
                     got += len(chunk)
-                assert got == total
+                assert got == TOTAL
 
             async with trio.open_nursery() as n:
                 n.start_soon(slow_read, direct, direct.listen_addrs, "direct")
                 n.start_soon(slow_read, relayed, relayed.announce_addrs, "relayed")
-            assert sent == [client.peer_id, client.peer_id]  # both writers finished, none reset
+            assert sorted(finished) == ["direct", "relayed"]  # both writers finished, none reset
+            for route, sent in during_pause.items():
+                # The writer waited: what it handed over during the pause is bounded by the
+                # windows (and, relayed, the relay's one window per direction), not TOTAL.
+                assert sent <= BUFFER_BOUND, (route, sent)
 
 
 async def test_defect6_exists_in_raw_yamux_writes():
