@@ -21,7 +21,7 @@ import trio
 
 from darkbloom.config import Config, ModelSpec
 
-__all__ = ["LocalNetwork", "add_arguments", "open_local_network", "run"]
+__all__ = ["LocalNetwork", "add_arguments", "open_local_network", "run", "try_it_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,27 @@ async def open_local_network(config: Config, *, chat_models: tuple[ModelSpec, ..
         yield LocalNetwork(base, relay, nodes, shim, account, time.monotonic() - started)
 
 
+def try_it_lines(base_url: str) -> list[str]:
+    """What `darkbloom up` prints to try the network: a curl line and a three-line openai SDK example.
+
+    Greedy and bounded (temperature 0, at most 64 tokens): the bundled 135M model wanders at
+    OpenAI's default temperature of 1 and would write the default 512 tokens, minutes on a CPU.
+    """
+    ask = '[{"role": "user", "content": "What is the capital of France?"}]'
+    body = f'{{"model": "{CHAT_MODEL}", "messages": {ask}, "temperature": 0, "max_tokens": 64}}'
+    return [
+        "Try it with curl:",
+        f"  curl {base_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        "",
+        "Or with the openai SDK (python):",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{base_url}", api_key="local")',
+        f'  print(client.chat.completions.create(model="{CHAT_MODEL}", messages={ask}, temperature=0, '
+        f"max_tokens=64).choices[0].message.content)",
+        "",
+    ]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, dest="cfg__api__port", metavar="PORT",
                         help="the shim's port (default 8080; 0 picks free ports for every role)")
@@ -126,15 +147,8 @@ async def _run(config: Config) -> int:
             bar.finish()
             url = net.base_url
             print(f"\nDarkbloom is up in {net.started_in_s:.1f} s. OpenAI-compatible base_url: {url}\n", flush=True)
-            print("Try it with curl:", flush=True)
-            print(f"  curl {url}/chat/completions -H 'Content-Type: application/json' "
-                  f"-d '{{\"model\": \"{CHAT_MODEL}\", \"messages\": [{{\"role\": \"user\", "
-                  f"\"content\": \"What is the capital of France?\"}}]}}'\n", flush=True)
-            print("Or with the openai SDK:", flush=True)
-            print("  from openai import OpenAI", flush=True)
-            print(f"  client = OpenAI(base_url=\"{url}\", api_key=\"local\")", flush=True)
-            print(f"  print(client.chat.completions.create(model=\"{CHAT_MODEL}\", messages=[{{\"role\": \"user\", "
-                  f"\"content\": \"Hi!\"}}]).choices[0].message.content)\n", flush=True)
+            for line in try_it_lines(url):
+                print(line, flush=True)
             for node in net.nodes:
                 print(f"node {node.peer_id[-8:]} ({', '.join(m.id for m in node.models)}): status page {node.status_url}",
                       flush=True)

@@ -9,12 +9,12 @@ import sys
 import urllib.error
 import urllib.request
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "format_status", "run", "startup_bar"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                        help="a relay to bootstrap from (repeatable; adds to bootstrap-nodes.toml)")
+                        help="a relay to bootstrap from (repeatable; used with the relays in bootstrap-nodes.toml)")
     parser.add_argument("--listen", action="append", dest="cfg__p2p__listen_addrs", metavar="MULTIADDR",
                         help="address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001")
     parser.add_argument("--status-port", type=int, dest="cfg__node__status_port", metavar="PORT", help="local status page port")
@@ -93,29 +93,41 @@ def _status(config, *, as_json: bool) -> int:
         with urllib.request.urlopen(url, timeout=5) as response:
             data = json.load(response)
     except (urllib.error.URLError, OSError) as exc:
-        print(f"darkbloom: error: no node answers on {url} ({getattr(exc, 'reason', exc)}); is `darkbloom node` running "
-              f"with this config?", file=sys.stderr)
+        print(f"darkbloom: error: no node answers on {url} ({getattr(exc, 'reason', exc)}); start it with `darkbloom node`, "
+              f"or pass the running node's --status-port (or its --config)", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"node        {data['peer_id']}  ({'paused: ' + data['pause_reason'] if data['paused'] else 'serving'})")
-    print(f"reachable   {data['reachability']}")
-    print(f"version     {data['version']}")
-    print(f"load        {data['active']}/{data['max_concurrent']} busy, {data['queued']} queued")
-    print(f"served      {data['requests_served']} requests, {data['prompt_tokens']} prompt / "
-          f"{data['completion_tokens']} completion tokens")
-    for m in data["models"]:
-        print(f"model       {m['id']} ({m['kind']}) {m['digest'][:23]}  {m['requests']} requests")
-    rep = data.get("reputation")
-    print(f"reputation  {data.get('reputation_text') or ('n/a' if rep is None else f'{rep:.2f}')}")
-    if data.get("observed_class"):
-        print(f"class       {data['observed_class']} (derived by the relay from uptime and speed)")
-    for epoch, amount in data.get("earnings", []):
-        print(f"earned      epoch {epoch}: {amount / 1e6:.6f} credits")
-    for line in data["explanations"]:
-        print(f"note        {line}")
+    for line in format_status(data):
+        print(line)
     return 0
+
+
+def format_status(data: dict) -> list[str]:
+    """`darkbloom node status`'s lines from the node's /status.json (darkbloom.node.status.to_json)."""
+    state = "paused: " + data["pause_reason"] if data["paused"] else "serving"
+    lines = [
+        f"node        {data['peer_id']}  ({state})",
+        f"reachable   {data['reachability']}",
+        f"version     {data['version']}",
+        f"load        {data['active']}/{data['max_concurrent']} busy, {data['queued']} queued",
+        f"served      {data['requests_served']} requests, {data['prompt_tokens']} prompt / "
+        f"{data['completion_tokens']} completion tokens",
+    ]
+    lines += [f"model       {m['id']} ({m['kind']}) {m['digest'][:23]}  {m['requests']} requests" for m in data["models"]]
+    rep = data.get("reputation")
+    lines.append(f"reputation  {data.get('reputation_text') or ('n/a' if rep is None else f'{rep:.2f}')}")
+    lines.append(f"price       {data['price_input_per_m'] / 1e6:.6f} / {data['price_output_per_m'] / 1e6:.6f} credits "
+                 "per 1M prompt / completion tokens")
+    declared = data.get("node_class") or "none declared"
+    observed = f", derived by the relay: {data['observed_class']}" if data.get("observed_class") else ""
+    lines.append(f"region      {data.get('region') or '-'}  (class: {declared}{observed})")
+    lines += [f"earned      epoch {epoch}: {amount / 1e6:.6f} credits" for epoch, amount in data.get("earnings", [])]
+    if not data.get("earnings"):
+        lines.append("earned      nothing settled yet (paid when a ledger epoch closes with your vouchers)")
+    lines += [f"note        {line}" for line in data["explanations"]]
+    return lines
 
 
 def _install(args, config) -> int:

@@ -57,3 +57,25 @@ def test_html_escapes_and_shows_figures():
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert 'id=requests-served>3<' in page
     assert "1.500000" in page
+
+
+def test_status_command_lines_say_every_figure():
+    from darkbloom.node.commands import format_status
+
+    lines = format_status(to_json(status(region="eu-west", node_class="desktop", observed_class="laptop",
+                                         earnings=((7, 2_500_000),), paused=True, pause_reason="running on battery power")))
+    text = "\n".join(lines)
+    assert lines[0].endswith("(paused: running on battery power)")
+    assert "served      3 requests" in text and "smollm2-135m-instruct (chat)" in text
+    assert "price       0.000000 / 0.400000 credits per 1M prompt / completion tokens" in text
+    assert "region      eu-west  (class: desktop, derived by the relay: laptop)" in text
+    assert "earned      epoch 7: 2.500000 credits" in text
+    assert "note        Paused by your settings: running on battery power." in text
+
+
+def test_status_command_before_any_earnings():
+    from darkbloom.node.commands import format_status
+
+    text = "\n".join(format_status(to_json(status(reachability="unreachable"))))
+    assert "earned      nothing settled yet" in text
+    assert "note        Not reachable" in text and "(class: none declared)" in text
