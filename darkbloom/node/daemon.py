@@ -355,6 +355,52 @@ async def _connect_ledger(net, ledger: tuple[str, str, tuple[str, ...]]):
 
 
 EARNINGS_EPOCHS = 10  # epochs shown on the status page
+BENCHMARK_FILE = "self-benchmark.json"
+BENCHMARK_KEEP_S = 7 * 86400  # a measured speed is reused this long (start-up in seconds, not tens)
+
+
+def _benchmark_key(config: Config, model: object) -> str:
+    """What a measured speed depends on: the weights, this software and the engine's settings."""
+    inf = config.inference
+    return f"{model.digest}|{__version__}|blas={inf.blas_threads}|prefill_step={inf.prefill_step_size}"  # type: ignore[attr-defined]
+
+
+class BenchmarkFile:
+    """Self-benchmark results kept in the node's data dir, so later starts skip the measurement."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def _read(self) -> dict:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # absent or damaged: measure again
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str, now: float):
+        from darkbloom.inference.selfbench import BenchResult
+
+        entry = self._read().get(key)
+        try:
+            if now - float(entry["measured_at"]) > BENCHMARK_KEEP_S:
+                return None
+            return BenchResult(prefill_tps=float(entry["prefill_tps"]), decode_tps=float(entry["decode_tps"]),
+                               prompt_tokens=int(entry["prompt_tokens"]), decode_tokens=int(entry["decode_tokens"]))
+        except (TypeError, KeyError, ValueError):  # no entry, or not one we wrote
+            return None
+
+    def put(self, key: str, result: object, now: float) -> None:
+        import json
+
+        data = self._read()
+        data[key] = {**dataclasses.asdict(result), "measured_at": now}  # type: ignore[call-overload]
+        try:
+            self.path.write_text(json.dumps(data, indent=1))
+        except OSError as exc:  # a read-only data dir only costs the next start its measurement
+            log.warning("could not keep the self-benchmark in %s: %s", self.path, exc)
 
 
 def _reputation_fields(entry: object | None, epoch: int | None) -> dict:
@@ -444,12 +490,21 @@ async def open_node(
             if progress is not None:
                 progress(loading, len(chat), len(chat))
             if config.inference.self_benchmark:
+                kept = BenchmarkFile(config.data_path / BENCHMARK_FILE)
                 for i, m in enumerate(chat):
                     if progress is not None:
                         progress("self-benchmark", i, len(chat))
-                    result = await engine.benchmark(m.id, rerun=True)
-                    log.info("self-benchmark of %s: prefill %.0f tok/s, decode %.1f tok/s", m.id,
-                             result.prefill_tps, result.decode_tps)
+                    key = _benchmark_key(config, m)
+                    result = kept.get(key, time.time())
+                    if result is None:
+                        result = await engine.benchmark(m.id, rerun=True)
+                        kept.put(key, result, time.time())
+                        log.info("self-benchmark of %s: prefill %.0f tok/s, decode %.1f tok/s", m.id,
+                                 result.prefill_tps, result.decode_tps)
+                    else:
+                        log.info("self-benchmark of %s: prefill %.0f tok/s, decode %.1f tok/s (measured at an earlier "
+                                 "start, kept %d days; delete %s to measure again)", m.id, result.prefill_tps,
+                                 result.decode_tps, BENCHMARK_KEEP_S // 86400, kept.path)
                     if i == 0:  # the capability record carries the first model's figures
                         bench = (result.prefill_tps, result.decode_tps)
                 if progress is not None:
