@@ -167,6 +167,7 @@ class NetworkBackend:
         self._cache: dict[str, tuple[float, list[Candidate]]] = {}
         self._last_good: dict[str, tuple[float, list[Candidate]]] = {}  # model -> last non-empty list
         self._probing: set[str] = set()  # peers with a half-open probe in flight (every breaker open)
+        self._probed = trio.Event()  # set (and replaced) whenever a probe ends
         self._seen_models: set[str] = set()  # every model id in a record this shim has read
 
     def _stats(self, peer_id: str) -> PeerStats:
@@ -305,7 +306,7 @@ class NetworkBackend:
         ranked = [c for c in ranked if c.peer_id not in exclude]
         probe = None
         if not ranked and self.trust is None:
-            probe = self._half_open(cands, hints, exclude)
+            probe = await self._half_open(cands, hints, exclude)
             ranked = [probe] if probe is not None else []
         if self.trust is not None and ranked:
             await self._run_canaries(ranked, hints.features, request.model)
@@ -328,6 +329,8 @@ class NetworkBackend:
                 raise self._all_failed(request, [exc]) from None
             finally:
                 self._probing.discard(probe.peer_id)
+                self._probed.set()  # requests waiting for a verdict look again
+                self._probed = trio.Event()
         failures: list[BaseException] = []
         budget = max(1, self.config.max_attempts)
         queue = list(ranked[:budget])
@@ -346,15 +349,28 @@ class NetworkBackend:
                     queue.append(cand)
         raise self._all_failed(request, failures)
 
-    def _half_open(self, cands: list[Candidate], hints: RouteHints, exclude: frozenset[str]) -> Candidate | None:
+    async def _half_open(self, cands: list[Candidate], hints: RouteHints, exclude: frozenset[str]) -> Candidate | None:
         """When every provider that fits is circuit-broken: the one whose breaker closes first, as a
         half-open probe (one probe per peer at a time); its success closes the breaker. Without
-        this a storm of failures keeps every node out for up to BREAKER_MAX_S after it came back."""
+        this a storm of failures keeps every node out for up to BREAKER_MAX_S after it came back.
+        When every such peer is being probed already, wait (bounded) for one probe's verdict
+        instead of answering at once: a burst of instant no_provider answers helps nobody."""
         pool, _ = router.filter_candidates(cands, hints)
-        waiting = {c.peer_id: c for c in pool if c.peer_id not in exclude and c.peer_id not in self._probing}
-        if not waiting:
-            return None
-        return min(waiting.values(), key=lambda c: (self._stats(c.peer_id).open_until, c.peer_id))
+        pool = [c for c in pool if c.peer_id not in exclude]
+        for waited in (False, True):
+            now = trio.current_time()
+            closed = [c for c in pool if not router.breaker_open(self.stats.get(c.peer_id), now)]
+            if closed:  # a probe succeeded meanwhile
+                return min(closed, key=lambda c: c.peer_id)
+            free = [c for c in pool if c.peer_id not in self._probing]
+            if free:
+                return min(free, key=lambda c: (self._stats(c.peer_id).open_until, c.peer_id))
+            if waited or not pool:
+                break
+            probed = self._probed
+            with trio.move_on_after(self.config.first_token_timeout_s):
+                await probed.wait()
+        return None
 
     async def _open_trusted(self, request: InferRequest, order: list[Candidate]) -> NetworkSession:
         """Attempts through the trust layer: its breaker, canary gate, hedging and bookkeeping."""

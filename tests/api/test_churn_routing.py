@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import openai
 import pytest
 import trio
+import trio.testing
 
 from darkbloom.api.network import NetworkBackend
 from darkbloom.config import ApiConfig, P2PConfig
@@ -175,3 +176,38 @@ async def test_a_node_restarted_at_another_address_is_redialled_there(tiny_model
                     assert raw.headers["x-darkbloom-node"] == node.peer_id
                     assert raw.parse().choices[0].finish_reason in ("stop", "length")
                     assert (await shim_net.get_record(node.peer_id)).addrs == node.listen_addrs
+
+
+async def test_requests_wait_for_a_running_probe_instead_of_failing_at_once(tiny_model_dir):
+    """Every breaker open, the only provider being probed: a second request waits for the probe's
+    verdict (bounded) and is served when it succeeds, instead of an instant no_provider."""
+    from darkbloom.api import router
+
+    from .netharness import HoldingEngine
+
+    hub = MemoryHub()
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    with trio.fail_after(TIMEOUT):
+        async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                open_memory_network(hub, Identity.generate()) as node, \
+                open_memory_network(hub, Identity.generate()) as shim_net:
+            held = HoldingEngine(engine)  # the probe's answer waits after Admitted until released
+            serve_inference(node, InferenceService(held, digests={CHAT: info.digest}, max_per_peer=4))
+            await announce(node, info)
+            backend = NetworkBackend(shim_net, ApiConfig(), known_models=[CHAT])
+            for _ in range(5):
+                router.record_failure(backend._stats(node.peer_id), trio.current_time())
+            served: list[str] = []
+            async with running_shim(backend) as url, aclient(url) as client:
+                async def one() -> None:
+                    served.append((await ask(client)).headers["x-darkbloom-node"])
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(one)
+                    await held.admitted.wait()  # the probe is in flight
+                    assert backend._probing == {node.peer_id}
+                    nursery.start_soon(one)
+                    await trio.testing.wait_all_tasks_blocked()  # the second request is waiting, not answered
+                    assert served == []
+                    held.release.set()
+            assert served == [node.peer_id, node.peer_id]
