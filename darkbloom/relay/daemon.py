@@ -29,7 +29,7 @@ from darkbloom.relay.trust import RelayTrust
 from darkbloom.statushttp import serve_status
 from darkbloom.wire.ledger import LEDGER_PROTOCOL
 
-__all__ = ["Relay", "open_relay", "relay_p2p_config"]
+__all__ = ["CountedLookups", "MeteredLedgerService", "Relay", "open_relay", "relay_p2p_config"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,13 @@ class Relay:
         }
 
     async def refresh_metrics(self) -> None:
+        from darkbloom.p2p.relay import DarkbloomHop
+
         self.metrics.peers.set(len(self.network.peers()))  # type: ignore[attr-defined]
+        if self.settlement is not None:
+            # Each circuit is forwarded as two directions; the hop counts directions.
+            self.settlement.circuits_open.set(DarkbloomHop.circuits_open // 2)
+            self.settlement.circuits_started.set(DarkbloomHop.circuits_total // 2)
         if self.settlement is not None:
             await self.settlement.refresh(self.ledger, self.started_at)
 
@@ -100,7 +106,7 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
     metrics = RoleMetrics("relay")
     trust_store: TrustStore | None = None
     try:
-        ledger = LedgerService(store, identity, config.ledger)
+        ledger = MeteredLedgerService(store, identity, config.ledger, metrics=metrics)
         trust_store = await trio.to_thread.run_sync(TrustStore, data_dir / "trust.sqlite3")
         trust = RelayTrust(ledger.ledger, identity, trust_store)
         trust.attach(ledger)
@@ -110,7 +116,7 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
                 await nursery.start(ledger.run)
                 relay = Relay(identity, net, ledger, store, metrics, "", time.time(), trust, SettlementGauges(metrics))
                 await trust.publish()
-                selfnet = SelfLedgerNetwork(net, ledger, nursery)
+                selfnet = SelfLedgerNetwork(CountedLookups(net, metrics), ledger, nursery)
                 purse = CanaryPurse(selfnet, identity, ledger, config.ledger, budget=config.relay.canary_budget)
                 relay.prober = RelayProber(selfnet, trust, probe_interval_s=config.relay.probe_interval_s,
                                            canary_interval_s=config.relay.canary_interval_s, meter=purse)
@@ -134,10 +140,63 @@ async def open_relay(config: Config, *, bootstrap: tuple[str, ...] = ()) -> Asyn
             await trio.to_thread.run_sync(trust_store.close)
 
 
+class MeteredLedgerService(LedgerService):
+    """The ledger service with each request counted in the relay's metrics: requests by kind
+    (open_lane, submit_vouchers, ...) and outcome, refusals as errors by their exception's name."""
+
+    def __init__(self, *args, metrics: RoleMetrics, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+
+    async def _dispatch(self, request):
+        from darkbloom.errors import LedgerError
+
+        kind = _snake(type(request).__name__)
+        try:
+            reply = await super()._dispatch(request)
+        except LedgerError as exc:
+            self.metrics.request(kind, "error")
+            self.metrics.error(type(exc).__name__)
+            raise
+        self.metrics.request(kind, "ok")
+        return reply
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+class CountedLookups:
+    """The relay's network with its own DHT lookups (the prober's) counted in the metrics."""
+
+    def __init__(self, network: object, metrics: RoleMetrics) -> None:
+        self._network, self._metrics = network, metrics
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._network, name)
+
+    async def find_providers(self, *args, **kwargs):
+        return await self._counted("find_providers", self._network.find_providers(*args, **kwargs))  # type: ignore[attr-defined]
+
+    async def get_record(self, *args, **kwargs):
+        return await self._counted("get_record", self._network.get_record(*args, **kwargs))  # type: ignore[attr-defined]
+
+    async def _counted(self, kind: str, lookup):
+        from darkbloom.errors import P2PError
+
+        try:
+            found = await lookup
+        except P2PError:
+            self._metrics.dht(kind, "error")
+            raise
+        self._metrics.dht(kind, "ok" if found else "empty")
+        return found
+
+
 class SettlementGauges:
     """Settlement lag in the relay's Prometheus text: seconds since the last epoch closed
     (`darkbloom_settlement_lag_seconds`, since the relay started when none has), vouchers
-    waiting for the next epoch, and the last settled epoch."""
+    waiting for the next epoch, and the last settled epoch; and the circuits it forwards."""
 
     def __init__(self, metrics: RoleMetrics) -> None:
         from prometheus_client import Gauge
@@ -147,6 +206,11 @@ class SettlementGauges:
         self.pending = Gauge("darkbloom_ledger_pending_vouchers", "Vouchers waiting for the next settlement", r,
                              registry=metrics.registry).labels(metrics.role)
         self.epoch = Gauge("darkbloom_ledger_last_epoch", "Last settled epoch", r, registry=metrics.registry).labels(metrics.role)
+        # The relay's own streams are direct (relayed_share stays 0); what it forwards for others:
+        self.circuits_open = Gauge("darkbloom_relay_circuits_open", "Circuits forwarded through this relay now", r,
+                                   registry=metrics.registry).labels(metrics.role)
+        self.circuits_started = Gauge("darkbloom_relay_circuits_started", "Circuits forwarded since the relay started",
+                                      r, registry=metrics.registry).labels(metrics.role)
 
     async def refresh(self, ledger: LedgerService, started_at: float) -> None:
         store = ledger.ledger.store

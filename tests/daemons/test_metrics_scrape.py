@@ -81,6 +81,23 @@ async def test_every_role_exposes_the_shared_families_and_they_move(tmp_path, ti
                     except Exception as exc:  # the SDK's 503
                         assert getattr(exc, "status_code", None) == 503, exc
                     await client.close()
+                    # A consumer without credit is refused a lane: an error by kind on the relay.
+                    from darkbloom.errors import InsufficientFunds
+                    from darkbloom.identity import Identity
+                    from darkbloom.ledger.client import LedgerClient
+                    from darkbloom.wire.ledger import LEDGER_PROTOCOL
+
+                    broke = LedgerClient(await net.open_stream(relay.peer_id, LEDGER_PROTOCOL, addrs=boot),
+                                         Identity.generate(), ledger_key=relay.ledger_key)
+                    try:
+                        await broke.open_lane(node.identity.public_key.hex(), 1000, price_input_per_m=1,
+                                              price_output_per_m=1)
+                        raise AssertionError("an unfunded account got a lane")
+                    except InsufficientFunds:
+                        pass
+                    finally:
+                        await broke.close()
+                    await relay.prober.discover()  # the relay's own DHT lookups (its prober's)
                     node_m = (await http.get(f"{node.status_url}/metrics")).text
                     shim_m = (await http.get(f"{shim.url}/metrics")).text
                     relay_m = (await http.get(f"{relay.status_url}/metrics")).text
@@ -107,3 +124,12 @@ async def test_every_role_exposes_the_shared_families_and_they_move(tmp_path, ti
     assert sample(shim_m, "darkbloom_dht_lookups_total", role="shim", kind="find_providers", outcome="ok") >= 1
     assert sample(shim_m, "darkbloom_routes_total", role="shim", route="direct") == 2
     assert sample(shim_m, "darkbloom_relayed_share", role="shim") == 0.0
+
+    # relay: ledger requests by kind, a refusal by its kind, its own lookups, settlement and circuit gauges
+    assert sample(relay_m, "darkbloom_requests_total", role="relay", kind="open_lane", outcome="ok") >= 1
+    assert sample(relay_m, "darkbloom_requests_total", role="relay", kind="open_lane", outcome="error") == 1
+    assert sample(relay_m, "darkbloom_errors_total", role="relay", kind="InsufficientFunds") == 1
+    assert total(relay_m, "darkbloom_dht_lookups_total", role="relay", kind="get_record") >= 1
+    assert sample(relay_m, "darkbloom_settlement_lag_seconds", role="relay") > 0  # no epoch closed yet
+    assert sample(relay_m, "darkbloom_relay_circuits_open", role="relay") == 0  # everything here was direct
+    assert sample(relay_m, "darkbloom_relay_circuits_started", role="relay") is not None
