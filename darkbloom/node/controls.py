@@ -33,6 +33,7 @@ __all__ = [
     "parse_pause_windows",
     "parse_pmset",
     "sysfs_on_battery",
+    "unsupported_controls",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,18 @@ def memory_mb() -> float | None:
     return rss / 1e6 if platform.system() == "Darwin" else rss / 1e3
 
 
+def unsupported_controls(config: NodeConfig, system: str) -> list[str]:
+    """One line per configured control this system cannot honour (logged once at start; it stays off)."""
+    out = []
+    if config.pause_on_battery and system not in ("Darwin", "Linux"):
+        out.append(f"node.pause_on_battery is off on {system}: only macOS (pmset) and Linux "
+                   "(/sys/class/power_supply) report battery power")
+    if config.pause_when_user_active and system != "Darwin":
+        out.append(f"node.pause_when_user_active is off on {system}: only macOS reports the user's idle time "
+                   "(ioreg HIDIdleTime)")
+    return out
+
+
 class Controls:
     """Polls the probes and keeps the current `Decision` for the node."""
 
@@ -202,8 +215,8 @@ class Controls:
         return decision
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if self.config.pause_when_user_active and platform.system() != "Darwin":
-            log.info("pause_when_user_active is off here: only macOS reports user idle time")
+        for line in unsupported_controls(self.config, platform.system()):
+            log.info("%s", line)
         await trio.to_thread.run_sync(self.check)
         task_status.started(self.decision)
         while True:

@@ -86,3 +86,35 @@ async def test_controls_report_changes():
     decision = controls.check()
     assert decision.paused and "MB limit" in decision.reason
     assert changed.is_set()
+
+
+def test_controls_a_system_cannot_honour_are_named_once():
+    from darkbloom.node.controls import unsupported_controls
+
+    both = NodeConfig(pause_on_battery=True, pause_when_user_active=True)
+    assert unsupported_controls(both, "Darwin") == []
+    (linux,) = unsupported_controls(both, "Linux")
+    assert linux.startswith("node.pause_when_user_active is off on Linux")
+    windows = unsupported_controls(both, "Windows")
+    assert [w.split(" is off")[0] for w in windows] == ["node.pause_on_battery", "node.pause_when_user_active"]
+    assert unsupported_controls(NodeConfig(pause_on_battery=False), "Windows") == []
+
+
+async def test_controls_log_each_unsupported_control_at_start(monkeypatch, caplog):
+    import logging
+
+    import trio
+
+    from darkbloom.node import controls as module
+
+    monkeypatch.setattr(module.platform, "system", lambda: "FreeBSD")
+    caplog.set_level(logging.INFO, logger=module.__name__)
+    controls = Controls(NodeConfig(pause_on_battery=True, pause_when_user_active=True))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            decision = await nursery.start(controls.run)
+            nursery.cancel_scope.cancel()
+    assert not decision.paused  # nothing to read here never pauses
+    lines = [r.getMessage() for r in caplog.records if r.name == module.__name__]
+    assert sum("pause_on_battery is off on FreeBSD" in line for line in lines) == 1
+    assert sum("pause_when_user_active is off on FreeBSD" in line for line in lines) == 1
