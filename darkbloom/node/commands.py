@@ -135,8 +135,11 @@ def _install(args, config) -> int:
 
     from darkbloom.node.service import write_service
 
+    import os
+
+    config_file = args.config or os.environ.get("DARKBLOOM_CONFIG")  # the service must read the same file
     path, enable = write_service(
-        platform.system(), config=args.config, data_dir=config.data_path, path=Path(args.output) if args.output else None
+        platform.system(), config=config_file, data_dir=config.data_path, path=Path(args.output) if args.output else None
     )
     print(f"wrote {path}")
     print(f"enable it with: {enable}")

@@ -74,6 +74,11 @@ def write_service(system: str, *, config: str | None, data_dir: Path, path: Path
     """Write the service file; returns its path and the command that enables it."""
     cmd = service_command(config=config, data_dir=data_dir)
     path = path or default_service_path(system)
+    if system != "Darwin" and path.suffix != ".service":
+        from darkbloom.errors import ConfigError
+
+        raise ConfigError(f"a systemd unit's file name must end in .service, not {path.name!r}",
+                          hint=f"use --output {path.with_name(path.name + '.service')}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if system == "Darwin":
         path.write_bytes(render_launchd(cmd, log_dir=Path(data_dir).resolve()))

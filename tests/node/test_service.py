@@ -28,3 +28,43 @@ def test_launchd_plist(tmp_path):
     assert plist["ProgramArguments"][:4] == [sys.executable, "-m", "darkbloom", "node"]
     assert plist["RunAtLoad"] is True
     assert enable.startswith("launchctl load -w")
+
+
+def test_systemd_unit_passes_systemd_analyze(tmp_path):
+    import shutil
+    import subprocess
+
+    import pytest
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the unit is checked by parsing in test_systemd_unit)")
+    path, _ = write_service("Linux", config=None, data_dir=tmp_path / "data", path=tmp_path / "darkbloom-node.service")
+    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "darkbloom-node.service" not in result.stderr, result.stderr  # no warnings about our unit
+
+
+def test_a_unit_name_without_service_suffix_is_refused(tmp_path):
+    import pytest
+
+    from darkbloom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"must end in \.service") as refused:
+        write_service("Linux", config=None, data_dir=tmp_path, path=tmp_path / "darkbloom-node")
+    assert "darkbloom-node.service" in refused.value.hint
+    assert not (tmp_path / "darkbloom-node").exists()
+
+
+def test_install_service_keeps_the_config_named_by_the_environment(tmp_path):
+    import os
+    import subprocess
+
+    config = tmp_path / "darkbloom.toml"
+    config.write_text("[node]\nregion = \"eu-west\"\n")
+    out = tmp_path / "darkbloom-node.service"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKBLOOM_")} | {"DARKBLOOM_CONFIG": str(config)}
+    result = subprocess.run([sys.executable, "-m", "darkbloom", "--data-dir", str(tmp_path), "node", "install-service",
+                             "--output", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"--config {config.resolve()}" in out.read_text()
