@@ -211,6 +211,12 @@ class Worker:
         self._flush()
         for m in self.models.values():
             m.generator.close()
+        # Let background evaluations (async_eval of kept prompt caches) finish on MLX's own
+        # threads before this thread ends: the process may exit right after, and C++ work still
+        # running through interpreter shutdown can end it with std::terminate (SIGABRT).
+        import mlx.core as mx
+
+        mx.synchronize()
 
     def run_dead(self) -> None:
         """After a crash: fail every request, present and future, until asked to stop."""
