@@ -113,7 +113,8 @@ class ConsumerMeter:
         """A lane to `node_peer_id` for one request: an idle one, or a new one opened at the ledger.
 
         None when the node was seen serving free (it never countersigned), or when the ledger
-        cannot be reached: the request then goes without a lane.
+        cannot be reached and no lane this shim holds to the node came back within
+        LEDGER_DOWN_WAIT_S: the request then goes without a lane.
 
         Raises InsufficientFunds (the account cannot reserve `lane_reserve`) or another
         LedgerError the ledger answered (e.g. VoucherRejected).
@@ -188,6 +189,7 @@ class ConsumerMeter:
                     and lane.reservation.price_output_per_m == price_output_per_m:
                 return lane
             self._drop(node_peer_id)  # spent or at old prices: no use any more
+            self._dropped.append(lane.lane)  # closed at the ledger with the next dropped lane (or at aclose)
         return None
 
     async def _wait_for_held(self, node_peer_id: str, price_input_per_m: int, price_output_per_m: int,
