@@ -1,5 +1,5 @@
 """`darkbloom relay` as an operator runs it: the entry it prints is a working bootstrap-nodes.toml
-line, its status and metrics answer, and Ctrl-C stops it with exit code 0."""
+line, its status and metrics answer, and Ctrl-C (SIGINT) or SIGTERM stops it with exit code 0."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import urllib.request
+
+import pytest
 
 from darkbloom.config import load_bootstrap_file
 from darkbloom.relay.commands import bootstrap_entry
@@ -24,7 +26,8 @@ def test_entry_uses_announced_addresses_and_ends_each_in_the_peer_id(tmp_path):
         f'{{ name = "relay", addrs = ["/ip4/10.0.0.2/tcp/4001/p2p/{PEER}"] }},'
 
 
-def test_relay_prints_its_entry_serves_metrics_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_relay_prints_its_entry_serves_metrics_and_stops_on_a_signal(tmp_path, stop):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARKBLOOM_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "darkbloom", "--data-dir", str(tmp_path / "relay"), "relay",
@@ -56,7 +59,7 @@ def test_relay_prints_its_entry_serves_metrics_and_stops_on_ctrl_c(tmp_path):
                        "darkbloom_requests_total", "darkbloom_errors_total", "darkbloom_dht_lookups_total"):
             assert f"# TYPE {family.removesuffix('_total')}" in metrics, family
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
             code = proc.wait(timeout=10)
         finally:
