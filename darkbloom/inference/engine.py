@@ -19,8 +19,10 @@ logit_bias, penalties and grammar masks, before temperature).
 Text: deltas come from `detok.IncrementalDecoder` (they always add up to `tokenizer.decode` of
 the output, never split a character); stop strings are matched on that text (`stops`), tool
 calls are cut out of it (`tools`), JSON and forced tool calls are constrained by llguidance
-(`constrained`). Prompt caches of finished requests are kept in an LRU per model and reused by
-any later request sharing a prefix. With n > 1, each choice is its own sequence in the batch
+(`constrained`). Prompt caches of finished requests are kept in an LRU per model, bounded by
+`prompt_cache_bytes` (config `inference.prompt_cache_mb`, capped by `node.max_memory_mb`), and
+reused by any later request sharing a prefix. OpenBLAS runs with `blas_threads` threads (1 by
+default: decode steps multiply a few rows, where more threads cost more than they save). With n > 1, each choice is its own sequence in the batch
 (their prompts are prefilled separately, not shared).
 
 Privacy: nothing here logs or stores prompt or output text; logs carry request ids, model ids,
