@@ -3,6 +3,7 @@ in headless Chromium, a clean Ctrl-C, and the same identities after a restart.""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -103,8 +104,21 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
     up = UpProcess(tmp_path)
     try:
         base_url = up.wait_for(r"base_url: (http://\S+/v1)").group(1)
+        curl_line = up.wait_for(r"^  (curl .*)$").group(1)
+        up.wait_for(r"openai SDK")
+        example = "\n".join(up.wait_for(r"^  (.*)$").group(1) for _ in range(3))
         chat_node = up.wait_for(r"node (\w{8}) \(smollm2-135m-instruct\): status page (http://\S+)")
         up.wait_for(r"Press Ctrl-C to stop")
+
+        # What the user is told to try works as printed: the curl line, then the three SDK lines.
+        assert base_url in curl_line and base_url in example
+        curled = subprocess.run(["sh", "-c", curl_line], capture_output=True, text=True, timeout=300)
+        assert curled.returncode == 0, curled.stderr
+        assert "Paris" in json.loads(curled.stdout)["choices"][0]["message"]["content"], curled.stdout
+        ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stderr
+        assert "Paris" in ran.stdout, ran.stdout
+
         client = OpenAI(base_url=base_url, api_key="local", timeout=300, max_retries=0)
         reply = client.chat.completions.create(
             model="smollm2-135m-instruct", temperature=0, max_tokens=20,
@@ -120,7 +134,7 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
         status = subprocess.run([sys.executable, "-m", "darkbloom", "node", "--status-port", port, "status"],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0, status.stderr
-        assert "served      1 requests" in status.stdout and "reachable   public" in status.stdout
+        assert "served      3 requests" in status.stdout and "reachable   public" in status.stdout
 
         if chromium() is None:
             pytest.fail("chromium is not installed: `make test` installs it (scripts/system-deps.sh)")
@@ -128,7 +142,7 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
         shot = ARTIFACTS / "node-status.png"
         dom = render_page(chat_node.group(2), shot)
         assert shot.stat().st_size > 10_000
-        assert re.search(r'id="requests-served">1<', dom), dom[:2000]
+        assert re.search(r'id="requests-served">3<', dom), dom[:2000]
         assert "smollm2-135m-instruct" in dom and 'id="reachability">public<' in dom
     finally:
         code = up.interrupt(timeout=10) if up.proc.poll() is None else up.proc.returncode
@@ -156,6 +170,7 @@ def test_up_answers_shows_status_and_stops_cleanly(tmp_path):
 
     again = UpProcess(tmp_path)
     try:
+        again.wait_for(r"self-benchmark of smollm2-135m-instruct: .* \(measured at an earlier start")  # not measured again
         assert again.wait_for(r"node (\w{8}) \(smollm2-135m-instruct\)").group(1) == chat_node.group(1)
         again.wait_for(r"Press Ctrl-C to stop")
     finally:
