@@ -219,7 +219,8 @@ def test_relay_restart_and_shim_killed_mid_stream(procnet):
     # node's final countersigned voucher arrives marks that node "serves free" for 600 s (defect 8). A node
     # requiring payment then refuses every request with payment_required until long after the 30 s this
     # test allows; that was this test's flakiness (it passed only when the relay stayed down past 60 s and
-    # the countersign won the race with the kill). The paid path without a ledger is tested on its own.
+    # the countersign won the race with the kill). Both defects are fixed since; serving unpaid keeps this
+    # test about the relay restart alone. The paid path without a ledger is tested on its own.
     net.start_node("direct", model_id="tiny-direct", require_payment=False)
     # a long bootstrap backoff: while it sleeps, the node's ledger client (earnings every 5 s) reconnects first
     net.start_node("private", reachability="private", model_id="tiny-relayed", bootstrap_retry_max_s=30.0,
