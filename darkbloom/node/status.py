@@ -118,7 +118,7 @@ def _fmt_credits(micro: int) -> str:
 def render_html(s: NodeStatus) -> str:
     e = html.escape
     rows = "".join(
-        f"<tr><td>{e(m.id)}</td><td>{e(m.kind)}</td><td><code title="{e(m.digest)}">{e(m.digest[:23])}</code></td>"
+        f"<tr><td>{e(m.id)}</td><td>{e(m.kind)}</td><td><code title='{e(m.digest)}'>{e(m.digest[:23])}</code></td>"
         f"<td class=n>{m.requests}</td><td class=n>{m.completion_tokens}</td></tr>"
         for m in s.models
     )

@@ -84,4 +84,4 @@ def test_status_command_before_any_earnings():
 def test_html_shows_sixteen_hex_digits_of_the_digest_and_the_whole_on_hover():
     digest = "sha256:" + "0123456789abcdef" * 4
     page = render_html(status(models=(ModelStatus(id="m", kind="chat", digest=digest),)))
-    assert f'<code title="{digest}">sha256:0123456789abcdef</code>' in page
+    assert f"<code title='{digest}'>sha256:0123456789abcdef</code>" in page
