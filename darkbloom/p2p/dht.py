@@ -166,32 +166,45 @@ class ServerPeerRouting(PeerRouting):
     trusted: Callable[[], list[ID]]
 
     async def find_closest_peers_network(self, target_key: bytes, count: int = 20) -> list[ID]:
+        closest, _depth, _rounds = await self.traced_lookup(target_key, count)
+        return closest
+
+    async def traced_lookup(self, target_key: bytes, count: int = 20) -> tuple[list[ID], dict[ID, int], int]:
+        """The k closest servers, each peer's depth (0: from our table; d+1: learned from a
+        depth-d peer's answer, i.e. sequential RPCs to learn it) and the rounds run."""
         key = lookup_key(target_key)
         local = self.host.get_id()
         closest = self.routing_table.find_local_closest_peers(key, count)
         if not closest:
             closest = [p for p in self.trusted() if self.host.get_network().get_connections(p)]
+        depth = {p: 0 for p in closest}
         queried: set[ID] = set()
+        rounds = 0
         for _ in range(LOOKUP_MAX_ROUNDS):
             batch = [p for p in closest if p not in queried and p != local][:LOOKUP_ALPHA]
             if not batch:
                 break
-            learned: list[ID] = []
+            rounds += 1
+            learned: list[tuple[ID, ID]] = []
 
             async def ask(peer: ID) -> None:
                 with trio.move_on_after(PEER_QUERY_TIMEOUT_S):
-                    learned.extend(await self._query_peer_for_closest(peer, key))
+                    for other in await self._query_peer_for_closest(peer, key):
+                        learned.append((peer, other))
 
             async with trio.open_nursery() as nursery:
                 for peer in batch:
                     queried.add(peer)
                     nursery.start_soon(ask, peer)
-            servers = [p for p in dict.fromkeys(learned) if p != local]  # servers list servers only
+            for source, other in learned:
+                if other != local and other not in depth:
+                    depth[other] = depth[source] + 1
+            servers = [p for p in dict.fromkeys(o for _s, o in learned) if p != local]  # servers list servers only
             merged = sort_peer_ids_by_distance(key, list(dict.fromkeys(closest + servers)))[:count]
             if merged == closest:
                 break
             closest = merged
-        return closest
+        return closest, depth, rounds
 
 
 class _IdleStream:
@@ -357,6 +370,18 @@ class DarkbloomDHT(KadDHT):
         for peer in self._trusted_peers():
             with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
                 await self.value_store._store_at_peer(peer, key_bytes, value)
+
+    async def trace_peer_lookup(self, peer_id: str) -> tuple[bool, int, int]:
+        """FIND_NODE lookup of a peer, for research: (found it, hops, rounds).
+
+        hops is the depth of the nearest result (sequential RPCs until it was learned; 0 when
+        it was in our table), as the simulator counts it (darkbloom.sim.traversal).
+        """
+        target = ID.from_base58(peer_id)
+        closest, depth, rounds = await self.peer_routing.traced_lookup(target.to_bytes())  # type: ignore[attr-defined]
+        if not closest:
+            return False, -1, rounds
+        return closest[0] == target, depth.get(closest[0], 0), rounds
 
     def trust(self, peer_id: ID) -> None:
         """Bootstrap relays: admitted before identify completes."""

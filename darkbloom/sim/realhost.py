@@ -4,14 +4,16 @@
 providers, two shims), has every node provide a model and store its signed record, then runs
 discovery + one exchange per request from the shims; it does the same in the simulator with
 the same shape (all public: loopback has no NAT) and returns both sets of figures side by side.
-Compared: discovery success, share of providers found, record fetch success, request success.
-Not compared: hop counts (py-libp2p does not report them) and latencies (loopback has none).
+Compared: FIND_NODE lookup success and hops (darkbloom.p2p.dht traces its own lookups the way
+darkbloom.sim.traversal counts them), discovery success, share of providers found, record
+fetch success, request success. Not compared: latencies (loopback has none).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -43,12 +45,23 @@ async def _fake_inference_responder(stream: Any) -> None:
     await stream.write(b"\0" * RESPONSE_BYTES)
 
 
-async def _workload(shims: list[PeerNetwork], providers: list[str], requests: int, rng: random.Random) -> dict[str, Any]:
+Trace = Callable[[Any, str], Awaitable[tuple[bool, int]]]
+
+
+async def _workload(shims: list[PeerNetwork], providers: list[str], requests: int, rng: random.Random,
+                    trace: Trace) -> dict[str, Any]:
     found_any = found_share = records_ok = served = timeouts = 0
     discovery_s: list[float] = []
+    lookups_ok = 0
+    hops: list[int] = []
     for i in range(requests):
         shim = shims[i % len(shims)]
         with trio.move_on_after(60) as scope:
+            # a FIND_NODE lookup of a random provider (a DHT server): found it, in how many hops
+            ok, depth = await trace(shim, rng.choice(providers))
+            lookups_ok += ok
+            if ok:
+                hops.append(depth)
             t0 = trio.current_time()
             found = await shim.find_providers(MODEL, fresh=True)
             discovery_s.append(trio.current_time() - t0)
@@ -72,6 +85,8 @@ async def _workload(shims: list[PeerNetwork], providers: list[str], requests: in
         "timeouts": timeouts,
         "discovery_p50_s": round(discovery_s[len(discovery_s) // 2], 3) if discovery_s else None,
         "requests": requests,
+        "lookup_success": lookups_ok / requests,
+        "hops_mean": sum(hops) / len(hops) if hops else 0.0,
         "discovery_success": found_any / requests,
         "providers_found_share": found_share / requests,
         "record_success": records_ok / requests,
@@ -107,7 +122,11 @@ async def run_real(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, A
                         await net.put_record(_template(net))
                 nursery.start_soon(announce)
         result_tables = [m.net.dht.routing_table.size() for m in s.nodes]
-        result = await _workload([c.net for c in s.clients], [m.peer_id for m in s.nodes], requests, rng)
+        async def trace(shim: Any, peer_id: str) -> tuple[bool, int]:
+            found, hops, _rounds = await shim.dht.trace_peer_lookup(peer_id)
+            return found, hops
+
+        result = await _workload([c.net for c in s.clients], [m.peer_id for m in s.nodes], requests, rng, trace)
     result["wall_s"] = round(time.perf_counter() - t0, 3)
     result_tables.sort()
     result["routing_table_p50"] = result_tables[len(result_tables) // 2] if result_tables else 0
@@ -117,6 +136,7 @@ async def run_real(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, A
 def run_sim(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, Any]:
     """The same workload in the simulator: one relay, `nodes` public providers, two shims."""
     from darkbloom.sim.engine import Simulation
+    from darkbloom.sim.keys import key_of_peer
     from darkbloom.sim.scenario import Population, Scenario
 
     sc = Scenario(name="realhost", nodes=nodes + 3, seed=seed,
@@ -140,7 +160,11 @@ def run_sim(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, Any]:
                 await p.announce_once()
             for p in providers:
                 p.serve(INFER_PROTOCOL, _fake_inference_responder)
-            result = await _workload(shims, [p.peer_id for p in providers], requests, random.Random(seed))
+            async def trace(shim: Any, peer_id: str) -> tuple[bool, int]:
+                looked = await shim.dht.lookup(key_of_peer(peer_id))
+                return bool(looked.closest) and looked.closest[0] == peer_id, looked.hops
+
+            result = await _workload(shims, [p.peer_id for p in providers], requests, random.Random(seed), trace)
             out.update(result)
             nursery.cancel_scope.cancel()
 
@@ -155,7 +179,8 @@ def compare(nodes: int, requests: int = 20, seed: int = 1) -> list[dict[str, Any
     real = trio.run(run_real, nodes, requests, seed)
     sim = run_sim(nodes, requests, seed)
     rows = []
-    for key in ("discovery_success", "providers_found_share", "record_success", "request_success"):
+    for key in ("lookup_success", "hops_mean", "discovery_success", "providers_found_share", "record_success",
+                "request_success"):
         a, b = sim[key], real[key]
         rows.append({"metric": key, "sim": round(a, 4), "real": round(b, 4),
                      "within_10pct": abs(a - b) <= 0.1 * max(a, b, 1e-9)})

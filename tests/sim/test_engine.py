@@ -121,6 +121,7 @@ def test_real_hosts_agree_with_the_simulator():
     from darkbloom.sim.realhost import compare
 
     rows = {r["metric"]: r for r in compare(nodes=4, requests=4, seed=2)}
-    for key in ("discovery_success", "providers_found_share", "record_success", "request_success"):
+    for key in ("lookup_success", "discovery_success", "providers_found_share", "record_success", "request_success"):
         assert rows[key]["real"] > 0.0 and rows[key]["sim"] > 0.0
         assert rows[key]["within_10pct"], rows[key]
+    assert rows["hops_mean"]["real"] >= 0 and rows["hops_mean"]["within_10pct"], rows["hops_mean"]
