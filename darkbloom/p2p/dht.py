@@ -75,6 +75,7 @@ INBOUND_IDLE_S = 5.0  # a KAD stream with no message for this long is reset (0.8
 PROVIDERS_PER_KEY = 256  # provider entries a server keeps per key (0.8.1: 20)
 PROVIDER_QUERY_TIMEOUT_S = 3.0  # one GET_PROVIDERS
 PROVIDER_QUERY_CONCURRENCY = 8
+PROVIDER_RATE_MAX = 64  # ADD_PROVIDER per peer per 10 s (0.8.1: 10)
 VALUE_STORE_CAP = 4096  # records a server keeps (0.8.1: 50,000 of up to 1 MiB)
 VALUES_PER_PEER = 32  # new keys one sending peer may place on a server
 
@@ -320,6 +321,9 @@ class DarkbloomDHT(KadDHT):
         self._inbound_slots = trio.Semaphore(INBOUND_STREAMS)
         self._inbound_by_peer: Counter[ID] = Counter()
         self.inbound_refused = 0  # inbound KAD streams reset for want of a slot
+        # 0.8.1 resets a peer's 11th ADD_PROVIDER within 10 s; a node announcing several models
+        # sends two per model to a trusted server (as one of the closest, and as trusted).
+        self._provider_rate_max = PROVIDER_RATE_MAX
 
     async def handle_stream(self, stream: object) -> None:  # type: ignore[override]
         """Inbound KAD stream: bounded per server and per peer, reset when idle (defect 13)."""
