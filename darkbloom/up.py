@@ -21,7 +21,7 @@ import trio
 
 from darkbloom.config import Config, ModelSpec
 
-__all__ = ["LocalNetwork", "add_arguments", "open_local_network", "run", "try_it_lines"]
+__all__ = ["LocalNetwork", "add_arguments", "check_ports_free", "fixed_ports", "open_local_network", "run", "try_it_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,36 @@ def _role_config(config: Config, data_dir: Path, **sections: dict) -> Config:
 def _status_port(config: Config, offset: int, default: int) -> int:
     """Fixed ports next to the shim's by default; all ephemeral when the shim's port is 0."""
     return 0 if config.api.port == 0 else default + offset
+
+
+def fixed_ports(config: Config) -> list[tuple[int, str]]:
+    """The fixed ports `darkbloom up` will listen on, with what each is for (none when --port 0)."""
+    if config.api.port == 0:
+        return []
+    return [(config.api.port, "the OpenAI-compatible shim"),
+            (_status_port(config, 10, config.relay.status_port), "the relay's status page"),
+            (_status_port(config, 0, config.node.status_port), "the chat node's status page"),
+            (_status_port(config, 1, config.node.status_port), "the embeddings node's status page")]
+
+
+def check_ports_free(config: Config) -> None:
+    """Fail before loading any model when a fixed port is taken, naming the port and what it was for."""
+    import errno
+    import socket
+
+    from darkbloom.errors import ConfigError
+
+    for port, purpose in fixed_ports(config):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
+            try:
+                probe.bind((config.api.host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise ConfigError(f"port {port} ({purpose}) is already in use on {config.api.host}",
+                                  hint="stop the other process (another darkbloom up?), or run `darkbloom up --port 0` "
+                                       "to use free ports for every role") from None
 
 
 @asynccontextmanager
@@ -137,6 +167,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(config: Config) -> int:
     from darkbloom.runner import run_until_signal
+
+    check_ports_free(config)
 
     async def body(stop: trio.Event) -> None:
         print("starting a relay, a chat node, an embeddings node and the shim on 127.0.0.1 ...", flush=True)

@@ -63,3 +63,27 @@ def test_install_service_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout and "systemctl" in result.stdout
     assert "ExecStart=" in out.read_text()
+
+
+def test_up_names_the_busy_port_before_loading_anything(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--data-dir", str(tmp_path), "up", "--port", str(port))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"darkbloom: error: port {port} (the OpenAI-compatible shim) is already in use")
+    assert "--port 0" in line
+    assert "loading" not in result.stdout and not (tmp_path / "up").exists()  # failed before starting any role
+
+
+def test_up_port_check_covers_every_fixed_port():
+    import dataclasses
+
+    from darkbloom.config import Config
+    from darkbloom.up import fixed_ports
+
+    config = Config()
+    assert [p for p, _ in fixed_ports(config)] == [8080, 8100, 8181, 8182]
+    assert fixed_ports(dataclasses.replace(config, api=dataclasses.replace(config.api, port=0))) == []
