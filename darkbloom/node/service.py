@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from darkbloom.errors import ConfigError
+
 __all__ = ["default_service_path", "render_launchd", "render_systemd", "service_command", "write_service"]
 
 LAUNCHD_LABEL = "net.darkbloom.node"
@@ -72,11 +74,12 @@ def default_service_path(system: str) -> Path:
 
 def write_service(system: str, *, config: str | None, data_dir: Path, path: Path | None = None) -> tuple[Path, str]:
     """Write the service file; returns its path and the command that enables it."""
+    if system not in ("Darwin", "Linux"):
+        raise ConfigError(f"install-service writes a launchd agent (macOS) or a systemd unit (Linux), not a {system} "
+                          "service", hint="run `darkbloom node` under your system's own service manager")
     cmd = service_command(config=config, data_dir=data_dir)
     path = path or default_service_path(system)
     if system != "Darwin" and path.suffix != ".service":
-        from darkbloom.errors import ConfigError
-
         raise ConfigError(f"a systemd unit's file name must end in .service, not {path.name!r}",
                           hint=f"use --output {path.with_name(path.name + '.service')}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,13 @@ def test_install_service_keeps_the_config_named_by_the_environment(tmp_path):
                              "--output", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"--config {config.resolve()}" in out.read_text()
+
+
+def test_other_systems_are_told_what_to_do(tmp_path):
+    import pytest
+
+    from darkbloom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a Windows service") as refused:
+        write_service("Windows", config=None, data_dir=tmp_path, path=tmp_path / "x.service")
+    assert "darkbloom node" in refused.value.hint and not (tmp_path / "x.service").exists()
