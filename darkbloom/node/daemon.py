@@ -36,7 +36,7 @@ from darkbloom.statushttp import serve_status
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
 from darkbloom.wire.infer import PROTOCOL_VERSION, StatusReply
 
-__all__ = ["Node", "NodeStats", "ObservedEngine", "open_node"]
+__all__ = ["BenchmarkFile", "Node", "NodeStats", "ObservedEngine", "RouteCounter", "open_node"]
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +247,11 @@ class Node:
             self.reputation = ReputationPolicy().prior if entry is None else entry.score_ppm / 1_000_000
 
     async def refresh_metrics(self) -> None:
-        """Scrape-time gauges: peers, requests in flight, relayed share, settlement lag."""
+        """Scrape-time gauges: peers, requests in flight, settlement lag (relayed share: RouteCounter)."""
         peers = self.network.peers()  # type: ignore[attr-defined]
         self.metrics.peers.set(len(peers))
         load = self.service.load()
         self.metrics.active.set(load.active)
-        self.metrics.relayed_share.set(1.0 if getattr(self.network, "reachability", "public") == "relayed" else 0.0)
         if self._book is not None:
             book = self._book
             pending = await trio.to_thread.run_sync(book.unsettled, 1000, limiter=book.limiter)
@@ -279,6 +278,24 @@ class Node:
             log.warning("grace period over with requests still running; cancelling them")
         else:
             log.info("no requests in flight; leaving")
+
+
+class RouteCounter:
+    """The node's network, except that each inbound stream of a served protocol is counted by its
+    route (direct, relayed, hole-punched): the node's `darkbloom_relayed_share` and routes."""
+
+    def __init__(self, network: object, metrics: RoleMetrics) -> None:
+        self._network, self._metrics = network, metrics
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._network, name)
+
+    def serve(self, protocol: str, handler: Callable[[object], Awaitable[None]]) -> None:
+        async def counted(stream: object) -> None:
+            self._metrics.routed(getattr(stream, "route", "direct"))
+            await handler(stream)
+
+        self._network.serve(protocol, counted)  # type: ignore[attr-defined]
 
 
 def _template(node: Node, bench: tuple[float, float]) -> CapabilityRecord:
@@ -529,7 +546,7 @@ async def open_node(
             paused=node.paused, on_served=node._served, max_frame_bytes=config.p2p.max_frame_bytes,
             meter=meter, identity=identity, max_per_peer=config.node.max_requests_per_peer,
         )
-        serve_inference(net, node.service)
+        serve_inference(RouteCounter(net, metrics), node.service)
         serve_p2p_status(net, node.status_reply)
         nursery = await stack.enter_async_context(trio.open_nursery())
         if book is not None and ledger is not None:

@@ -114,6 +114,8 @@ async def test_every_role_exposes_the_shared_families_and_they_move(tmp_path, ti
     assert sample(node_m, "darkbloom_token_latency_seconds_count", role="node") >= 6 + 12 - 2 - 2
     assert sample(node_m, "darkbloom_tokens_total", role="node", direction="completion") == 18
     assert total(node_m, "darkbloom_dht_lookups_total", role="node") >= 2  # record and provider entry put
+    assert sample(node_m, "darkbloom_routes_total", role="node", route="direct") == 2  # each served stream
+    assert sample(node_m, "darkbloom_relayed_share", role="node") == 0.0
 
     # shim: requests, first tokens, token gaps of the streamed answer, lookups, routes, errors by kind
     assert sample(shim_m, "darkbloom_requests_total", role="shim", kind="chat", outcome="ok") == 2
