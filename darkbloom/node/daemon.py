@@ -148,7 +148,7 @@ class Node:
             peer_id=self.peer_id,
             version=__version__,
             uptime_s=now - self.started_at,
-            reachability=getattr(net, "route_reachability", None) or getattr(net, "reachability", "unknown"),
+            reachability=reachability_of(net, self.metrics),
             addresses=tuple(getattr(net, "announce_addrs", ()) or ()),
             models=tuple(
                 ModelStatus(
@@ -278,6 +278,15 @@ class Node:
             log.warning("grace period over with requests still running; cancelling them")
         else:
             log.info("no requests in flight; leaving")
+
+
+def reachability_of(network: object, metrics: RoleMetrics) -> str:
+    """public, relayed, or hole-punched: a node behind a NAT (relayed) that was sent requests on
+    direct connections has been reached by hole punching (DCUtR)."""
+    reachability = getattr(network, "reachability", "unknown")
+    direct = metrics.value("darkbloom_routes_total", route="direct") + metrics.value("darkbloom_routes_total",
+                                                                                    route="hole-punched")
+    return "hole-punched" if reachability == "relayed" and direct else reachability
 
 
 class RouteCounter:

@@ -37,3 +37,19 @@ async def test_served_streams_are_counted_by_route_and_handled():
     assert metrics.value("darkbloom_relayed_share") == 0.5
     assert metrics.value("darkbloom_routes_total", route="relayed") == 2
     assert metrics.value("darkbloom_routes_total", route="hole-punched") == 1
+
+
+def test_a_relayed_node_reached_directly_says_hole_punched():
+    from darkbloom.node.daemon import reachability_of
+
+    class Net:
+        def __init__(self, reachability: str) -> None:
+            self.reachability = reachability
+
+    metrics = RoleMetrics("node")
+    assert reachability_of(Net("relayed"), metrics) == "relayed"
+    metrics.routed("relayed")
+    assert reachability_of(Net("relayed"), metrics) == "relayed"
+    metrics.routed("direct")
+    assert reachability_of(Net("relayed"), metrics) == "hole-punched"
+    assert reachability_of(Net("public"), metrics) == "public"
