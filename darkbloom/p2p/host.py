@@ -136,6 +136,8 @@ class _Prefixed:
         return await self._stream.read(n)  # type: ignore[attr-defined, no-any-return]
 
 
+_WINDOW_UPDATE = b"\x01"  # Yamux frame type byte
+_SYN = b"\x00\x01"  # Yamux flags field with only SYN set
 INBOUND_NEGOTIATE_S = 10.0  # as py-libp2p's inbound negotiation timeout
 _WRITE_STALL_S = 30.0  # a socket write that makes no progress this long breaks the connection
 
@@ -187,6 +189,10 @@ class DarkbloomYamux(Yamux):
     async def _write_frame(self, data: bytes) -> None:
         batch = self._batch
         batch.frames.append(data)
+        if data[1:2] == _WINDOW_UPDATE and data[2:4] == _SYN:
+            # A new outbound stream's SYN: every opener (multistream-select) writes its
+            # header next, so the SYN rides in that write (one Noise message, one send).
+            return
         while self._flushing:
             await batch.done.wait()
             if batch.error is not None:
