@@ -359,8 +359,9 @@ def create_app(
             stats.inflight += 1
             try:
                 while (frame := await next_frame(session, started)) is not None:
-                    for chunk in feed(comp, frame):
-                        yield sse_data(chunk)
+                    chunks = feed(comp, frame)
+                    if chunks:  # one body write per frame (e.g. the role chunk and the first content together)
+                        yield b"".join(sse_data(chunk) for chunk in chunks)
                 usage = comp.usage_chunk()
                 if usage is not None:
                     yield sse_data(usage)

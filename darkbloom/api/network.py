@@ -14,6 +14,12 @@ the last good candidate list of that model is routed by instead (breakers still 
 burst of lookups failing fast does not become a burst of `no_provider`. A peer that cannot be
 reached gets its capability record fetched afresh; if it now announces other addresses (it
 restarted elsewhere) it is tried once more there.
+
+Lookups stay off the request path: while `run` is running (the shim starts it), a provider
+list older than CANDIDATES_TTL_S (but younger than STALE_MAX_S) still routes the request at
+once, and a single background lookup refreshes it. A DHT lookup on a loaded machine takes
+100-250 ms; it used to land on every tenth second's request. After a failure the list is
+dropped, so the next request looks up afresh and waits for it, as before.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record", "spot_c
 log = logging.getLogger(__name__)
 
 CANDIDATES_TTL_S = 10.0  # reuse a model's provider list this long; failures force a fresh lookup
+STALE_MAX_S = 60.0  # with `run` running: route by an older list this long while a background lookup refreshes it
 LAST_GOOD_TTL_S = 600.0  # route by the last non-empty provider list this long when lookups find nothing
 RECORD_REFRESH_S = 5.0  # at most this long fetching an unreachable peer's record afresh
 
@@ -169,6 +176,29 @@ class NetworkBackend:
         self._probing: set[str] = set()  # peers with a half-open probe in flight (every breaker open)
         self._probed = trio.Event()  # set (and replaced) whenever a probe ends
         self._seen_models: set[str] = set()  # every model id in a record this shim has read
+        self._nursery: trio.Nursery | None = None  # set while `run` runs: background provider lookups
+        self._refreshing: set[str] = set()  # models with a background lookup in flight
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background provider lookups until cancelled (see the module docstring)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def _refresh(self, model: str) -> None:
+        """One background lookup of `model`'s providers; the request that asked for it did not wait."""
+        try:
+            await self._candidates(model, cached=False)
+        except DarkbloomError as exc:  # the stale list stays; a later request asks again
+            log.debug("background provider lookup for %s failed: %s", model, type(exc).__name__)
+        except Exception as exc:  # a bug must not take the shim's nursery down with it
+            log.warning("background provider lookup for %s failed: %s", model, type(exc).__name__)
+        finally:
+            self._refreshing.discard(model)
 
     def _stats(self, peer_id: str) -> PeerStats:
         return self.stats.setdefault(peer_id, PeerStats())
@@ -186,6 +216,11 @@ class NetworkBackend:
         now = trio.current_time()
         hit = self._cache.get(model)
         if cached and hit is not None and now - hit[0] < CANDIDATES_TTL_S:
+            return hit[1]
+        if cached and hit is not None and now - hit[0] < STALE_MAX_S and self._nursery is not None:
+            if model not in self._refreshing:
+                self._refreshing.add(model)
+                self._nursery.start_soon(self._refresh, model)
             return hit[1]
         try:
             providers = await self.network.find_providers(model)

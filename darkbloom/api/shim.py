@@ -105,6 +105,7 @@ async def open_shim(
     metrics.refresh = lambda: metrics.peers.set(len(network.peers()))
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)  # provider lookups in the background, off the request path
             url = await nursery.start(partial(serve, api, backend, auth=auth, metrics=metrics))
             reputation_from = target if target is not None else ledger_target(config)
             if trust is not None and api.spot_check_report and reputation_from is not None:
