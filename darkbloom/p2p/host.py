@@ -2,6 +2,12 @@
 
 The Ed25519 key pair comes from the identity's 32-byte seed, so the peer id is stable
 across restarts and matches `darkbloom.p2p.keys.peer_id_from_public_key`.
+
+Per-frame and per-stream costs of py-libp2p 0.8.1 worked around here (tests/p2p/test_yamux.py):
+group-committed Yamux frame writes (defect 16), the muxer class actually used (defect 17),
+receive credit returned in half-window batches (defect 18), a new stream's SYN sent with its
+first write, and inbound multistream-select answered in one frame (the opener side, which
+pipelines header and protocol, is `LibP2PNetwork._new_stream`). QUIC: docs/P2P-QUIC.md.
 """
 
 from __future__ import annotations
