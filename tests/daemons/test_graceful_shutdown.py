@@ -11,7 +11,7 @@ from darkbloom.config import Config, LedgerConfig, ModelSpec, NodeConfig
 from darkbloom.up import _role_config
 
 NO_END = {"0": -100, "2": -100}  # the tiny model's end tokens: it generates up to max_tokens
-MAX_TOKENS = 48
+MAX_TOKENS = 600  # long enough to be still generating when the node is told to stop
 
 
 async def test_a_stopping_node_finishes_the_request_in_flight_then_submits_and_leaves(tmp_path, tiny_model_dir):
@@ -58,7 +58,7 @@ async def test_a_stopping_node_finishes_the_request_in_flight_then_submits_and_l
                 async with open_node(node_cfg, bootstrap=boot) as node:
                     nursery.start_soon(ask)
                     await first_token.wait()
-                    assert node.service.load().active == 1
+                    assert node.service.load().active == 1, "the request ended before the node was told to stop"
                 # The block's exit is the shutdown: by now the node has drained and submitted.
                 assert node.draining and node.paused()
                 assert node.stats.served == 1 and node.stats.cancelled == 0 and node.stats.failed == 0
