@@ -226,6 +226,9 @@ class _Metered:
         self.failure: DarkbloomError | None = None
         self.finished = False  # the whole answer was sent
         self.released = False  # the lane's busy mark was cleared: this request is paid up, the lane may serve the next
+        # Until the first voucher of this request arrives: its prompt tokens, which the gate does not hold the
+        # first completion tokens for (that voucher is one round trip away; the prefill is paid for already).
+        self.prompt_grace = 0
 
     def release(self) -> None:
         if not self.released:
@@ -242,12 +245,21 @@ class _Metered:
         """Right before `Accepted` (the client begins the request on its side when it reads it)."""
         self.lane.begin_request(encode(req), digest)
         self.lane.served(prompt_tokens=prompt_tokens)
+        self.prompt_grace = prompt_tokens
 
     async def gate(self) -> None:
-        """Before sending more: pause while vouchers lag, fail when they stopped."""
+        """Before sending more: pause while vouchers lag, fail when they stopped.
+
+        While the voucher for the prompt is on its way (the client signs it when it reads
+        `Accepted`), up to the lane's usual allowance of completion tokens goes out without
+        it: holding the first token for that round trip cost a whole RTT of time to first
+        token (108 ms through a relay on a loaded machine, 150-token prompt).
+        """
         while True:
             if self.failure is not None:
                 raise self.failure
+            if self.prompt_grace and self.lane.lag_tokens - self.prompt_grace <= self.lane.max_unvouched:
+                return
             verdict = self.lane.gate(self.meter.now_ms())
             if verdict == "serve":
                 return
@@ -267,10 +279,13 @@ class _Metered:
             self.failure = exc if isinstance(exc, LedgerError) else VoucherRejected(self.lane.lane, str(exc))
             log.warning("lane %s: voucher refused: %s", self.lane.lane[:8], type(exc).__name__)
         else:
+            self.prompt_grace = 0
             # Free the lane before the client can read the countersigned copy (it lends the lane
             # again once it has it), not after the store's write: that may take a while.
             if self.finished and self.lane.lag_tokens == 0:
                 self.release()
+            if not self.finished:  # wake a paused gate now, not after the store's write (settling still waits for it)
+                self.arrived.set()
             await self.io.send(signed)
             if self.meter.store is not None:
                 await self.meter.store(signed)
