@@ -441,6 +441,10 @@ class InferenceService:
             log.info("%s peer=%s refused: it already has %d requests here (per-peer cap)", rid, peer[-8:], cap)
             await io.send(ErrorFrame(request_id=rid, code="no_capacity", retry_after_s=1.0,
                                      message=f"this node serves at most {cap} requests at once per client"))
+            if self.on_served is not None:  # counted with the other refusals (errors by kind)
+                self.on_served(ServedRequest(request_id=rid, peer_id=peer, model=req.model, kind=req.kind,
+                                             prompt_tokens=0, completion_tokens=0, outcome="error:no_capacity",
+                                             seconds=trio.current_time() - started))
             return
         self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
         progress = _Progress()
