@@ -69,7 +69,7 @@ LOOKUP_ALPHA = 3
 LOOKUP_MAX_ROUNDS = 10
 
 INBOUND_STREAMS = 32  # concurrent inbound KAD streams per server (0.8.1: 12, the rest reset)
-INBOUND_PER_PEER = 4  # of which one peer may hold
+INBOUND_PER_PEER = 12  # of which one peer may hold (a shim checks 16 provider records at once)
 INBOUND_WAIT_S = 2.0  # a stream waits this long for a slot before it is reset
 INBOUND_IDLE_S = 5.0  # a KAD stream with no message for this long is reset (0.8.1: never)
 PROVIDERS_PER_KEY = 256  # provider entries a server keeps per key (0.8.1: 20)
