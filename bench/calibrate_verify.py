@@ -26,6 +26,7 @@ policies for comparison, and detection by scored length. Prompts are synthetic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -267,7 +268,7 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         }
         if not honest:  # detection when only the first L tokens are scored
             row["caught_by_length"] = {
-                L: sum(verify.judge(x, verify.VerifyPolicy(max_scored_tokens=L)).flagged for x in xs) / len(xs)
+                L: sum(verify.judge(x, dataclasses.replace(policy, max_scored_tokens=L)).flagged for x in xs) / len(xs)
                 for L in (1, 2, 4, 8, 16, 24)
             }
         table.append(row)

@@ -86,7 +86,7 @@ class VerifyPolicy:
 # `log_evalue`); the bench measures the honest pass rate and the detection rate on SmolLM2.
 # The raw-distribution rules of the first calibration (mean logprob, top-100 rank) are off:
 # they caught another model only 92% (t=0.7) and 66% (t=1.0) of the time.
-SAMPLED_POLICY = VerifyPolicy()
+SAMPLED_POLICY = VerifyPolicy(max_log_evalue=math.log(1e3), bet_fractions=(0.5,))
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
 HIGH_TEMPERATURE_POLICY = SAMPLED_POLICY
