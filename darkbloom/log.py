@@ -29,8 +29,9 @@ def configure(level: str | int = "INFO", *, stream=None) -> None:
     # stops propagation, which leaves its warnings to Python's last-resort handler: they
     # would print bare lines such as "Failed to read DHT message from stream" on every
     # normal EOF. Every logger of ours propagates to the root handler, so nothing else
-    # relies on the last resort.
-    logging.lastResort = None
+    # relies on the last resort. A NullHandler, not None: with None, Python prints "No handlers
+    # could be found for logger ..." once per such logger instead.
+    logging.lastResort = logging.NullHandler()
     if not _configured:
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
