@@ -245,15 +245,16 @@ class _Metered:
         """Right before `Accepted` (the client begins the request on its side when it reads it)."""
         self.lane.begin_request(encode(req), digest)
         self.lane.served(prompt_tokens=prompt_tokens)
-        self.prompt_grace = prompt_tokens
 
     async def gate(self) -> None:
         """Before sending more: pause while vouchers lag, fail when they stopped.
 
-        While the voucher for the prompt is on its way (the client signs it when it reads
-        `Accepted`), up to the lane's usual allowance of completion tokens goes out without
-        it: holding the first token for that round trip cost a whole RTT of time to first
-        token (108 ms through a relay on a loaded machine, 150-token prompt).
+        Generation only (`prompt_grace` set by `_generate`): while the voucher for the prompt
+        is on its way (the client signs it when it reads `Accepted`), up to the lane's usual
+        allowance of completion tokens goes out without it: holding the first token for that
+        round trip cost a whole RTT of time to first token (108 ms through a relay on a loaded
+        machine, 150-token prompt). An embedding's or a score's whole answer still waits for
+        the prompt's voucher.
         """
         while True:
             if self.failure is not None:
@@ -594,6 +595,7 @@ class InferenceService:
                     progress.prompt_tokens = event.prompt_tokens
                     if metered is not None:
                         metered.begin(req, digest, event.prompt_tokens)
+                        metered.prompt_grace = event.prompt_tokens  # the first tokens need not wait for its voucher
                     await io.send(Accepted(request_id=rid, node_version=self.node_version, digest=digest,
                                            prompt_tokens=event.prompt_tokens, load=self.load()))
                 elif isinstance(event, TextDelta):
