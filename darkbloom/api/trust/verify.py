@@ -10,10 +10,11 @@ and the Renyi tilts log sum_v q_i(v)^(1-theta). The first node is flagged when
 
   * a token is excluded: outside top_k / the top_p nucleus / min_p, or, greedy, not the argmax
     (beyond a numerical slack of 0.01 nats: batched decode and one forward pass differ ~1e-5), or
-  * the e-value (`log_evalue`) reaches 1/alpha (alpha = 1e-4 by default). Under honest
-    sampling the e-value is a mean-1 martingale, so an honest node is flagged with probability
-    <= alpha per check whatever the model, prompt, temperature or length: no threshold is fitted
-    to data, and short outputs simply carry less evidence (pass) instead of false flags, or
+  * the e-process (`log_evalue`) reaches 1/alpha at some prefix (alpha = 1e-3 by default).
+    Under honest sampling it is a mean-1 martingale, so an honest node is flagged with
+    probability <= alpha per check whatever the model, prompt, temperature or length: no
+    threshold is fitted to data, and short outputs carry less evidence (pass) instead of
+    producing false flags, or
   * (optional, off by default) z = (sum log q + sum H) / sqrt(sum Var) < min_z: the Gaussian
     form of the same idea, which needs a calibrated threshold because its left tail is heavy.
 
@@ -60,8 +61,8 @@ __all__ = [
 
 
 NO_RANK_RULE = 10**9  # max_outside that turns the top-k rule off
-# Flag when the e-value exceeds 10^4: an honest node is flagged with probability <= 1e-4 per check.
-DEFAULT_MAX_LOG_EVALUE = math.log(1e4)
+# Flag when the e-process reaches 10^3: an honest node is flagged with probability <= 1e-3 per check.
+DEFAULT_MAX_LOG_EVALUE = math.log(1e3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,12 +82,18 @@ class VerifyPolicy:
     max_far: int = 0  # far tokens allowed per check
 
 
-# Calibration (bench/calibrate_verify.py, figures in the report and in bench/results/):
-# the e-value rule needs no fitted threshold: its false-flag bound holds by construction (see
-# `log_evalue`); the bench measures the honest pass rate and the detection rate on SmolLM2.
-# The raw-distribution rules of the first calibration (mean logprob, top-100 rank) are off:
-# they caught another model only 92% (t=0.7) and 66% (t=1.0) of the time.
-SAMPLED_POLICY = VerifyPolicy(max_log_evalue=math.log(1e3), bet_fractions=(0.5,))
+# Measured with bench/calibrate_verify.py on the bundled SmolLM2 (outputs of <= 24 tokens, all
+# out of sample: no threshold is fitted; alpha = 1e-3 by Ville; bet fraction 1 caught the most
+# of the variants compared: lam 0.5 / {1, .5, .2} / alpha 1e-4, see the bench). Honest answers
+# from our engine, scored under their own sampling; cheats under each claimed sampling:
+#   honest greedy 120/120 pass, t=0.7 240/240, t=1.0 240/240, t=0.7 top_p .9 top_k 50 60/60
+#   (0/660 flagged; largest honest ln E 4.51 against the threshold 6.91)
+#   another model (random 20M, re-tokenized): greedy 240/240 caught, t=0.7 239/240,
+#   t=1.0 196/240, t=0.7 filtered 240/240; random tokens 120/120 caught in every regime.
+# At t=1.0 SmolLM2's own distribution is broad and the cheat's text (often a repetition loop the
+# verifier soon predicts) carries little evidence after its first tokens: 39% caught from the
+# first token alone, 68% from 4, 82% from 24. The legacy raw rules caught 158/240 there.
+SAMPLED_POLICY = VerifyPolicy()
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
 HIGH_TEMPERATURE_POLICY = SAMPLED_POLICY
