@@ -27,6 +27,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -311,8 +312,11 @@ def _chat_template(model_dir: Path) -> str:
     return ""
 
 
-def model_info(model_id: str, path: str | Path, kind: Kind, *, bundled: bool = False) -> ModelInfo:
-    """Describe one model directory; ModelUnavailable when it is not a usable model."""
+def model_info(model_id: str, path: str | Path, kind: Kind, *, bundled: bool = False,
+               progress: Progress | None = None) -> ModelInfo:
+    """Describe one model directory; ModelUnavailable when it is not a usable model.
+
+    `progress("<id>: weights digest, MB", mb_done, mb_total)` follows a weights digest that is not cached yet."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelUnavailable(model_id, "model directory not found", path=str(path),
@@ -342,7 +346,8 @@ def model_info(model_id: str, path: str | Path, kind: Kind, *, bundled: bool = F
                 features = (*features, "tools")
         dim = 0
     return ModelInfo(
-        id=model_id, kind=kind, path=path, digest=weights_digest(path), context_length=context,
+        id=model_id, kind=kind, path=path, context_length=context,
+        digest=weights_digest(path, progress=None if progress is None else partial(progress, f"{model_id}: weights digest, MB")),
         quantization=quantization, features=features, embedding_dim=dim, bundled=bundled,
     )
 
@@ -369,7 +374,7 @@ def resolve_models(
 
 def _resolve_one(spec: ModelSpec, root: Path, prepare: bool, progress: Progress | None) -> ModelInfo:
     if spec.path:
-        return model_info(spec.id, spec.path, spec.kind)
+        return model_info(spec.id, spec.path, spec.kind, progress=progress)
     if spec.id not in BUNDLED:
         raise ConfigError(
             f"model {spec.id!r} has no path and is not bundled", key="inference.models",
@@ -383,7 +388,7 @@ def _resolve_one(spec: ModelSpec, root: Path, prepare: bool, progress: Progress 
                 model.id, "bundled model not prepared", path=str(target), hint="run `darkbloom models prepare`"
             )
         prepare_bundled(root, [model.id], progress=progress)
-    return model_info(model.id, target, model.kind, bundled=True)
+    return model_info(model.id, target, model.kind, bundled=True, progress=progress)
 
 
 def find_model(infos: Sequence[ModelInfo], model_id: str) -> ModelInfo:

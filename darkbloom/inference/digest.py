@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from darkbloom.errors import InferenceError
@@ -40,15 +41,20 @@ def _fingerprint(files: list[Path]) -> list[list]:
     return out
 
 
-def compute_digest(files: list[Path]) -> str:
-    """Hash the files' names, sizes and bytes; no cache."""
+def compute_digest(files: list[Path], progress: Callable[[int, int], None] | None = None) -> str:
+    """Hash the files' names, sizes and bytes; no cache. `progress(mb_done, mb_total)` as it reads."""
     h = hashlib.sha256()
+    total = sum(p.stat().st_size for p in files)
+    done = 0
     for p in files:
         size = p.stat().st_size
         h.update(f"{p.name}\0{size}\0".encode())
         with open(p, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done >> 20, total >> 20)
     return DIGEST_PREFIX + h.hexdigest()
 
 
@@ -60,7 +66,8 @@ def _cache_path(model_dir: Path, fallback_dir: Path | None) -> Path:
     return fallback_dir / f"digest-{key}.json"
 
 
-def weights_digest(model_dir: str | Path, *, fallback_dir: Path | None = None) -> str:
+def weights_digest(model_dir: str | Path, *, fallback_dir: Path | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> str:
     """The model's weights digest, from the cache when no weight file changed size or mtime.
 
     Raises `InferenceError` when the directory holds no `*.safetensors` file.
@@ -80,7 +87,7 @@ def weights_digest(model_dir: str | Path, *, fallback_dir: Path | None = None) -
             return cached["digest"]
     except (OSError, ValueError, AttributeError):
         pass  # no cache or an unreadable one: recompute below
-    digest = compute_digest(files)
+    digest = compute_digest(files, progress)
     log.info("weights digest of %s computed: %s", model_dir.name, digest[:19])
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

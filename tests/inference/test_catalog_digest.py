@@ -28,11 +28,25 @@ def test_digest_is_cached_and_not_recomputed(model_dir, monkeypatch):
     cache = json.loads((model_dir / CACHE_NAME).read_text())
     assert cache["digest"] == first and len(cache["files"]) == 2
 
-    def boom(files):
+    def boom(files, progress=None):
         raise AssertionError("recomputed although nothing changed")
 
     monkeypatch.setattr(digest_mod, "compute_digest", boom)
     assert weights_digest(model_dir) == first
+
+
+def test_digest_reports_progress_in_mb_and_matches_the_silent_one(tmp_path):
+    d = tmp_path / "big"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(os.urandom(3 << 20))  # 3 MB: several reads of the file
+    seen: list[tuple[int, int]] = []
+    with_progress = weights_digest(d, progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
+    assert [x for x, _ in seen] == sorted(x for x, _ in seen)
+    assert with_progress == compute_digest(weight_files(d))
+    seen.clear()
+    assert weights_digest(d, progress=lambda done, total: seen.append((done, total))) == with_progress
+    assert seen == []  # cached: nothing to follow
 
 
 def test_digest_changes_when_a_weight_file_changes(model_dir):
@@ -72,7 +86,7 @@ def test_read_only_model_dir_uses_fallback_cache(model_dir, tmp_path, monkeypatc
     assert not (model_dir / CACHE_NAME).exists()
     assert [p.name.startswith("digest-") for p in (tmp_path / "cache").iterdir()] == [True]
 
-    def boom(files):
+    def boom(files, progress=None):
         raise AssertionError("recomputed although nothing changed")
 
     monkeypatch.setattr(digest_mod, "compute_digest", boom)
