@@ -48,6 +48,7 @@ __all__ = [
     "Verdict",
     "VerifyPolicy",
     "calibrate",
+    "final_log_evalue",
     "judge",
     "log_evalue",
     "policy_to_dict",
@@ -145,6 +146,9 @@ class Verdict:
     log_evalue: float = 0.0  # ln of the e-value (0 without sampled statistics)
     z: float = 0.0  # standardized sum of log q (0 without sampled statistics or variance)
     excluded: int = 0  # tokens the sampler could not have produced
+    final_log_evalue: float = 0.0  # ln of the e-process at the last scored token (an e-value; accumulate.py)
+    accumulated_log_evalue: float = 0.0  # set on a flag for accumulated evidence (reason "accumulated_evalue")
+    accumulated_checks: int = 0  # checks of this node the accumulated flag rests on
 
 
 def scored_from_ranked(tokens: Iterable[Any]) -> ScoredOutput:
@@ -181,12 +185,24 @@ def log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequence[f
     temperature) drives M up; lam < 1 caps what a too-likely token (a repetition loop) costs.
     Excluded tokens are skipped here (they are judged on their own).
     """
+    return _log_evalue(scored, n, fractions)[0]
+
+
+def final_log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequence[float] = (1.0,)) -> float:
+    """ln M_n: the e-process of `log_evalue` at the last scored token, not at its highest point.
+    M at the (bounded) stopping time has mean <= 1 for an honest node, so it is an e-value and
+    e-values of separate checks multiply (accumulate.NodeEvidence); the running maximum is not."""
+    return _log_evalue(scored, n, fractions)[1]
+
+
+def _log_evalue(scored: ScoredOutput, n: int | None, fractions: Sequence[float]) -> tuple[float, float]:
+    """(running maximum, final value): see `log_evalue`."""
     m = len(scored.sample_logprobs) if n is None else min(n, len(scored.sample_logprobs))
     if not scored.has_sampled or m == 0:
-        return 0.0
+        return 0.0, 0.0
     bets = [(j, th, lam) for j, th in enumerate(scored.tilts) for lam in fractions]
     acc = [0.0] * len(bets)
-    best = 0.0  # M_0 = 1
+    best = last = 0.0  # M_0 = 1
     for i in range(m):
         if scored.excluded[i]:
             continue
@@ -195,8 +211,9 @@ def log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequence[f
             lr = -th * lq - lt[j]  # ln q^(-theta)/Z
             acc[b] += lr if lam >= 1.0 else math.log1p(-lam) + math.log1p(lam / (1.0 - lam) * math.exp(lr)) if lr < 700 else math.log(lam) + lr
         top = max(acc)
-        best = max(best, top + math.log(sum(math.exp(a - top) for a in acc) / len(acc)))
-    return best
+        last = top + math.log(sum(math.exp(a - top) for a in acc) / len(acc))
+        best = max(best, last)
+    return best, last
 
 
 def z_score(scored: ScoredOutput, n: int | None = None) -> float:
@@ -245,14 +262,14 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
     if not scored.has_sampled:
         return Verdict(False, not legacy_on, "", n, outside, mean)
     excluded = sum(1 for e in scored.excluded[:n] if e)
-    le, z = log_evalue(scored, n, policy.bet_fractions), z_score(scored, n)
+    (le, fin), z = _log_evalue(scored, n, policy.bet_fractions), z_score(scored, n)
     if excluded > policy.max_excluded:
-        return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded)
+        return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded, fin)
     if le >= policy.max_log_evalue:
-        return Verdict(True, False, "high_evalue", n, outside, mean, le, z, excluded)
+        return Verdict(True, False, "high_evalue", n, outside, mean, le, z, excluded, fin)
     if z < policy.min_z:
-        return Verdict(True, False, "low_z", n, outside, mean, le, z, excluded)
-    return Verdict(False, False, "", n, outside, mean, le, z, excluded)
+        return Verdict(True, False, "low_z", n, outside, mean, le, z, excluded, fin)
+    return Verdict(False, False, "", n, outside, mean, le, z, excluded, fin)
 
 
 def should_spot_check(probability: float, rng: random.Random, *, eligible: bool = True) -> bool:
