@@ -522,6 +522,7 @@ class NetworkBackend:
             verdict = self.trust.judge_spot_check(
                 served_by, scored, trio.current_time(),
                 temperature=float(temperature) if isinstance(temperature, (int, float)) else 1.0, verifier=cand.peer_id,
+                digest=digest,
             )
             log.info("spot check of %s by %s: %s", served_by[-8:], cand.peer_id[-8:],
                      "flagged " + verdict.reason if verdict.flagged else ("inconclusive" if verdict.inconclusive else "ok"))

@@ -4,8 +4,9 @@
                           x success_rate(now) ** success_power  (decayed live outcomes)
                           x flag_penalty ** local_flags         (spot checks this shim failed it on)
 
-A peer is usable when its breaker lets a request through, it is not quarantined (a failed
-spot check quarantines it for `quarantine_s`, doubling per further flag) and, for requests
+A local flag is a failed spot check, or the accumulated evidence of its checks reaching
+1/alpha (accumulate.EvidenceBook, per node and weights digest). A peer is usable when its
+breaker lets a request through, it is not quarantined (a flag quarantines it for `quarantine_s`, doubling per further flag) and, for requests
 needing tools / JSON / logprobs, it passed that capability's canary recently
 (canary.CanaryBook). The router multiplies `reputation` into its score; everything takes
 `now` (trio.current_time()).
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from darkbloom.api.trust.accumulate import EvidenceBook
 from darkbloom.api.trust.breaker import BreakerPolicy, CircuitBreaker
 from darkbloom.api.trust.stats import LatencyWindow, PeerLiveStats, StatsPolicy
 from darkbloom.api.trust.verify import Verdict
@@ -53,6 +55,7 @@ class TrustBook:
     stats_policy: StatsPolicy = field(default_factory=StatsPolicy)
     peers: dict[str, PeerTrust] = field(default_factory=dict)
     ttfts: dict[str, LatencyWindow] = field(default_factory=dict)  # model -> recent TTFTs over all peers
+    evidence: EvidenceBook = field(default_factory=EvidenceBook)  # per-(node, digest) e-detectors over checks
     table_epoch: int = -1
     table_computed_ms: int = -1
 
@@ -112,26 +115,43 @@ class TrustBook:
         if p is not None:
             p.breaker.release_probe()
 
-    def record_spot_check(self, peer_id: str, now: float, verdict: Verdict, *, verifier: str = "") -> None:
-        """A verifier's verdict on `peer_id`'s answer.
+    def record_spot_check(self, peer_id: str, now: float, verdict: Verdict, *, verifier: str = "",
+                          digest: str = "") -> Verdict:
+        """A verifier's verdict on `peer_id`'s answer (served with weights `digest`); returns the
+        verdict that counts: the same one, or, when the check passed but the node's accumulated
+        evidence reached the threshold (accumulate.EvidenceBook), a flag with reason
+        "accumulated_evalue" and the accumulated ln e-value and check count filled in.
 
         The verifier may itself be the cheat (it serves the same digest, and a node running
         other weights scores honest tokens badly). So a flag from a verifier that is flagged
-        itself is ignored, and when a node gets flagged, the flags it raised as a verifier
-        against peers nobody else flagged are withdrawn (their quarantine lifted)."""
+        itself is ignored (and its checks do not accumulate), and when a node gets flagged, the
+        flags it raised as a verifier against peers nobody else flagged are withdrawn (their
+        quarantine lifted) and its scores leave the others' accumulated evidence."""
         p = self.peer(peer_id)
         if verdict.inconclusive:
-            return
+            return verdict
+        if verifier and verifier in self.peers and self.peers[verifier].local_flags > 0:
+            return verdict  # a flagged node's opinion of others does not count
+        crossed = False
+        if verdict.final_log_evalue != 0.0:  # exactly 0: greedy or no sampled statistics (E = 1, nothing to add)
+            log_s, n, crossed = self.evidence.add(peer_id, digest, verdict.final_log_evalue, verifier=verifier)
         if not verdict.flagged:
             p.checks_passed += 1
-            return
-        if verifier and verifier in self.peers and self.peers[verifier].local_flags > 0:
-            return  # a flagged node's opinion of others does not count
+            if not crossed:
+                return verdict
+            verdict = replace(verdict, flagged=True, reason="accumulated_evalue", accumulated_log_evalue=log_s,
+                              accumulated_checks=n)
+        self._flag(peer_id, now, verifier)
+        return verdict
+
+    def _flag(self, peer_id: str, now: float, verifier: str) -> None:
+        p = self.peer(peer_id)
         p.local_flags += 1
         p.flagged_by.append(verifier)
         p.stats.record_failure(now, "spot_check_failed")
         q = min(self.policy.max_quarantine_s, self.policy.quarantine_s * 2 ** (p.local_flags - 1))
         p.quarantined_until = max(p.quarantined_until, now + q)
+        self.evidence.drop_verifier(peer_id)
         for other_id, other in self.peers.items():  # withdraw what the newly flagged node said as verifier
             if other_id == peer_id or peer_id not in other.flagged_by:
                 continue
@@ -168,6 +188,8 @@ class TrustBook:
                 "breaker": p.breaker.state(now),
                 "errors": dict(p.stats.errors),
                 "flags": p.local_flags,
+                "evidence_log_e": round(max((ev.log_s for (n, _), ev in self.evidence.nodes.items() if n == pid),
+                                            default=-math.inf), 3),
                 "quarantined": now < p.quarantined_until,
             }
         return out

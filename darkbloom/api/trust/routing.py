@@ -211,15 +211,20 @@ class TrustedRouting:
         return self.policies.for_temperature(temperature)
 
     def judge_spot_check(self, peer_id: str, scored: ScoredOutput, now: float, *, temperature: float | None = None,
-                         verifier: str = "") -> Verdict:
+                         verifier: str = "", digest: str = "") -> Verdict:
         """Judge a verifier's scores of `peer_id`'s output. Pass the request's `temperature`
         (OpenAI default 1.0 when absent) so greedy and low-temperature answers get the
         stricter policies. Pass the `verifier`'s peer id so a cheating verifier's flags can be
-        discounted (TrustBook.record_spot_check)."""
+        discounted (TrustBook.record_spot_check), and the weights `digest` the node served, so
+        the check's e-value adds to that (node, digest)'s accumulated evidence. The verdict
+        returned is flagged with reason "accumulated_evalue" when this check passed but the
+        accumulated evidence reached the threshold (same consequences as a failed check)."""
         policy = self.policy_for(temperature)
-        verdict = judge(scored, policy)
-        self.book.record_spot_check(peer_id, now, verdict, verifier=verifier)
-        if verdict.flagged:
+        verdict = self.book.record_spot_check(peer_id, now, judge(scored, policy), verifier=verifier, digest=digest)
+        if verdict.reason == "accumulated_evalue":
+            log.warning("peer %s flagged on accumulated spot-check evidence (ln E %.2f over %d checks)", peer_id[-8:],
+                        verdict.accumulated_log_evalue, verdict.accumulated_checks)
+        elif verdict.flagged:
             log.warning("peer %s failed a spot check (%s, mean logprob %.2f, %d/%d outside top-%d)", peer_id[-8:],
                         verdict.reason, verdict.mean_logprob, verdict.outside_top_k, verdict.tokens, policy.top_k)
         return verdict
