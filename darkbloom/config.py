@@ -119,6 +119,7 @@ class ApiConfig:
     breaker_max_cooldown_s: float = 300.0
     spot_check_policy: str = ""  # overrides of the verdict policy, "key=value,..." (VerifyPolicy fields)
     spot_check_report: bool = True  # report flagged nodes to the relay's ledger with the signed evidence
+    spot_check_accumulate: float = 1000.0  # flag a node when the product of its checks' e-values reaches this (0: off)
     reputation_refresh_s: float = 60.0  # fetch the relay's signed reputation table this often
 
 
