@@ -21,6 +21,14 @@ bound holds by construction), so there is no calibration split: every sample is 
 Reported per cell: n, flagged, pass or catch rate, the one-sided 95% Clopper-Pearson upper
 bound on the honest failure rate, the z rule at -3 / -4 and the legacy raw-distribution
 policies for comparison, and detection by scored length. Prompts are synthetic.
+
+--accumulate (with saved --samples): per-node rates when the shim accumulates a node's checks
+(darkbloom/api/trust/accumulate.py): a simulated node gets k distinct scored samples of one cell
+in random order (--draws resamples); it is flagged when one check is flagged (judge) or the
+e-detector over the checks' final e-values reaches ln 1000. Reported for k = 1..8: caught (cheat
+cells) or falsely flagged (honest cells), plus the plain product and "any single check flagged"
+for comparison, and for honest cells the largest detector value over long lifetimes (k = 200,
+drawn with replacement).
 """
 
 from __future__ import annotations
@@ -275,6 +283,65 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"policy": verify.policy_to_dict(policy), "cells": table}
 
 
+def accumulation(rows: list[dict[str, Any]], *, ks: tuple[int, ...] = tuple(range(1, 9)), draws: int = 2000,
+                 seed: int = 0, life: int = 200, stops: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Per-node flag rates after k checks (see the module docstring, --accumulate). `stops`: the
+    per-check e-value's stop levels (verify.stopped_log_evalue; default: the shipped policy's)."""
+    from darkbloom.api.trust.accumulate import DEFAULT_ACCUMULATE_LOG_EVALUE as THR
+    from darkbloom.api.trust.accumulate import log_detector
+
+    rng = random.Random(seed)
+    cells: dict[tuple[str, str], list[tuple[bool, float]]] = {}
+    for r in rows:
+        pol = verify.DEFAULT_POLICY if stops is None else dataclasses.replace(verify.DEFAULT_POLICY, accumulate_stops=stops)
+        v = verify.judge(_obs(r), pol)
+        if not v.inconclusive:
+            cells.setdefault((r["kind"], r["claim"]), []).append((v.flagged, v.check_log_evalue))
+    out = []
+    for (kind, claim), pool in sorted(cells.items()):
+        honest = kind.startswith("honest")
+        row: dict[str, Any] = {"kind": kind, "claim": claim, "n": len(pool),
+                               "mean_final_log_e": sum(le for _, le in pool) / len(pool), "detector": {}, "product": {},
+                               "any_single": {}}
+        for k in ks:
+            if k > len(pool):
+                break
+            det = prod = single = 0
+            for _ in range(draws):
+                seq = rng.sample(pool, k)
+                single_hit = any(f for f, _ in seq)
+                les = [le for _, le in seq]
+                det += single_hit or max(log_detector(les)) >= THR
+                run, hit = 0.0, False
+                for le in les:
+                    run += le
+                    hit |= run >= THR
+                prod += single_hit or hit
+                single += single_hit
+            row["detector"][k], row["product"][k], row["any_single"][k] = det / draws, prod / draws, single / draws
+        if honest:  # long lifetimes, with replacement: the largest detector value seen, and flags
+            peak, flags = -math.inf, 0
+            for _ in range(draws // 4):
+                m = max(log_detector(le for _, le in (rng.choice(pool) for _ in range(life))))
+                peak, flags = max(peak, m), flags + (m >= THR)
+            row["lifetime"] = {"checks": life, "nodes": draws // 4, "flagged": flags, "max_log_detector": peak}
+        out.append(row)
+    return {"threshold": THR, "draws": draws, "stops": list(stops or verify.DEFAULT_POLICY.accumulate_stops), "cells": out}
+
+
+def print_accumulation(acc: dict[str, Any]) -> None:
+    print(f"per-node flag rate after k checks (detector or a single flag; threshold ln E {acc['threshold']:.2f}, "
+          f"{acc['draws']} simulated nodes per cell; per-check e-value stopped at ln levels {acc['stops']})")
+    for c in acc["cells"]:
+        print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} mean final lnE {c['mean_final_log_e']:>6.2f}")
+        for name in ("detector", "product", "any_single"):
+            print(f"    {name:<10} " + " ".join(f"k={k}:{v:.3f}" for k, v in c[name].items()))
+        if "lifetime" in c:
+            life = c["lifetime"]
+            print(f"    lifetime {life['checks']} checks x {life['nodes']} nodes: flagged {life['flagged']}, "
+                  f"max ln detector {life['max_log_detector']:.2f}")
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"policy: {result['policy']}")
     print(f"{'kind':<22} {'claimed':<14} {'n':>4} {'tok':>5} {'flag':>5} {'pass/caught':>11} {'95%UB fail':>10} "
@@ -309,7 +376,15 @@ def main() -> int:
     ap.add_argument("--random-cheats", type=int, default=120)
     ap.add_argument("--generations", default="", help="token ids of phase 1 (default <workdir>/generations.json; private to this machine)")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--accumulate", action="store_true", help="per-node accumulated-evidence rates from saved --samples")
+    ap.add_argument("--draws", type=int, default=2000, help="simulated nodes per cell for --accumulate")
+    ap.add_argument("--accumulate-out", default="bench/results/verify_accumulate.json")
     args = ap.parse_args()
+    if args.accumulate:
+        acc = accumulation(json.loads(Path(args.samples).read_text())["rows"], draws=args.draws, seed=args.seed)
+        print_accumulation(acc)
+        Path(args.accumulate_out).write_text(json.dumps(acc, indent=2))
+        return 0
     gen_file = Path(args.generations or Path(args.workdir) / "generations.json")
     if args.generate_only:
         gen = trio.run(collect_generations, args)

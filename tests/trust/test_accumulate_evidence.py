@@ -11,7 +11,16 @@ from darkbloom.api.trust.accumulate import EvidenceBook, NodeEvidence, detector_
 from darkbloom.api.trust.evidence import attest_output, attest_scores, check_report, make_report
 from darkbloom.api.trust.reputation_mix import TrustBook
 from darkbloom.api.trust.routing import TrustedRouting
-from darkbloom.api.trust.verify import DEFAULT_POLICY, ScoredOutput, Verdict, final_log_evalue, judge, log_evalue
+from darkbloom.api.trust.verify import (
+    DEFAULT_POLICY,
+    ScoredOutput,
+    Verdict,
+    final_log_evalue,
+    judge,
+    log_evalue,
+    stopped_log_evalue,
+)
+from tests.trust.test_verify_scoring import _output
 from darkbloom.errors import MalformedMessage
 from darkbloom.identity import Identity
 
@@ -26,7 +35,7 @@ def _honest_e(rng: random.Random) -> float:
 
 
 def _verdict(final: float, *, flagged: bool = False, inconclusive: bool = False, reason: str = "") -> Verdict:
-    return Verdict(flagged, inconclusive, reason, 16, 0, -1.0, log_evalue=max(final, 0.0), final_log_evalue=final)
+    return Verdict(flagged, inconclusive, reason, 16, 0, -1.0, log_evalue=max(final, 0.0), check_log_evalue=final)
 
 
 def test_detector_recursion_matches_the_weighted_sum_of_products() -> None:
@@ -136,8 +145,8 @@ def _weak_cheat_output(lq: float = -4.0, n: int = 6) -> ScoredOutput:
 def test_judge_path_weak_cheat_passes_each_check_but_is_flagged_on_accumulated_evidence_and_reported() -> None:
     x = _weak_cheat_output()
     single = judge(x, DEFAULT_POLICY)
-    assert not single.flagged and 0 < single.final_log_evalue <= log_evalue(x) < DEFAULT_POLICY.max_log_evalue
-    assert single.final_log_evalue == pytest.approx(final_log_evalue(x))
+    assert not single.flagged and 0 < single.check_log_evalue <= log_evalue(x) < DEFAULT_POLICY.max_log_evalue
+    assert single.check_log_evalue == pytest.approx(stopped_log_evalue(x, stops=DEFAULT_POLICY.accumulate_stops))
     trusted = TrustedRouting()
     verdicts = [trusted.judge_spot_check("node", x, float(i), temperature=1.0, verifier="ver", digest="d") for i in range(12)]
     first = next(i for i, v in enumerate(verdicts) if v.flagged)
@@ -152,3 +161,19 @@ def test_judge_path_weak_cheat_passes_each_check_but_is_flagged_on_accumulated_e
     # the relay re-judges the single check it is shown, which passes: it cannot count this report
     with pytest.raises(MalformedMessage):
         check_report(report, DEFAULT_POLICY)
+
+
+def test_stopped_and_final_evalues_have_mean_one_for_honest_outputs_the_running_max_does_not() -> None:
+    """Optional stopping: the e-process at a bounded stopping time (the last token, or the first
+    crossing of a level) has mean 1 under honest sampling; its running maximum is larger."""
+    rng = random.Random(9)
+    xs = [_output(rng, 12, 1.0, 1.0, vocab=12) for _ in range(1500)]
+    mean = lambda vals: sum(math.exp(v) for v in vals) / len(xs)  # noqa: E731
+    finals = mean(final_log_evalue(x) for x in xs)
+    stopped = mean(stopped_log_evalue(x, stops=(1.0, 2.0)) for x in xs)
+    peaks = mean(log_evalue(x) for x in xs)
+    # mean <= 1 (the sample mean of a heavy-tailed e-value tends to fall below 1, never far above)
+    assert finals < 1.2 and stopped < 1.2
+    assert peaks > 1.5  # the running maximum is not an e-value: its mean is well above 1
+    for x in xs[:50]:
+        assert final_log_evalue(x) <= log_evalue(x) and stopped_log_evalue(x, stops=(1.0,)) <= log_evalue(x)

@@ -9,6 +9,7 @@ with a warning, an unreachable ledger is retried with backoff. The shim passes
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -76,7 +77,10 @@ def parse_policy_overrides(text: str, base: object) -> object:
                               hint=f"known keys: {', '.join(sorted(fields))}")
         current = getattr(base, key)
         try:
-            changes[key] = int(value) if isinstance(current, int) and not isinstance(current, bool) else float(value)
+            if isinstance(current, tuple):  # one number (bet_fractions, accumulate_stops): a 1-tuple
+                changes[key] = (float(value),)
+            else:
+                changes[key] = int(value) if isinstance(current, int) and not isinstance(current, bool) else float(value)
         except ValueError:
             raise ConfigError(f"{key} needs a number, got {value.strip()!r}", key="api.spot_check_policy") from None
     return dataclasses.replace(base, **changes)  # type: ignore[type-var]
@@ -101,7 +105,10 @@ def routing_from_config(api: object) -> object:
         verify_policy = parse_policy_overrides(a.spot_check_policy, DEFAULT_POLICY)  # type: ignore[assignment]
         policies = dataclasses.replace(DEFAULT_POLICIES, **{  # every regime's policy gets the same overrides
             name: parse_policy_overrides(a.spot_check_policy, getattr(DEFAULT_POLICIES, name)) for name in ("greedy", "low", "high")})
-    return TrustedRouting(book=TrustBook(breaker_policy=breaker), hedge=HedgePolicy(enabled=a.hedge),
+    book = TrustBook(breaker_policy=breaker)
+    accumulate = getattr(a, "spot_check_accumulate", 1000.0)
+    book.evidence.threshold = math.log(accumulate) if accumulate > 1.0 else math.inf  # 0 (or <= 1): off
+    return TrustedRouting(book=book, hedge=HedgePolicy(enabled=a.hedge),
                           max_attempts=a.max_attempts, spot_check_probability=a.spot_check_probability,
                           verify_policy=verify_policy, policies=policies)  # type: ignore[arg-type]
 
@@ -111,6 +118,7 @@ class ApiLike:  # the [api] fields routing_from_config reads (darkbloom.config.A
     max_attempts: int
     spot_check_probability: float
     spot_check_policy: str
+    spot_check_accumulate: float
     breaker_failures: int
     breaker_window_s: float
     breaker_cooldown_s: float

@@ -49,6 +49,7 @@ __all__ = [
     "VerifyPolicy",
     "calibrate",
     "final_log_evalue",
+    "stopped_log_evalue",
     "judge",
     "log_evalue",
     "policy_to_dict",
@@ -73,6 +74,9 @@ class VerifyPolicy:
     bet_fractions: tuple[float, ...] = (1.0,)  # lam grid of the e-process (see `log_evalue`), each in (0, 1]
     max_excluded: int = 0  # tokens the request's sampler could not have produced, allowed per check
     min_z: float = -math.inf  # optional Gaussian rule: flag when z < min_z (-inf: off; see `z_score`)
+    # The check's e-value for per-node accumulation (`stopped_log_evalue`): the e-process stopped at
+    # its first crossing of each ln level here (inf: not stopped, the last token), averaged.
+    accumulate_stops: tuple[float, ...] = (3.0, 5.0)
     min_tokens: int = 1  # fewer scored tokens: inconclusive (the e-value is sound at any length)
     max_scored_tokens: int = 32  # only the first this many output tokens are sent for scoring
     # Raw-distribution rules (legacy, off by default; for verifiers that send only logprob and rank):
@@ -146,7 +150,7 @@ class Verdict:
     log_evalue: float = 0.0  # ln of the e-value (0 without sampled statistics)
     z: float = 0.0  # standardized sum of log q (0 without sampled statistics or variance)
     excluded: int = 0  # tokens the sampler could not have produced
-    final_log_evalue: float = 0.0  # ln of the e-process at the last scored token (an e-value; accumulate.py)
+    check_log_evalue: float = 0.0  # ln of this check's e-value for accumulation (`stopped_log_evalue`; accumulate.py)
     accumulated_log_evalue: float = 0.0  # set on a flag for accumulated evidence (reason "accumulated_evalue")
     accumulated_checks: int = 0  # checks of this node the accumulated flag rests on
 
@@ -195,11 +199,23 @@ def final_log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequ
     return _log_evalue(scored, n, fractions)[1]
 
 
-def _log_evalue(scored: ScoredOutput, n: int | None, fractions: Sequence[float]) -> tuple[float, float]:
-    """(running maximum, final value): see `log_evalue`."""
+def stopped_log_evalue(scored: ScoredOutput, n: int | None = None, fractions: Sequence[float] = (1.0,),
+                       stops: Sequence[float] = (math.inf,)) -> float:
+    """ln of the mean over c in `stops` of M_tau_c, tau_c = the first token at which ln M >= c
+    (the last token when it never does; c = inf: always the last). Each tau_c is a bounded
+    stopping time, so by optional stopping E[M_tau_c] <= 1 for an honest node: each is an
+    e-value, and so is their mean. Stopping keeps the evidence of an early peak that later
+    tokens (a repetition loop the verifier predicts) would give back."""
+    return _log_evalue(scored, n, fractions, stops)[2]
+
+
+def _log_evalue(scored: ScoredOutput, n: int | None, fractions: Sequence[float],
+                stops: Sequence[float] = (math.inf,)) -> tuple[float, float, float]:
+    """(running maximum, final value, stopped mean): see `log_evalue`, `stopped_log_evalue`."""
     m = len(scored.sample_logprobs) if n is None else min(n, len(scored.sample_logprobs))
     if not scored.has_sampled or m == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
+    stopped: list[float | None] = [None] * len(stops)
     bets = [(j, th, lam) for j, th in enumerate(scored.tilts) for lam in fractions]
     acc = [0.0] * len(bets)
     best = last = 0.0  # M_0 = 1
@@ -213,7 +229,12 @@ def _log_evalue(scored: ScoredOutput, n: int | None, fractions: Sequence[float])
         top = max(acc)
         last = top + math.log(sum(math.exp(a - top) for a in acc) / len(acc))
         best = max(best, last)
-    return best, last
+        for c, level in enumerate(stops):
+            if stopped[c] is None and last >= level:
+                stopped[c] = last
+    vals = [last if v is None else v for v in stopped] or [last]
+    top = max(vals)
+    return best, last, top + math.log(sum(math.exp(v - top) for v in vals) / len(vals))
 
 
 def z_score(scored: ScoredOutput, n: int | None = None) -> float:
@@ -262,7 +283,7 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
     if not scored.has_sampled:
         return Verdict(False, not legacy_on, "", n, outside, mean)
     excluded = sum(1 for e in scored.excluded[:n] if e)
-    (le, fin), z = _log_evalue(scored, n, policy.bet_fractions), z_score(scored, n)
+    (le, _, fin), z = _log_evalue(scored, n, policy.bet_fractions, policy.accumulate_stops), z_score(scored, n)
     if excluded > policy.max_excluded:
         return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded, fin)
     if le >= policy.max_log_evalue:
