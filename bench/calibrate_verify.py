@@ -301,7 +301,7 @@ def accumulation(rows: list[dict[str, Any]], *, ks: tuple[int, ...] = tuple(rang
     for (kind, claim), pool in sorted(cells.items()):
         honest = kind.startswith("honest")
         row: dict[str, Any] = {"kind": kind, "claim": claim, "n": len(pool),
-                               "mean_final_log_e": sum(le for _, le in pool) / len(pool), "detector": {}, "product": {},
+                               "mean_check_log_e": sum(le for _, le in pool) / len(pool), "detector": {}, "product": {},
                                "any_single": {}}
         for k in ks:
             if k > len(pool):
@@ -319,6 +319,21 @@ def accumulation(rows: list[dict[str, Any]], *, ks: tuple[int, ...] = tuple(rang
                 prod += single_hit or hit
                 single += single_hit
             row["detector"][k], row["product"][k], row["any_single"][k] = det / draws, prod / draws, single / draws
+        honest_pool = cells.get((f"honest_{claim}", claim))
+        if not honest and honest_pool:  # a node honest for `turn` checks that then cheats: accumulation only
+            turn, late_det, late_prod = 100, {}, {}
+            for k in ks:
+                det = prod = 0
+                for _ in range(draws // 4):
+                    les = [le for _, le in (rng.choice(honest_pool) for _ in range(turn))] + [le for _, le in rng.sample(pool, k)]
+                    det += max(log_detector(les)[turn:]) >= THR
+                    run, hit = 0.0, False
+                    for le in les:
+                        run += le
+                        hit |= run >= THR
+                    prod += hit
+                late_det[k], late_prod[k] = det / (draws // 4), prod / (draws // 4)
+            row["after_100_honest"] = {"detector": late_det, "product": late_prod}
         if honest:  # long lifetimes, with replacement: the largest detector value seen, and flags
             peak, flags = -math.inf, 0
             for _ in range(draws // 4):
@@ -333,9 +348,13 @@ def print_accumulation(acc: dict[str, Any]) -> None:
     print(f"per-node flag rate after k checks (detector or a single flag; threshold ln E {acc['threshold']:.2f}, "
           f"{acc['draws']} simulated nodes per cell; per-check e-value stopped at ln levels {acc['stops']})")
     for c in acc["cells"]:
-        print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} mean final lnE {c['mean_final_log_e']:>6.2f}")
+        print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} mean check lnE {c['mean_check_log_e']:>6.2f}")
         for name in ("detector", "product", "any_single"):
             print(f"    {name:<10} " + " ".join(f"k={k}:{v:.3f}" for k, v in c[name].items()))
+        if "after_100_honest" in c:
+            for name, vals in c["after_100_honest"].items():
+                print(f"    turned after 100 honest checks, accumulation only, {name:<8} "
+                      + " ".join(f"k={k}:{v:.3f}" for k, v in vals.items()))
         if "lifetime" in c:
             life = c["lifetime"]
             print(f"    lifetime {life['checks']} checks x {life['nodes']} nodes: flagged {life['flagged']}, "
