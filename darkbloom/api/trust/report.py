@@ -6,6 +6,14 @@ cannot prove anything is not sent: an output attestation missing, not signed by 
 that served, or about other tokens than the verifier scored. The relay's refusal
 (EvidenceRejected / InvalidSignature) and an unreachable relay are logged, never raised:
 the shim's own quarantine of the node does not depend on the relay.
+
+A flag on accumulated evidence (verdict reason "accumulated_evalue", accumulate.py) is reported
+the same way: the last check's two attestations, reason "accumulated_evalue". The relay re-judges
+only that check, which passed on its own, so today's relay refuses such a report ("the signed
+scores pass the policy") and it is counted as refused here. Sending every check involved would
+not prove more: a reporter could leave out the checks that passed, and a product over chosen
+checks is no e-value. A relay-side count needs the relay to see every check a reporter ran on a
+node (e.g. reports of passes too), which the wire messages do not carry yet.
 """
 
 from __future__ import annotations

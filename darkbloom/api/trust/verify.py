@@ -98,6 +98,15 @@ class VerifyPolicy:
 # At t=1.0 SmolLM2's own distribution is broad and the cheat's text (often a repetition loop the
 # verifier soon predicts) carries little evidence after its first tokens: 39% caught from the
 # first token alone, 68% from 4, 82% from 24. The legacy raw rules caught 158/240 there.
+# Per node (accumulate.py: e-detector over each check's e-value stopped at ln 3 / ln 5, flag at
+# ln 1000, or any single flag; bench/calibrate_verify.py --accumulate, 4000 simulated nodes drawing
+# k distinct samples): another model at t=1.0 caught 81.5% (k=1), 99.0% (2), 100% (3..8); single
+# flags alone 96.7% at k=2, 99.4% at 3. At t=0.7: 99.5% (1), 100% (2..). Honest nodes: 0 flagged at
+# every k; 1000 lifetimes of 200 checks each per regime: 0 flagged, largest ln detector 5.79
+# (t=0.7 filtered, 60 samples), 2.50 (t=1.0). A node honest for 100 checks that then cheats at t=1.0
+# is caught by accumulation alone in 3 checks 89%, 4: 98% (the plain product: 0% within 8).
+# The stop levels (3, 5) were picked on these samples among a few variants (inf, 3, 4, 5, ...):
+# their catch rates are in-sample, the honest bound is not (any fixed stop levels give an e-value).
 SAMPLED_POLICY = VerifyPolicy()
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
