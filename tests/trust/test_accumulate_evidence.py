@@ -112,6 +112,8 @@ def test_trustbook_accumulated_flag_has_the_consequences_of_a_failed_check_and_r
     assert p.local_flags == 1 and p.flagged_by == ["v"] and not book.usable("p", 4.0)
     assert book.reputation("p", 4.0) < 0.1 * book.reputation("fresh", 4.0)
     assert book.evidence.get("p", "d1").k == 1  # restarted after the flag; the 5th check starts anew
+    snap = book.snapshot(["p"], 5.0)["p"]
+    assert snap["flags"] == 1 and snap["evidence_log_e"] == pytest.approx(math.log(0.5) + 2.0, abs=1e-3)
     # another digest of the same node has its own detector; inconclusive checks add nothing
     book.record_spot_check("p", 5.0, _verdict(5.0, inconclusive=True), verifier="v", digest="d2")
     assert book.evidence.get("p", "d2").k == 0

@@ -133,8 +133,8 @@ class TrustBook:
         if verifier and verifier in self.peers and self.peers[verifier].local_flags > 0:
             return verdict  # a flagged node's opinion of others does not count
         crossed = False
-        if verdict.final_log_evalue != 0.0:  # exactly 0: greedy or no sampled statistics (E = 1, nothing to add)
-            log_s, n, crossed = self.evidence.add(peer_id, digest, verdict.final_log_evalue, verifier=verifier)
+        if verdict.check_log_evalue != 0.0:  # exactly 0: greedy or no sampled statistics (E = 1, nothing to add)
+            log_s, n, crossed = self.evidence.add(peer_id, digest, verdict.check_log_evalue, verifier=verifier)
         if not verdict.flagged:
             p.checks_passed += 1
             if not crossed:
@@ -173,6 +173,11 @@ class TrustBook:
             self.peer(pid).ledger_score = e.score_ppm / 1_000_000
         return True
 
+    def _evidence_of(self, peer_id: str) -> float | None:
+        """The largest accumulated ln e-value over the digests `peer_id` served (None: none yet)."""
+        vals = [ev.log_s for (n, _), ev in self.evidence.nodes.items() if n == peer_id and ev.k > 0]
+        return round(max(vals), 3) if vals else None
+
     def snapshot(self, peer_ids: Iterable[str], now: float) -> dict[str, dict[str, object]]:
         """For status pages and logs (no request content)."""
         out: dict[str, dict[str, object]] = {}
@@ -188,8 +193,7 @@ class TrustBook:
                 "breaker": p.breaker.state(now),
                 "errors": dict(p.stats.errors),
                 "flags": p.local_flags,
-                "evidence_log_e": round(max((ev.log_s for (n, _), ev in self.evidence.nodes.items() if n == pid),
-                                            default=-math.inf), 3),
+                "evidence_log_e": self._evidence_of(pid),
                 "quarantined": now < p.quarantined_until,
             }
         return out
