@@ -179,3 +179,18 @@ def test_stopped_and_final_evalues_have_mean_one_for_honest_outputs_the_running_
     assert peaks > 1.5  # the running maximum is not an e-value: its mean is well above 1
     for x in xs[:50]:
         assert final_log_evalue(x) <= log_evalue(x) and stopped_log_evalue(x, stops=(1.0,)) <= log_evalue(x)
+
+
+def test_config_sets_the_accumulated_threshold_and_stop_levels() -> None:
+    import dataclasses
+
+    from darkbloom.api.trust.refresh import routing_from_config
+    from darkbloom.config import ApiConfig
+
+    base = ApiConfig()
+    assert routing_from_config(base).book.evidence.threshold == pytest.approx(math.log(1000))  # type: ignore[attr-defined]
+    t = routing_from_config(dataclasses.replace(base, spot_check_accumulate=20.0, spot_check_policy="accumulate_stops=4"))
+    assert t.book.evidence.threshold == pytest.approx(math.log(20))  # type: ignore[attr-defined]
+    assert t.policies.high.accumulate_stops == (4.0,)  # type: ignore[attr-defined]
+    off = routing_from_config(dataclasses.replace(base, spot_check_accumulate=0.0))
+    assert off.book.evidence.threshold == math.inf  # type: ignore[attr-defined]
