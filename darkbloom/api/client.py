@@ -265,8 +265,9 @@ async def open_infer(
     ok = False
     busy = False
     try:
-        stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs)
-        await stream.write(encode_frame(request, max_frame_bytes))
+        # The request rides with the protocol negotiation: the node starts on it one round trip sooner.
+        stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs,
+                                           first=encode_frame(request, max_frame_bytes))
         reply = await read_frame(stream.read, decoder, _REPLY)
         if reply is None:
             raise StreamClosed(peer_id, "stream ended before the node answered")

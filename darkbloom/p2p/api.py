@@ -82,8 +82,12 @@ class PeerNetwork(Protocol):
     def serve(self, protocol: str, handler: Handler) -> None:
         """Run `handler(stream)` for each inbound stream of `protocol` (bounded per peer)."""
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()) -> Stream:
-        """A new stream to `peer_id`, dialling `addrs` or known/recorded addresses."""
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (),
+                          first: bytes = b"") -> Stream:
+        """A new stream to `peer_id`, dialling `addrs` or known/recorded addresses.
+
+        `first`: bytes to send at once, as if written right after the open; an implementation
+        may send them along with the protocol negotiation (saving the round trip before them)."""
 
     async def provide(self, model_id: str) -> None:
         """Advertise `model_id` now and re-provide it before expiry until `unprovide`."""

@@ -152,7 +152,8 @@ class MemoryNetwork(NetworkCore):
     def peers(self) -> list[str]:
         return sorted(p for p in self._connected if p in self.hub.networks)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()) -> MemoryStream:
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (),
+                          first: bytes = b"") -> MemoryStream:
         await trio.lowlevel.checkpoint()
         target = self.hub.networks.get(peer_id)
         if target is None or target._nursery is None:
@@ -167,6 +168,8 @@ class MemoryNetwork(NetworkCore):
         self._connected.add(peer_id)
         target._connected.add(self.peer_id)
         target._nursery.start_soon(target._dispatch, protocol, theirs)
+        if first:
+            await mine.write(first)
         return mine
 
     # --- DHT operations on the hub ---------------------------------------------------

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 Role = Literal["relay", "node", "shim"]
 _WINDOW_POLL_S = 0.005
 NEGOTIATE_TIMEOUT_S = 10.0  # as py-libp2p's outbound negotiation timeout
+LAZY_FIRST_MAX = 64 * 1024  # first stream data sent with the negotiation, well inside Yamux's 256 KiB window
 _MSS_HELLO = multistream.encode(multistream.HELLO)
 
 
@@ -365,13 +366,24 @@ class LibP2PNetwork(NetworkCore):
         except Exception:  # PeerStoreError
             return False
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()) -> LibP2PStream:
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (),
+                          first: bytes = b"") -> LibP2PStream:
         if peer_id == self.peer_id:
             raise PeerUnreachable(peer_id, "that is this peer")
         await self.connect(peer_id, addrs)
         pid = ID.from_base58(peer_id)
+        lazy = first if len(first) <= LAZY_FIRST_MAX else b""
         try:
-            raw, early = await self._new_stream(pid, protocol)
+            try:
+                raw, early = await self._new_stream(pid, protocol, lazy)
+            except StreamError:
+                if not lazy:
+                    raise
+                # A peer that refuses the protocol may read our early data as its next proposal
+                # and reset the stream before its "na" reaches us: ask again without data, so
+                # that a refusal is reported as one (a rare, failing path: one round trip more).
+                lazy = b""
+                raw, early = await self._new_stream(pid, protocol)
         except ProtocolRefused as exc:
             offered = ", ".join(_offered(self.host, pid, prefix="/darkbloom/"))
             raise ProtocolMismatch(peer_id, protocol, offered) from exc
@@ -388,21 +400,26 @@ class LibP2PNetwork(NetworkCore):
             route = "hole-punched"
         stream = LibP2PStream(raw, peer_id, protocol, route, self.config.max_frame_bytes)
         stream.early = early
+        if first and not lazy:
+            await stream.write(first)  # too big to send ahead of the answer: within the peer's window
         return stream
 
-    async def _new_stream(self, pid: ID, protocol: str) -> tuple[object, bytes]:
+    async def _new_stream(self, pid: ID, protocol: str, first: bytes = b"") -> tuple[object, bytes]:
         """A negotiated stream and any bytes the remote sent after its answer.
 
         Instead of `host.new_stream` (multistream-select header, wait, protocol, wait: two
         round trips, and the answers read one byte at a time), we send the header and the
         protocol in one write and read both answers together: one round trip. The remote
         side is unchanged (it reads one message at a time, as the spec allows pipelining).
+        `first` (stream data) goes in the same write, ahead of the answers ("lazy" negotiation:
+        our listener hands bytes that follow the protocol to the handler; a peer refusing the
+        protocol reads them as a next proposal and the refusal still reaches us as "na").
         """
         raw = await self.host.get_network().new_stream(pid)
         ok = False
         try:
             with trio.fail_after(NEGOTIATE_TIMEOUT_S):
-                await raw.write(_MSS_HELLO + multistream.encode(protocol))
+                await raw.write(_MSS_HELLO + multistream.encode(protocol) + first)
                 buf = b""
                 answers: list[str] = []
                 while len(answers) < 2:

@@ -241,7 +241,7 @@ class SelfLedgerNetwork:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._network, name)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Iterable[str] = ()) -> Any:
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Iterable[str] = (), first: bytes = b"") -> Any:
         from darkbloom.wire.ledger import LEDGER_PROTOCOL
 
         if peer_id == self._network.peer_id and protocol == LEDGER_PROTOCOL:
@@ -249,8 +249,11 @@ class SelfLedgerNetwork:
 
             mine, theirs = trio.testing.memory_stream_pair()
             self._nursery.start_soon(self._service.handle, _PairStream(theirs, peer_id))
-            return _PairStream(mine, peer_id)
-        return await self._network.open_stream(peer_id, protocol, addrs=tuple(addrs))
+            stream = _PairStream(mine, peer_id)
+            if first:
+                await stream.write(first)
+            return stream
+        return await self._network.open_stream(peer_id, protocol, addrs=tuple(addrs), first=first)
 
 
 class CanaryPurse:

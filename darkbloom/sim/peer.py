@@ -114,8 +114,12 @@ class SimPeer(NetworkCore):
     async def _dial(self, peer_id: str, protocol: str) -> SimStream:
         return await self.world.dial(self.peer_id, peer_id, protocol)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()) -> SimStream:
-        return await self.world.dial(self.peer_id, peer_id, protocol)
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (),
+                          first: bytes = b"") -> SimStream:
+        stream = await self.world.dial(self.peer_id, peer_id, protocol)
+        if first:
+            await stream.write(first)
+        return stream
 
     # --- raw DHT operations (NetworkCore) ---------------------------------------------------
 

@@ -134,12 +134,12 @@ class AddressedMemoryNetwork(MemoryNetwork):
     def listen_addrs(self) -> tuple[str, ...]:
         return (f"/memory/{self.port}/p2p/{self.peer_id}",)
 
-    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = ()):
+    async def open_stream(self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), first: bytes = b""):
         target = self.hub.networks.get(peer_id)
         if addrs and target is not None and not set(addrs) & set(target.listen_addrs):
             await trio.lowlevel.checkpoint()
             raise PeerUnreachable(peer_id, "nothing listens at the dialled address")
-        return await super().open_stream(peer_id, protocol, addrs=addrs)
+        return await super().open_stream(peer_id, protocol, addrs=addrs, first=first)
 
 
 @asynccontextmanager

@@ -273,3 +273,41 @@ def test_defect1_only_noise_is_offered():
     offered = set(upgrader.security_multistream.transports)
     assert {str(p) for p in offered} == {"/noise"}
     assert host.get_network().connection_config.max_connections_per_peer == 1  # defect 2
+
+
+async def test_first_data_rides_with_the_negotiation_and_a_refusal_still_names_the_protocol():
+    """`open_stream(first=...)`: the handler reads the bytes first, whether they went with the
+    protocol negotiation (small) or after it (too big to send ahead of the answer); a peer that does
+    not serve the protocol still answers ProtocolMismatch, not garbage."""
+    from darkbloom.p2p.network import LAZY_FIRST_MAX
+
+    with trio.fail_after(TIMEOUT):
+        async with swarm(nodes=1, relays=1, clients=1) as s:
+            node, client = s.nodes[0].net, s.clients[0].net
+            got: list[bytes] = []
+
+            async def echo_handler(stream) -> None:  # reads exactly what the opener sent, echoes its size
+                want = int.from_bytes(await _read_exactly(stream, 4), "big")
+                body = await _read_exactly(stream, want)
+                got.append(body)
+                await stream.write(len(body).to_bytes(4, "big"))
+
+            node.serve("/test/echo/1.0.0", echo_handler)
+            for size in (10, LAZY_FIRST_MAX - 4, LAZY_FIRST_MAX + 1000):
+                body = bytes([size % 251]) * size
+                stream = await client.open_stream(node.peer_id, "/test/echo/1.0.0",
+                                                  first=len(body).to_bytes(4, "big") + body)
+                assert int.from_bytes(await _read_exactly(stream, 4), "big") == size
+                await stream.close()
+                assert got[-1] == body
+            with pytest.raises(ProtocolMismatch):
+                await client.open_stream(node.peer_id, "/test/absent/1.0.0", first=b"\x00\x00\x00\x05hello")
+
+
+async def _read_exactly(stream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        assert chunk, f"stream ended after {len(buf)} of {n} bytes"
+        buf += chunk
+    return buf

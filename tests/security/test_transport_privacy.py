@@ -62,8 +62,16 @@ async def test_relay_forwards_only_ciphertext(tiny_model_dir, monkeypatch):
             sent_by_shim.append(bytes(data))
         await real_stream_write(self, data)
 
+    real_open = p2p_network.LibP2PNetwork.open_stream
+
+    async def tapped_open(self, peer_id, protocol, *, addrs=(), first=b""):  # the request rides with the open
+        if protocol.startswith("/darkbloom/infer/") and first:
+            sent_by_shim.append(bytes(first))
+        return await real_open(self, peer_id, protocol, addrs=addrs, first=first)
+
     monkeypatch.setattr(p2p_relay, "write_all", tapped_write_all)
     monkeypatch.setattr(p2p_network.LibP2PStream, "write", tapped_stream_write)
+    monkeypatch.setattr(p2p_network.LibP2PNetwork, "open_stream", tapped_open)
     info = model_info(CHAT, tiny_model_dir, "chat")
     with trio.fail_after(TIMEOUT):
         async with swarm(nodes=0, relays=1, clients=0) as s, \
