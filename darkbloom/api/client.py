@@ -116,6 +116,7 @@ class InferCall:
         self.done: Done | None = None
         self.began = False  # the request was begun on the lane
         self._closed = False
+        self._delta_tokens: dict[int, int] = {}  # choice -> completion tokens its Deltas carried
 
     @property
     def peer_id(self) -> str:
@@ -183,8 +184,18 @@ class InferCall:
                 await self._reset()
                 raise MalformedMessage(f"frame for request {frame.request_id!r} on the stream of {self.request.request_id!r}")
             if isinstance(frame, Delta) and self.lane is not None:
+                self._delta_tokens[frame.index] = self._delta_tokens.get(frame.index, 0) + frame.tokens
                 self.lane.add_usage(completion_tokens=frame.tokens)
                 await self._voucher(final=False)
+            if isinstance(frame, ChoiceEnd) and self.lane is not None:
+                # Tokens the node counted without sending text for them (an end-of-sequence token, a
+                # held-back stop string) come only in ChoiceEnd's total: pay for them as the node counts
+                # them, or its unvouched count grows with every such request on this lane.
+                folded = frame.completion_tokens - self._delta_tokens.get(frame.index, 0)
+                if folded > 0:
+                    self._delta_tokens[frame.index] = frame.completion_tokens
+                    self.lane.add_usage(completion_tokens=folded)
+                    await self._voucher(final=False)
             if isinstance(frame, Done):
                 self.done = frame
                 await self._voucher(final=True)

@@ -298,3 +298,57 @@ async def test_a_paying_node_wrongly_taken_for_free_is_paid_at_its_next_request(
                 await consumer.aclose()
     finally:
         store.close()
+
+
+async def test_tokens_that_end_a_choice_without_text_are_paid_for_and_do_not_stall_the_lane(tiny_model_dir, tmp_path):
+    """A token the node counts but sends no text for (an end-of-sequence token, folded into
+    ChoiceEnd) must be covered by the shim's vouchers too. When it was not, the node's unvouched
+    count grew by one per such request on a reused lane, until a later request's first tokens
+    paused for a voucher the shim did not know it owed and the node ended the stream (the 30-minute
+    soak's 1.4 % of errors: "vouchers stopped arriving")."""
+    hub = MemoryHub()
+    ledger_id, node_id, shim_id = Identity.generate(), Identity.generate(), Identity.generate()
+    store = open_store("", tmp_path)
+    store.deposit(shim_id.public_key.hex(), 10_000_000, now_ms=int(time.time() * 1000))
+    info = model_info(CHAT, tiny_model_dir, "chat")
+    cfg = LedgerConfig(voucher_every_tokens=4)  # the node pauses beyond 8 unvouched tokens
+    try:
+        with trio.fail_after(60):
+            async with open_engine([(CHAT, tiny_model_dir)], self_benchmark=False) as engine, \
+                    open_memory_network(hub, ledger_id) as ledger_net, \
+                    open_memory_network(hub, node_id) as node, \
+                    open_memory_network(hub, shim_id) as shim_net:
+                ledger_net.serve(LEDGER_PROTOCOL, LedgerService(store, ledger_id, cfg).handle)
+                meter = NodeMeter(node_id, ledger_key=ledger_id.public_key.hex(), price_input_per_m=PRICE_IN,
+                                  price_output_per_m=PRICE_OUT, voucher_every_tokens=4, voucher_timeout_s=1)
+                served: list = []
+                serve_inference(node, InferenceService(engine, digests={CHAT: info.digest}, meter=meter,
+                                                       on_served=served.append))
+                consumer = ConsumerMeter(shim_net, shim_id, cfg, ledger_peer=ledger_net.peer_id)
+                lane = await consumer.acquire(node.peer_id, price_input_per_m=PRICE_IN, price_output_per_m=PRICE_OUT)
+                assert lane is not None
+
+                async def ask(i: int, bias: dict[str, int], max_tokens: int) -> list:
+                    req = InferRequest(request_id=f"r{i}", kind="chat", model=CHAT, session=session_bytes(lane),
+                                       params={"messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": max_tokens, "logit_bias": bias})
+                    call = await open_infer(shim_net, node.peer_id, req, lane=lane)
+                    frames = []
+                    while (frame := await call.receive()) is not None:
+                        frames.append(frame)
+                    await call.aclose()
+                    return frames
+
+                for i in range(12):  # the end token at once: one completion token, no text
+                    frames = await ask(i, {"2": 100}, 4)
+                    ends = [f for f in frames if type(f).__name__ == "ChoiceEnd"]
+                    assert ends and ends[0].completion_tokens >= 1
+                    assert sum(f.tokens for f in frames if type(f).__name__ == "Delta") < ends[0].completion_tokens
+                frames = await ask(99, {"0": -100, "2": -100}, 12)  # then an ordinary answer on the same lane
+                assert type(frames[-1]).__name__ == "Done" and frames[-1].usage.completion_tokens == 12
+                assert all(r.outcome == "done" for r in served), [r.outcome for r in served]
+                node_lane = meter.lanes[lane.lane]
+                assert node_lane.lag_tokens == 0  # every token the node counted is vouched for
+                await consumer.aclose()
+    finally:
+        store.close()
