@@ -126,7 +126,10 @@ def filter_candidates(candidates: Iterable[Candidate], hints: RouteHints) -> tup
     if hints.region:
         steps.append((f"region {hints.region}", lambda c: c.region == hints.region))
     if hints.node_class:
-        steps.append((f"node class {hints.node_class}", lambda c: c.node_class == hints.node_class))
+        from darkbloom.api.trust.classes import class_satisfies  # here: the trust package imports this module
+
+        steps.append((f"node class {hints.node_class} or higher",
+                      lambda c: class_satisfies(hints.node_class, c.node_class)))
     if hints.max_price is not None:
         steps.append(
             (f"max price {hints.max_price}",

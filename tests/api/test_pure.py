@@ -50,6 +50,15 @@ def test_filters_name_the_missing_criterion():
     assert "node class m9" in router.filter_candidates(cands, RouteHints(model="m", node_class="m9"))[1]
 
 
+def test_a_class_request_accepts_that_class_and_higher_ones():
+    cands = [router.Candidate(peer_id=p, model="m", digest="d", node_class=k) for p, k in
+             (("new", "new"), ("basic", "basic"), ("std", "standard"), ("pro", "pro"), ("odd", "m9"))]
+    kept, _ = router.filter_candidates(cands, RouteHints(model="m", node_class="standard"))
+    assert sorted(c.peer_id for c in kept) == ["pro", "std"]
+    kept, _ = router.filter_candidates(cands, RouteHints(model="m", node_class="m9"))
+    assert [c.peer_id for c in kept] == ["odd"]  # an unknown class name matches only itself
+
+
 def test_score_prefers_fast_idle_close_reputable():
     hints = RouteHints(model="m")
     now = 100.0
