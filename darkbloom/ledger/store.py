@@ -346,12 +346,7 @@ class SqlStore(LedgerStore):
     def top_up(self, request: TopUp, *, ledger: Identity, now_ms: int, ttl_ms: int) -> LaneReservation:
         """Raise the lane's cap to `request.cap` and extend its expiry; a lower or equal cap is a no-op."""
         with self._tx() as cur:
-            loaded = self._load_lane(cur, request.lane)
-            if loaded is None:
-                raise UnknownLane(request.lane)
-            state, blob = loaded
-            verify(request, state.consumer)
-            current = decode_strict(blob, LaneReservation)
+            state, current = self._consumer_request_on_lane(cur, request)
             if request.cap <= state.cap:
                 return current
             if not state.open:
@@ -387,12 +382,7 @@ class SqlStore(LedgerStore):
 
     def close_lane(self, request: CloseLane, *, ledger: Identity, now_ms: int, keep_ms: int) -> LaneReservation:
         with self._tx() as cur:
-            loaded = self._load_lane(cur, request.lane)
-            if loaded is None:
-                raise UnknownLane(request.lane)
-            state, blob = loaded
-            verify(request, state.consumer)
-            current = decode_strict(blob, LaneReservation)
+            state, current = self._consumer_request_on_lane(cur, request)
             expires = now_ms + keep_ms
             if not state.open or expires >= state.expires_ms:
                 return current
@@ -451,6 +441,15 @@ class SqlStore(LedgerStore):
                 list(upserts.values()),
             )
         return results
+
+    def _consumer_request_on_lane(self, cur: Any, request: Any) -> tuple[LaneState, LaneReservation]:
+        """The lane a consumer-signed request (TopUp, CloseLane) names, its signature checked; UnknownLane if none."""
+        loaded = self._load_lane(cur, request.lane)
+        if loaded is None:
+            raise UnknownLane(request.lane)
+        state, blob = loaded
+        verify(request, state.consumer)
+        return state, decode_strict(blob, LaneReservation)
 
     def _load_lanes(self, cur: Any, lanes: Sequence[str]) -> dict[str, LaneState]:
         out: dict[str, LaneState] = {}
