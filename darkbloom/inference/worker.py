@@ -677,23 +677,11 @@ def _single_special(m: _Model, text: str) -> int | None:
 
 
 def _seeded_sampler(s: Sampling, seed: int) -> Callable[[Any], Any]:
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+    """A request with a seed draws with replayable noise (darkbloom.inference.replay): a spot
+    check's verifier rebuilds it from the seed, so the shim seeds every sampled request."""
+    from darkbloom.inference.replay import ReplayableSampler
 
-    state = [mx.random.key(seed)]
-    inv_temp = 1.0 / s.temperature
-
-    def sampler(logprobs: Any) -> Any:
-        if 0 < s.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, s.top_p)
-        if s.min_p > 0:
-            logprobs = apply_min_p(logprobs, s.min_p)
-        if s.top_k > 0:
-            logprobs = apply_top_k(logprobs, s.top_k)
-        state[0], sub = mx.random.split(state[0])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
+    return ReplayableSampler(temperature=s.temperature, seed=seed, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
 
 
 def _token_text(tokenizer: Any, llg: Any, token: int) -> tuple[str, bytes]:
