@@ -38,6 +38,7 @@ from darkbloom.api.requests import (
     parse_embedding_request,
 )
 from darkbloom.api.sse import DONE, sse_data, sse_error
+from darkbloom.api.trust.seeding import replay_seeded
 from darkbloom.config import ApiConfig
 from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound, StreamClosed
 from darkbloom.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -264,8 +265,11 @@ def create_app(
         if auth is not None:
             await auth.admit(who, estimated_tokens=_estimate_tokens(body))
         request_id = f"{prefix}-{secrets.token_hex(12)}"
+        # Spot checks: a sampled request gets a seed (replayable draws) and every request a secret nonce
+        # that salts the nodes' commitments to its token ids (darkbloom.api.trust.seeding, trust.token_hash).
         infer = InferRequest(request_id=request_id, kind=parsed.kind, model=parsed.model,  # type: ignore[arg-type]
-                             digest=parsed.hints.digest, params=parsed.params)
+                             digest=parsed.hints.digest, params=replay_seeded(parsed.params, parsed.kind),
+                             nonce=secrets.token_bytes(16))
         want_logprobs = bool(parsed.params.get("logprobs"))
         started = trio.current_time()
         tried: set[str] = set()

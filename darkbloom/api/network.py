@@ -481,7 +481,7 @@ class NetworkBackend:
         from darkbloom.wire.trust import ScoreAttestation
 
         assert self.trust is not None
-        window = spot_check_window(output_ids, self.trust.verify_policy)
+        window = spot_check_window(output_ids, self.trust.verify_policy)  # the nonce salts its commitment
         if len(window) < self.trust.verify_policy.min_tokens:
             return None
         now = trio.current_time()
@@ -491,7 +491,8 @@ class NetworkBackend:
         verifiers = [c for c in ranked if self.trust.book.usable(c.peer_id, now)]
         score_request = InferRequest(
             request_id=f"spot-{secrets.token_hex(8)}", kind="score", model=request.model, digest=digest,
-            params={"request": request.params, "request_kind": request.kind, "output_token_ids": list(window)})
+            params={"request": request.params, "request_kind": request.kind, "output_token_ids": list(window)},
+            nonce=request.nonce)
         for cand in verifiers[:2]:
             attestation = None
             try:
@@ -507,7 +508,7 @@ class NetworkBackend:
                 log.info("spot check of %s on %s not run (%s)", served_by[-8:], cand.peer_id[-8:], type(exc).__name__)
                 continue
             key = public_key_from_peer_id(cand.peer_id)
-            if (attestation is None or attestation.verifier != key.hex() or attestation.output_hash != token_hash(window)
+            if (attestation is None or attestation.verifier != key.hex() or attestation.output_hash != token_hash(window, request.nonce)
                     or not verify_signature(key, signed_bytes(attestation, "verifier"), attestation.signature)):
                 log.warning("verifier %s sent no valid score attestation", cand.peer_id[-8:])
                 self.trust.failed_midstream(cand.peer_id, trio.current_time(), "bad_attestation")

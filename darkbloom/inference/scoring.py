@@ -14,7 +14,8 @@ no temperature, no penalties, no grammar), computed in float32. `SampledToken` (
 sampled_stats) places each token in the distribution the node actually sampled from (the
 request's temperature, top_p, top_k, min_p, logit_bias; see `SamplingSpec`) and adds that
 distribution's entropy, variance of log q and Renyi tilts, the inputs of the spot-check
-e-value (darkbloom.api.trust.verify).
+e-value (darkbloom.api.trust.verify); for a seeded request also the replay gap of each token
+(darkbloom.inference.replay: how far the token is from the draw the seed's noise forces).
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class SamplingSpec:
     top_k: int = 0  # 0: off
     min_p: float = 0.0  # 0: off
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # The request's seed (None: unseeded). With a seed and temperature > 0 the node drew with
+    # replayable noise (darkbloom.inference.replay) and the verifier replays the draws.
+    seed: int | None = None
 
     @classmethod
     def from_sampling(cls, s: Any) -> "SamplingSpec | None":
@@ -148,12 +152,14 @@ class SamplingSpec:
         if s.presence_penalty or s.frequency_penalty or s.repetition_penalty:
             return None
         return cls(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k), min_p=float(s.min_p),
-                   logit_bias=tuple((int(t), float(b)) for t, b in s.logit_bias))
+                   logit_bias=tuple((int(t), float(b)) for t, b in s.logit_bias),
+                   seed=None if s.seed is None else int(s.seed) % (1 << 63))  # as worker._sampler for choice 0
 
     def describe(self) -> str:
         """Canonical text, signed with the scores (what distribution they are under)."""
         bias = ";".join(f"{t}:{b:g}" for t, b in sorted(self.logit_bias))
-        return f"temperature={self.temperature:g},top_p={self.top_p:g},top_k={self.top_k},min_p={self.min_p:g},logit_bias={bias}"
+        text = f"temperature={self.temperature:g},top_p={self.top_p:g},top_k={self.top_k},min_p={self.min_p:g},logit_bias={bias}"
+        return text if self.seed is None else f"{text},seed={self.seed}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +172,7 @@ class SampledToken:
     variance: float  # Var[log q(X)] for X ~ q, nats^2
     log_tilts: tuple[float, ...]  # log sum_v q(v)^(1 - theta), one per TILTS entry
     excluded: bool  # the sampler could not have produced this token (outside top_k / top_p / min_p, or not the argmax)
+    replay_gap: float | None = None  # seeded requests: nats by which the replayed draw beats this token (replay.replay_gaps)
 
 
 def output_logits(model: Any, items: Sequence[tuple[Sequence[int], Sequence[int]]], *, vocab_size: int,
@@ -227,6 +234,13 @@ def sampled_stats(logits: Any, output: Sequence[int], spec: SamplingSpec, *, til
         kth = mx.sort(lp, axis=-1)[:, vocab - spec.top_k]  # the k-th largest
         cut, slack_cut = mx.maximum(cut, kth), mx.maximum(slack_cut, kth - LOGPROB_SLACK)
     keep = lp >= cut[:, None]
+    gaps: list[float | None] = [None] * n
+    if spec.seed is not None:
+        from darkbloom.inference.replay import replay_gaps
+
+        # Competitors in the replay: tokens inside the filters beyond the numerical slack.
+        strict = cut if spec.top_p >= 1.0 or spec.top_p <= 0 else mx.maximum(cut, _top_p_cut(lp, max(0.0, spec.top_p - TOP_P_SLACK)))
+        gaps = list(replay_gaps(lp, output, temperature=spec.temperature, seed=spec.seed, strict_cut=strict + LOGPROB_SLACK))
     z = mx.where(keep, lp / spec.temperature, ninf)
     log_norm = mx.logsumexp(z, axis=-1)
     logq = z - log_norm[:, None]
@@ -240,9 +254,9 @@ def sampled_stats(logits: Any, output: Sequence[int], spec: SamplingSpec, *, til
     sample_lp = mx.where(excluded, ninf, chosen / spec.temperature - log_norm)
     mx.eval(chosen, rank, sample_lp, entropy, variance, log_tilts, excluded)
     return [
-        SampledToken(int(t), float(c), int(r), float(s), max(0.0, float(h)), max(0.0, float(v)), tuple(float(x) for x in lt), bool(e))
-        for t, c, r, s, h, v, lt, e in zip(output, chosen.tolist(), rank.tolist(), sample_lp.tolist(), entropy.tolist(),
-                                           variance.tolist(), log_tilts.tolist(), excluded.tolist())
+        SampledToken(int(t), float(c), int(r), float(s), max(0.0, float(h)), max(0.0, float(v)), tuple(float(x) for x in lt), bool(e), g)
+        for t, c, r, s, h, v, lt, e, g in zip(output, chosen.tolist(), rank.tolist(), sample_lp.tolist(), entropy.tolist(),
+                                              variance.tolist(), log_tilts.tolist(), excluded.tolist(), gaps)
     ]
 
 

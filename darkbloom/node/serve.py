@@ -541,7 +541,7 @@ class InferenceService:
 
         params: {"request": <OpenAI body>, "request_kind": "chat"|"completion", "output_token_ids": [...]}.
         """
-        from darkbloom.api.trust.evidence import attest_scores
+        from darkbloom.api.trust.evidence import attest_scores, sampling_digest
         from darkbloom.inference.params import parse_chat, parse_completion
         from darkbloom.inference.scoring import TILTS, SamplingSpec
 
@@ -561,20 +561,21 @@ class InferenceService:
                                prompt_tokens=progress.prompt_tokens, load=self.load()))
         if metered is not None:
             await metered.gate()
-        spec = SamplingSpec.from_sampling(gen_req.sampling)  # None: penalties, not reproducible
+        spec = SamplingSpec.from_sampling(gen_req.sampling)  # None: penalties, not reproducible (with a seed: replayed)
+        bound = {"nonce": req.nonce, "sampling_digest": sampling_digest(gen_req.sampling, gen_req.max_tokens)}
         if spec is not None and not gen_req.uses_tools and gen_req.response_format.type == "text":
             sampled = await self.engine.score_sampled(req.model, prompt_ids, output, spec)
             attestation = attest_scores(
                 self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
                 logprobs=[s.logprob for s in sampled], ranks=[s.rank for s in sampled], time_ms=int(time.time() * 1000),
-                sampled=sampled, sampling=spec.describe(), tilts=TILTS,
+                sampled=sampled, sampling=spec.describe(), tilts=TILTS, **bound,
             )
         else:  # a grammar or penalties shaped the distribution: raw scores only
             scores = await self.engine.score(req.model, prompt_ids, output, top_k=SCORE_TOP_K)
             attestation = attest_scores(
                 self.identity, model_digest=digest, prompt_ids=prompt_ids, output_ids=output,
                 logprobs=[s.logprob for s in scores], ranks=[0 if s.in_top_k else SCORE_TOP_K for s in scores],
-                time_ms=int(time.time() * 1000),
+                time_ms=int(time.time() * 1000), **bound,
             )
         await io.send(attestation)
         await io.send(Done(request_id=req.request_id, usage=Usage(prompt_tokens=progress.prompt_tokens,
@@ -629,16 +630,18 @@ class InferenceService:
 
     async def _attest(self, req: InferRequest, gen_req: Any, digest: str, token_ids: Sequence[int]) -> bytes:
         """Spot-check evidence: this node's signature over the prompt ids and its first output ids
-        (hashes only), so a shim can prove to the relay what this node answered."""
+        (commitments salted with the request's nonce) and its sampling parameters (a digest), so a
+        shim can prove to the relay what this node answered and how."""
         if self.identity is None or not token_ids:
             return b""
-        from darkbloom.api.trust.evidence import ATTESTED_TOKENS, attest_output
+        from darkbloom.api.trust.evidence import ATTESTED_TOKENS, attest_output, sampling_digest
         from darkbloom.wire.codec import encode
 
         prompt_ids = await self.engine.prompt_ids(req.model, gen_req)
         return encode(attest_output(self.identity, request_id=req.request_id, model=req.model, model_digest=digest,
                                     prompt_ids=prompt_ids, output_ids=tuple(token_ids)[:ATTESTED_TOKENS],
-                                    time_ms=int(time.time() * 1000)))
+                                    time_ms=int(time.time() * 1000), nonce=req.nonce,
+                                    sampling=sampling_digest(gen_req.sampling, gen_req.max_tokens)))
 
     async def _watch(self, io: _StreamIO, scope: trio.CancelScope, rid: str, metered: _Metered | None) -> None:
         """The client's side of the stream: vouchers; EOF or reset means stop generating now."""

@@ -59,6 +59,10 @@ class InferRequest:
     digest: str | None = None  # pin: refuse unless the node's weights digest matches
     params: dict[str, Any] = field(default_factory=dict)  # OpenAI body fields (messages, prompt, ...)
     session: bytes = b""  # encoded lane reservation (ledger); empty when the node serves free
+    # Secret the shim draws per request (16 bytes; b"": none): the node's and a spot-check verifier's
+    # attestations commit to token ids salted with it (trust.token_hash); it never goes to the relay.
+    # A score request carries the nonce of the request it scores.
+    nonce: bytes = b""
 
 
 @message("infer.accepted")

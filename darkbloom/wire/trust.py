@@ -1,7 +1,10 @@
 """Messages of trust: output and score attestations, spot-check reports, and the relay's signed reputation table.
 
-Privacy: none of these carry prompt or output content, only sha256 hashes of token ids, so
-the ledger that stores reports never holds what was asked or answered. Scores are the
+Privacy: none of these carry prompt or output content, only commitments to token ids:
+sha256 over a per-request secret nonce and the ids (`evidence.token_hash`). The shim draws the
+nonce (`InferRequest.nonce`) and gives it to the serving node and the verifier, never to the
+relay, so the relay can compare two attestations' commitments but cannot test guesses of a
+short prompt against them; the ledger that stores reports never holds what was asked or answered. Scores are the
 verifier's per-token logprobs (milli-nats, integers) and ranks for the scored window, and the
 statistics of the request's sampling distribution the spot-check e-value needs
 (darkbloom.api.trust.verify).
@@ -40,10 +43,14 @@ class OutputAttestation:
     node: str  # hex public key of the serving node
     model: str
     model_digest: str  # weights digest it claims to serve
-    prompt_hash: bytes  # sha256 over the prompt token ids (trust.token_hash)
-    output_hash: bytes  # sha256 over the scored output token ids
+    prompt_hash: bytes  # commitment to the prompt token ids: sha256(domain, request nonce, ids) (evidence.token_hash)
+    output_hash: bytes  # the same over the attested output token ids
     output_tokens: int  # how many output tokens the hash covers
     time_ms: int
+    # sha256 of the canonical sampling parameters the node served with (temperature, top_p, top_k,
+    # min_p, seed, penalties, logit_bias, max_tokens; evidence.sampling_digest): a shim cannot
+    # claim other parameters to a verifier without the relay seeing the digests differ.
+    sampling_digest: bytes = b""
     signature: bytes = b""
 
 
@@ -54,8 +61,9 @@ class ScoreAttestation:
 
     verifier: str  # hex public key of the scoring node
     model_digest: str
-    prompt_hash: bytes
+    prompt_hash: bytes  # as OutputAttestation (the same nonce)
     output_hash: bytes
+    sampling_digest: bytes = b""  # evidence.sampling_digest of the parameters the verifier scored under
     logprobs_mnats: tuple[int, ...]  # per token, natural-log probability x 1000, rounded
     ranks: tuple[int, ...]  # per token, 0 = the verifier's argmax
     time_ms: int
@@ -68,6 +76,9 @@ class ScoreAttestation:
     variances_mnats: tuple[int, ...] = ()  # per token, Var[log q(X)] in nats^2 x 1000
     tilts_milli: tuple[int, ...] = ()  # tilt exponents theta x 1000 (scoring.TILTS)
     log_tilts_mnats: tuple[int, ...] = ()  # per token then per theta, log sum_v q(v)^(1-theta) x 1000
+    # Seeded sampled requests (darkbloom.inference.replay): per token, the nats by which the draw the
+    # seed's noise forces beats it, x 1000 rounded up (0 for the forced draw). Empty when not replayed.
+    replay_gaps_mnats: tuple[int, ...] = ()
     signature: bytes = b""
 
 

@@ -1,11 +1,15 @@
 """Spot-check evidence, pure: build and sign output/score attestations and reports, and check a report (the relay's side).
 
-Flow: the serving node signs an `OutputAttestation` over hashes of the prompt and output
-token ids; the verifier signs a `ScoreAttestation` over the same hashes with its per-token
-logprobs and ranks; when `verify.judge` flags the output, the shim signs a `SpotCheckReport`
-carrying both and submits it to the ledger. `check_report` is what the relay runs before it
-counts a failed check against the suspect: both signatures, matching hashes and digests,
-a verifier other than the suspect, and the verdict re-computed from the signed scores.
+Flow: the serving node signs an `OutputAttestation` over commitments to the prompt and output
+token ids (salted with the request's secret nonce, `token_hash`) and the digest of the sampling
+parameters it served with (`sampling_digest`, seed included); the verifier signs a
+`ScoreAttestation` over the same commitments and the digest of the parameters it scored under,
+with its per-token scores (and, for seeded requests, replay gaps); when `verify.judge` flags the
+output, the shim signs a `SpotCheckReport` carrying both and submits it to the ledger.
+`check_report` is what the relay runs before it counts a failed check against the suspect: all
+signatures, matching commitments, weights digests and sampling digests (so a shim cannot have
+the verifier score under parameters the node did not serve with), a verifier other than the
+suspect, and the verdict re-computed from the signed scores.
 
 What the ledger cannot check: the scores themselves (it has no prompt, by design: only
 hashes travel). A shim colluding with a verifier could frame a node; the relay should
@@ -35,6 +39,7 @@ __all__ = [
     "check_report",
     "make_report",
     "policy_string",
+    "sampling_digest",
     "scored_from_attestation",
     "token_hash",
 ]
@@ -43,10 +48,28 @@ _ROLES = {OutputAttestation: "node", ScoreAttestation: "verifier", SpotCheckRepo
 ATTESTED_TOKENS = 32  # a serving node attests its first this many output tokens (VerifyPolicy.max_scored_tokens)
 
 
-def token_hash(token_ids: Iterable[int]) -> bytes:
-    """sha256 over the token ids as little-endian uint32s (the same on every platform)."""
+def token_hash(token_ids: Iterable[int], nonce: bytes = b"") -> bytes:
+    """Commitment to token ids: sha256 over a domain tag, the request's secret nonce and the ids
+    as little-endian uint32s (the same on every platform). The relay compares commitments but,
+    without the nonce (which only the shim and the nodes hold), cannot test guesses against them.
+    Without a nonce (b""): the plain sha256 of the ids, guessable for short sequences."""
     ids = list(token_ids)
-    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
+    packed = struct.pack(f"<{len(ids)}I", *ids)
+    if not nonce:
+        return hashlib.sha256(packed).digest()
+    return hashlib.sha256(b"darkbloom-token-commitment-v1\0" + struct.pack("<I", len(nonce)) + nonce + packed).digest()
+
+
+def sampling_digest(sampling: Any, max_tokens: int | None) -> bytes:
+    """sha256 of the canonical sampling parameters (a darkbloom.inference.params.Sampling and the
+    request's max_tokens): what the serving node and the verifier each sign, so the relay can see
+    that the scores were computed under the parameters the node served with."""
+    bias = ";".join(f"{int(t)}:{float(b)!r}" for t, b in sorted(sampling.logit_bias))
+    text = (f"temperature={float(sampling.temperature)!r},top_p={float(sampling.top_p)!r},top_k={int(sampling.top_k)},"
+            f"min_p={float(sampling.min_p)!r},seed={sampling.seed},presence_penalty={float(sampling.presence_penalty)!r},"
+            f"frequency_penalty={float(sampling.frequency_penalty)!r},repetition_penalty={float(sampling.repetition_penalty)!r},"
+            f"logit_bias={bias},max_tokens={max_tokens}")
+    return hashlib.sha256(b"darkbloom-sampling-v1\0" + text.encode()).digest()
 
 
 def _sign(identity: Identity, msg):  # type: ignore[no-untyped-def]
@@ -63,15 +86,17 @@ def _check_sig(msg: object, signer_hex: str) -> None:
 
 
 def attest_output(
-    identity: Identity, *, request_id: str, model: str, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int], time_ms: int
+    identity: Identity, *, request_id: str, model: str, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int], time_ms: int,
+    nonce: bytes = b"", sampling: bytes = b"",
 ) -> OutputAttestation:
-    """Node side: sign what it produced (hashes only)."""
+    """Node side: sign what it produced (commitments only). `nonce`: the request's
+    (InferRequest.nonce); `sampling`: `sampling_digest` of the parameters it served with."""
     return _sign(
         identity,
         OutputAttestation(
             request_id=request_id, node=identity.public_key.hex(), model=model, model_digest=model_digest,
-            prompt_hash=token_hash(prompt_ids), output_hash=token_hash(output_ids), output_tokens=len(output_ids),
-            time_ms=time_ms,
+            prompt_hash=token_hash(prompt_ids, nonce), output_hash=token_hash(output_ids, nonce), output_tokens=len(output_ids),
+            time_ms=time_ms, sampling_digest=sampling,
         ),
     )
 
@@ -80,10 +105,13 @@ def attest_scores(
     identity: Identity, *, model_digest: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
     logprobs: Sequence[float], ranks: Sequence[int], time_ms: int,
     sampled: Sequence[Any] = (), sampling: str = "", tilts: Sequence[float] = (),
+    nonce: bytes = b"", sampling_digest: bytes = b"",
 ) -> ScoreAttestation:
     """Verifier side: sign the teacher-forced scores of `output_ids` after `prompt_ids`.
     `sampled`: darkbloom.inference.scoring.SampledToken per output token (computed with tilt
-    exponents `tilts` under the distribution `sampling` describes), or () when not computed."""
+    exponents `tilts` under the distribution `sampling` describes), or () when not computed;
+    their replay gaps are signed when every token has one. `nonce`: the scored request's
+    (InferRequest.nonce); `sampling_digest`: of the parameters scored under (`sampling_digest`)."""
     if len(logprobs) != len(output_ids) or len(ranks) != len(output_ids):
         raise ValueError("one logprob and one rank per output token")
     if sampled and (len(sampled) != len(output_ids) or not tilts):
@@ -92,8 +120,8 @@ def attest_scores(
     return _sign(
         identity,
         ScoreAttestation(
-            verifier=identity.public_key.hex(), model_digest=model_digest, prompt_hash=token_hash(prompt_ids),
-            output_hash=token_hash(output_ids), logprobs_mnats=tuple(ms(x) for x in logprobs),
+            verifier=identity.public_key.hex(), model_digest=model_digest, prompt_hash=token_hash(prompt_ids, nonce),
+            output_hash=token_hash(output_ids, nonce), sampling_digest=sampling_digest, logprobs_mnats=tuple(ms(x) for x in logprobs),
             ranks=tuple(int(r) for r in ranks), time_ms=time_ms,
             sampling=sampling if sampled else "",
             sample_logprobs_mnats=tuple(0 if t.excluded else ms(t.sample_logprob) for t in sampled),
@@ -102,8 +130,18 @@ def attest_scores(
             variances_mnats=tuple(ms(t.variance) for t in sampled),
             tilts_milli=tuple(ms(th) for th in tilts) if sampled else (),
             log_tilts_mnats=tuple(ms(x) for t in sampled for x in t.log_tilts),
+            replay_gaps_mnats=tuple(_gap_mnats(t.replay_gap) for t in sampled)
+            if sampled and all(getattr(t, "replay_gap", None) is not None for t in sampled) else (),
         ),
     )
+
+
+def _gap_mnats(gap: float) -> int:
+    """A replay gap in milli-nats, rounded up (rounding never turns a miss into a pass), capped."""
+    return _MAX_GAP_MNATS if not gap < _MAX_GAP_MNATS / 1000 else max(0, math.ceil(gap * 1000))
+
+
+_MAX_GAP_MNATS = 10**9
 
 
 def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
@@ -115,6 +153,8 @@ def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
     n, g = len(score.sample_logprobs_mnats), len(score.tilts_milli)
     if g == 0 or len(score.log_tilts_mnats) != n * g or any(not 0 <= i < n for i in score.excluded):
         raise MalformedMessage("trust.score: sampled statistics do not cover the scored tokens")
+    if score.replay_gaps_mnats and (len(score.replay_gaps_mnats) != n or any(x < 0 for x in score.replay_gaps_mnats)):
+        raise MalformedMessage("trust.score: replay gaps do not cover the scored tokens")
     ex = set(score.excluded)
     try:
         return ScoredOutput(
@@ -125,6 +165,7 @@ def scored_from_attestation(score: ScoreAttestation) -> ScoredOutput:
             log_tilts=tuple(tuple(x / 1000 for x in score.log_tilts_mnats[i * g : (i + 1) * g]) for i in range(n)),
             tilts=tuple(x / 1000 for x in score.tilts_milli),
             excluded=tuple(i in ex for i in range(n)),
+            replay_gaps=tuple(x / 1000 for x in score.replay_gaps_mnats),
         )
     except ValueError as exc:
         raise MalformedMessage(f"trust.score: {exc}") from exc
@@ -167,6 +208,10 @@ def check_report(report: SpotCheckReport, policy: VerifyPolicy, *, verifier_ok: 
         raise MalformedMessage("trust.spot_check: the verifier does not serve this model")
     if (out.prompt_hash, out.output_hash, out.model_digest) != (score.prompt_hash, score.output_hash, score.model_digest):
         raise MalformedMessage("trust.spot_check: the attestations are about different work")
+    if out.sampling_digest != score.sampling_digest:
+        raise MalformedMessage("trust.spot_check: the scores are under other sampling parameters than the node served with")
+    if score.sample_logprobs_mnats and not score.sampling_digest:
+        raise MalformedMessage("trust.spot_check: scores under a sampling distribution must name its parameters (sampling digest)")
     if len(score.ranks) != out.output_tokens or len(score.logprobs_mnats) != out.output_tokens:
         raise MalformedMessage("trust.spot_check: scores do not cover the attested output")
     verdict = judge(scored_from_attestation(score), policy)

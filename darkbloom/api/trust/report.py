@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def usable_output_attestation(encoded: bytes, node_key: str, score: ScoreAttestation) -> OutputAttestation | None:
     """The node's attestation when it can back a report: decodes, signed by `node_key` (hex), and
-    about the prompt, tokens and weights the verifier scored. None otherwise (pure)."""
+    about the prompt, tokens, weights and sampling parameters the verifier scored. None otherwise (pure)."""
     if not encoded:
         return None
     try:
@@ -51,7 +51,8 @@ def usable_output_attestation(encoded: bytes, node_key: str, score: ScoreAttesta
         return None
     if out.node != node_key or len(key) != 32 or not verify_signature(key, signed_bytes(out, "node"), out.signature):
         return None
-    if (out.prompt_hash, out.output_hash, out.model_digest) != (score.prompt_hash, score.output_hash, score.model_digest):
+    if (out.prompt_hash, out.output_hash, out.model_digest, out.sampling_digest) != (
+            score.prompt_hash, score.output_hash, score.model_digest, score.sampling_digest):
         return None
     return out
 

@@ -15,6 +15,12 @@ and the Renyi tilts log sum_v q_i(v)^(1-theta). The first node is flagged when
     probability <= alpha per check whatever the model, prompt, temperature or length: no
     threshold is fitted to data, and short outputs carry less evidence (pass) instead of
     producing false flags, or
+  * replay (seeded requests at temperature > 0): the node drew token i as argmax_v(log q_i(v) / T
+    + g_i(v)) with noise g_i the verifier rebuilds from the request's seed
+    (darkbloom.inference.replay); a token the replayed draw beats by more than `replay_slack`
+    nats (numerical noise is ~1e-3 on CPU) is a miss, and more than `max_replay_misses` misses
+    flag the node. An honest node misses only through numerical noise; another model's or a
+    random token is the replayed draw about as often as the right model would have drawn it, or
   * (optional, off by default) z = (sum log q + sum H) / sqrt(sum Var) < min_z: the Gaussian
     form of the same idea, which needs a calibrated threshold because its left tail is heavy.
 
@@ -73,6 +79,10 @@ class VerifyPolicy:
     max_log_evalue: float = DEFAULT_MAX_LOG_EVALUE  # flag when ln(e-value) >= this (inf: rule off)
     bet_fractions: tuple[float, ...] = (1.0,)  # lam grid of the e-process (see `log_evalue`), each in (0, 1]
     max_excluded: int = 0  # tokens the request's sampler could not have produced, allowed per check
+    # Replay (seeded sampled requests, darkbloom.inference.replay): a token whose replay gap exceeds
+    # replay_slack nats is not the draw the seed's noise forces; more than max_replay_misses of them: flagged.
+    replay_slack: float = 0.05
+    max_replay_misses: int = 0
     min_z: float = -math.inf  # optional Gaussian rule: flag when z < min_z (-inf: off; see `z_score`)
     # The check's e-value for per-node accumulation (`stopped_log_evalue`): the e-process stopped at
     # its first crossing of each ln level here (inf: not stopped, the last token), averaged.
@@ -129,6 +139,7 @@ class ScoredOutput:
     log_tilts: tuple[tuple[float, ...], ...] = ()
     tilts: tuple[float, ...] = ()
     excluded: tuple[bool, ...] = ()
+    replay_gaps: tuple[float, ...] = ()  # seeded requests: per token, nats the replayed draw beats it by (() when not replayed)
 
     def __post_init__(self) -> None:
         n = len(self.logprobs)
@@ -142,6 +153,8 @@ class ScoredOutput:
                 raise ValueError("one log tilt per tilt exponent and token")
             if any(not 0.0 < th <= 1.0 for th in self.tilts):
                 raise ValueError("tilt exponents must be in (0, 1]")
+        if self.replay_gaps and (len(self.replay_gaps) != n or not self.sample_logprobs):
+            raise ValueError("replay gaps must cover every scored token, with the sampled statistics")
 
     @property
     def has_sampled(self) -> bool:
@@ -162,6 +175,7 @@ class Verdict:
     check_log_evalue: float = 0.0  # ln of this check's e-value for accumulation (`stopped_log_evalue`; accumulate.py)
     accumulated_log_evalue: float = 0.0  # set on a flag for accumulated evidence (reason "accumulated_evalue")
     accumulated_checks: int = 0  # checks of this node the accumulated flag rests on
+    replay_misses: int = -1  # tokens that are not the replayed draw (-1: no replay, e.g. unseeded or greedy)
 
 
 def scored_from_ranked(tokens: Iterable[Any]) -> ScoredOutput:
@@ -180,6 +194,7 @@ def scored_from_sampled(tokens: Iterable[Any], tilts: Sequence[float]) -> Scored
         sample_logprobs=tuple(float(t.sample_logprob) for t in ts), entropies=tuple(float(t.entropy) for t in ts),
         variances=tuple(float(t.variance) for t in ts), log_tilts=tuple(tuple(float(x) for x in t.log_tilts) for t in ts),
         tilts=tuple(float(x) for x in tilts), excluded=tuple(bool(t.excluded) for t in ts),
+        replay_gaps=tuple(float(t.replay_gap) for t in ts) if all(getattr(t, "replay_gap", None) is not None for t in ts) else (),
     )
 
 
@@ -293,13 +308,18 @@ def judge(scored: ScoredOutput, policy: VerifyPolicy = DEFAULT_POLICY) -> Verdic
         return Verdict(False, not legacy_on, "", n, outside, mean)
     excluded = sum(1 for e in scored.excluded[:n] if e)
     (le, _, fin), z = _log_evalue(scored, n, policy.bet_fractions, policy.accumulate_stops), z_score(scored, n)
+    misses = -1
+    if scored.replay_gaps:
+        misses = sum(1 for i in range(n) if not scored.excluded[i] and not scored.replay_gaps[i] <= policy.replay_slack)
     if excluded > policy.max_excluded:
-        return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded, fin)
+        return Verdict(True, False, "excluded_token", n, outside, mean, le, z, excluded, fin, replay_misses=misses)
+    if misses > policy.max_replay_misses:
+        return Verdict(True, False, "replay_mismatch", n, outside, mean, le, z, excluded, fin, replay_misses=misses)
     if le >= policy.max_log_evalue:
-        return Verdict(True, False, "high_evalue", n, outside, mean, le, z, excluded, fin)
+        return Verdict(True, False, "high_evalue", n, outside, mean, le, z, excluded, fin, replay_misses=misses)
     if z < policy.min_z:
-        return Verdict(True, False, "low_z", n, outside, mean, le, z, excluded, fin)
-    return Verdict(False, False, "", n, outside, mean, le, z, excluded, fin)
+        return Verdict(True, False, "low_z", n, outside, mean, le, z, excluded, fin, replay_misses=misses)
+    return Verdict(False, False, "", n, outside, mean, le, z, excluded, fin, replay_misses=misses)
 
 
 def should_spot_check(probability: float, rng: random.Random, *, eligible: bool = True) -> bool:
