@@ -73,7 +73,10 @@ def _noise(k1: Any, k2: Any, vocab: int) -> Any:
 
     v = mx.arange(vocab, dtype=mx.uint32)
     x = _fmix32(_fmix32(v ^ k1) + k2)
-    u = ((x >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), exact in float32
+    # 23 bits: u in [2^-24, 1 - 2^-24], exact in float32, so the noise is always finite. (24 bits
+    # would round the top value to 1.0: infinite noise, and a filtered-out token (-inf + inf = nan)
+    # would win the argmax about once per 340 draws over a 49k vocabulary.)
+    u = ((x >> 9).astype(mx.float32) + 0.5) * (1.0 / (1 << 23))
     return -mx.log(-mx.log(u))
 
 
@@ -135,6 +138,7 @@ def replay_gaps(lp: Any, output: Sequence[int], *, temperature: float, seed: int
     mine = mx.take_along_axis(y, target, axis=-1)[:, 0]
     rival = mx.where(lp >= strict_cut[:, None], y, mx.array(-math.inf, dtype=mx.float32))
     rival = mx.put_along_axis(rival, target, mx.array(-math.inf, dtype=mx.float32), axis=-1)
-    gap = mx.maximum(rival.max(axis=-1) - mine, 0.0) * temperature
+    raw = rival.max(axis=-1) - mine
+    gap = mx.where(mx.isnan(raw), math.inf, mx.maximum(raw, 0.0)) * temperature  # nan (broken logits): a miss
     mx.eval(gap)
     return [float(g) for g in gap.tolist()]
