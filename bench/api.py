@@ -19,18 +19,30 @@ streaming HTTP client (httpx, one SSE parser) for every HTTP arm:
 
 For each arm and concurrency C, C clients send `--requests` streamed chat completions in all,
 and we report TTFT p50/p95, per-token latency (gap between content chunks) p50/p95 and aggregate
-completion tokens/s over the wall time. Prints a table and writes JSON.
+completion tokens/s over the wall time, and the CPU time each process (bench client, shim,
+relay, node) spent per request at that level. Prints a table and writes JSON.
+
+`--timeline` (diagnosis; it adds logging work to every process, so its figures are not the
+benchmark's): every role logs one request's hops with monotonic timestamps
+(darkbloom.api.timeline, DEBUG, ids and timings only), the engine thread is wrapped to log
+when a request reaches it and each BatchGenerator step (a diagnosis-only patch applied through
+CHAOS_PYTHONPATH, the hook tests/chaos/procs.py offers; darkbloom/inference is not changed), and
+the bench prints, per arm and level, the p50 time from the client's send to each hop.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
+import re
 import tempfile
+import textwrap
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -46,12 +58,51 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from chaos.netproc import ProcNetwork  # noqa: E402  (roles as real processes, as in the chaos tests)
+from chaos.procs import Daemon, clean_env, write_config  # noqa: E402
 from darkbloom.inference.blas import blas_status  # noqa: E402
 from darkbloom.inference.engine import TextDelta, open_engine  # noqa: E402
 from darkbloom.inference.events import Admitted, ChoiceFinished, EngineLoad  # noqa: E402
 from darkbloom.inference.params import parse_chat  # noqa: E402
 from darkbloom.inference.testmodel import make_test_model  # noqa: E402
 
+# Diagnosis only (--timeline): imported by every role process through CHAOS_PYTHONPATH, and applied
+# to this process for the in-process arm. It turns the timeline loggers on and wraps three engine
+# thread methods to log when a request reaches the thread, each BatchGenerator step (what it held)
+# and each request's first token. It changes no behaviour; darkbloom/inference is not edited.
+DIAG_SITECUSTOMIZE = textwrap.dedent('''
+    import logging, time
+    logging.getLogger("darkbloom.timeline").setLevel(logging.DEBUG)
+
+    def _darkbloom_patch_engine():
+        from darkbloom.inference import worker as W
+        log = logging.getLogger("darkbloom.timeline.engine")
+        submit, step, emit = W.Worker._submit, W.Worker._step, W.Worker._emit
+        def _submit(self, job):
+            log.debug("engine rid=%d recv t=%.6f", job.rid, time.monotonic())
+            submit(self, job)
+        def _step(self, m):
+            g = m.generator
+            sizes = (len(g._generation_batch), len(g._prompt_batch), len(g._unprocessed_sequences))
+            t0 = time.monotonic()
+            step(self, m)
+            log.debug("engine step t0=%.6f t1=%.6f gen=%d prompt=%d unprocessed=%d", t0, time.monotonic(), *sizes)
+        def _emit(self, job, event):
+            if isinstance(event, W.TextDelta) and not getattr(job, "_tl_first", False):
+                job._tl_first = True
+                log.debug("engine rid=%d first_token t=%.6f", job.rid, time.monotonic())
+            emit(self, job, event)
+        W.Worker._submit, W.Worker._step, W.Worker._emit = _submit, _step, _emit
+
+    _darkbloom_patch_engine()
+''')
+TIMELINE_RE = re.compile(r"timeline (\S+) (\w+) t=([\d.]+)")
+ENGINE_RE = re.compile(r"engine rid=(\d+) (\w+) t=([\d.]+)")
+STEP_RE = re.compile(r"engine step t0=([\d.]+) t1=([\d.]+) gen=(\d+) prompt=(\d+) unprocessed=(\d+)")
+PATH = ("http_in", "parsed", "routed", "stream_opening", "stream_open", "stream_in", "request_read", "submit",
+        "engine_recv", "admitted", "accepted", "engine_first_token", "first_token", "first_write", "first_frame",
+        "sse_first", "client_first")
+
+IN_PROCESS_IDS = itertools.count()
 NO_END = {"0": -100, "2": -100}  # the test models' end tokens: every answer has exactly max_tokens
 WORDS = "fox owl whale ant crow bear lynx moth eel yak hare wolf seal frog newt swan".split()
 
@@ -81,9 +132,16 @@ class Run:
     error_kinds: dict[str, int] = field(default_factory=dict)
     routes: dict[str, int] = field(default_factory=dict)
     wall: float = 0.0
+    reqs: list[tuple[str, float, float]] = field(default_factory=list)  # (request id, send, first content): monotonic
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # process -> CPU ms per request at this level
+    wait_ms_per_request: dict[str, float] = field(default_factory=dict)  # process -> run-queue wait ms per request
+    lanes_opened: int | None = None  # payment lanes the shim opened at the ledger during this level
 
     def row(self) -> dict[str, Any]:
-        return {"ttft_p50_ms": 1000 * pct(self.ttft, 0.5), "ttft_p95_ms": 1000 * pct(self.ttft, 0.95),
+        return {"cpu_ms_per_request": {k: round(v, 2) for k, v in self.cpu_ms_per_request.items()},
+                "runqueue_wait_ms_per_request": {k: round(v, 2) for k, v in self.wait_ms_per_request.items()},
+                "lanes_opened": self.lanes_opened,
+                "ttft_p50_ms": 1000 * pct(self.ttft, 0.5), "ttft_p95_ms": 1000 * pct(self.ttft, 0.95),
                 "token_gap_p50_ms": 1000 * pct(self.gaps, 0.5), "token_gap_p95_ms": 1000 * pct(self.gaps, 0.95),
                 "tokens": self.tokens, "wall_s": self.wall, "tok_per_s": self.tokens / self.wall if self.wall else 0.0,
                 "requests_per_s": len(self.ttft) / self.wall if self.wall else 0.0,
@@ -103,7 +161,8 @@ async def over_http(client: httpx.AsyncClient, url: str, model: str, n: int, con
 
     async def one(i: int) -> None:
         req = {"model": model, "stream": True, "stream_options": {"include_usage": True}, **body(i, max_tokens, test_model)}
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
+        rid = "-"
         for attempt in range(retries + 1):
             first = last = None
             chunks = usage = 0
@@ -114,13 +173,14 @@ async def over_http(client: httpx.AsyncClient, url: str, model: str, n: int, con
                         run.error(f"{resp.status_code} {detail.get('code') or detail.get('type') or ''}".strip())
                         return
                     route = resp.headers.get("x-darkbloom-route", "-")
+                    rid = resp.headers.get("x-request-id", "-")
                     run.routes[route] = run.routes.get(route, 0) + 1
                     async for line in resp.aiter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
                         if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
-                            now = time.perf_counter()
+                            now = time.monotonic()
                             if first is None:
                                 first = now - t0
                             else:
@@ -139,6 +199,7 @@ async def over_http(client: httpx.AsyncClient, url: str, model: str, n: int, con
             run.error("no content")
             return
         run.ttft.append(first)
+        run.reqs.append((rid, t0, t0 + first))
         run.tokens += usage or chunks
         if expect_route is not None and route != expect_route:
             raise RuntimeError(f"answer came {route}, expected {expect_route}")
@@ -147,11 +208,11 @@ async def over_http(client: httpx.AsyncClient, url: str, model: str, n: int, con
         while todo:
             await one(todo.pop(0))
 
-    started = time.perf_counter()
+    started = time.monotonic()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
-    run.wall = time.perf_counter() - started
+    run.wall = time.monotonic() - started
     return run
 
 
@@ -162,12 +223,13 @@ async def in_process(engine: Any, model: str, n: int, concurrency: int, max_toke
     async def worker() -> None:
         while todo:
             i = todo.pop(0)
-            t0 = time.perf_counter()
+            label = f"in-process-{next(IN_PROCESS_IDS)}"  # in generate() call order: engine rid = number + 1
+            t0 = time.monotonic()
             first = last = None
             async with aclosing(engine.generate(model, parse_chat(body(i, max_tokens, test_model)))) as events:
                 async for ev in events:
                     if isinstance(ev, TextDelta) and ev.text:
-                        now = time.perf_counter()
+                        now = time.monotonic()
                         if first is None:
                             first = now - t0
                         else:
@@ -175,13 +237,14 @@ async def in_process(engine: Any, model: str, n: int, concurrency: int, max_toke
                         last = now
                     if isinstance(ev, TextDelta):
                         run.tokens += ev.tokens
-            run.ttft.append(first if first is not None else time.perf_counter() - t0)
+            run.ttft.append(first if first is not None else time.monotonic() - t0)
+            run.reqs.append((label, t0, t0 + run.ttft[-1]))
 
-    started = time.perf_counter()
+    started = time.monotonic()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
-    run.wall = time.perf_counter() - started
+    run.wall = time.monotonic() - started
     return run
 
 
@@ -235,67 +298,242 @@ async def warm(client: httpx.AsyncClient, url: str, model: str, test_model: bool
     await over_http(client, url, model, 2, 2, 4, test_model)
 
 
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` (None: this process, all its threads)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def runqueue_wait_s(pid: int | None) -> float:
+    """Seconds the threads of process `pid` (None: this one) spent runnable but waiting for a CPU
+    (/proc/<pid>/task/*/schedstat, field 2): the cost of sharing the cores, per process."""
+    total = 0
+    task_dir = Path(f"/proc/{pid or os.getpid()}/task")
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return float("nan")
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def log_count(path: Path | None, needle: str) -> int:
+    if path is None or not path.exists():
+        return 0
+    return sum(1 for line in path.read_text(errors="replace").splitlines() if needle in line)
+
+
+async def measured(procs: dict[str, int | None], run_coro: Any, shim_log: Path | None = None) -> Run:
+    """Run one level; attach each process's CPU ms and run-queue wait ms per answered request, and
+    the payment lanes the shim opened at the ledger meanwhile."""
+    before = {k: (cpu_s(pid), runqueue_wait_s(pid)) for k, pid in procs.items()}
+    lanes0 = log_count(shim_log, " opened to node ")
+    run = await run_coro
+    n = max(1, len(run.ttft))
+    run.cpu_ms_per_request = {k: 1000 * (cpu_s(pid) - before[k][0]) / n for k, pid in procs.items()}
+    run.wait_ms_per_request = {k: 1000 * (runqueue_wait_s(pid) - before[k][1]) / n for k, pid in procs.items()}
+    if shim_log is not None:
+        run.lanes_opened = log_count(shim_log, " opened to node ") - lanes0
+    return run
+
+
+class BenchNetwork(ProcNetwork):
+    """ProcNetwork whose shim logs at INFO unless asked (the chaos tests run it with -v: DEBUG for every
+    library, libp2p included, which cost the shim CPU per frame and fed the bench's log pump thread)."""
+
+    shim_verbose = False
+
+    def start_shim(self, p2p: dict[str, object] | None = None, **api: object) -> None:
+        if self.shim_verbose:
+            return super().start_shim(p2p, **api)
+        cfg = write_config(
+            self.root / "shim.toml",
+            p2p={"use_bundled_bootstrap": False, "listen_addrs": ["/ip4/127.0.0.1/tcp/0"],
+                 "bootstrap": [self.relay_addr], "dial_timeout_s": 5.0, "bootstrap_retry_max_s": 2.0,
+                 "providers_cache_s": 1.0, **(p2p or {})},
+            api={"port": 0, "first_token_timeout_s": 10.0, "request_timeout_s": 60.0, **api},
+        )
+        self.shim = Daemon("shim", ["--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
+                           env=clean_env(), log_dir=self.logs)
+        self.shim_url = self.shim.wait_for(r"OpenAI-compatible API at (http://\S+/v1)").group(1)
+        self.shim.wait_for(r"joined the network")
+
+
+class Collect(logging.Handler):
+    """This process's timeline lines (the in-process arm), as the role processes write them to their logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def parse_lines(lines: list[str]) -> tuple[dict[str, dict[str, float]], list[str], dict[int, dict[str, float]],
+                                           list[tuple[float, float, int, int, int]]]:
+    """(request id -> event -> t, request ids in order of their node `submit`, engine rid -> event -> t, steps)."""
+    marks: dict[str, dict[str, float]] = {}
+    submits: list[str] = []
+    engine: dict[int, dict[str, float]] = {}
+    steps: list[tuple[float, float, int, int, int]] = []
+    for line in lines:
+        if m := TIMELINE_RE.search(line):
+            marks.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))
+            if m.group(2) == "submit":
+                submits.append(m.group(1))
+        elif m := ENGINE_RE.search(line):
+            engine.setdefault(int(m.group(1)), {})[m.group(2)] = float(m.group(3))
+        elif m := STEP_RE.search(line):
+            steps.append((float(m.group(1)), float(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5))))
+    return marks, submits, engine, steps
+
+
+def engine_marks(submits: list[str], engine: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The engine thread's events by request id: engine rids count generate() calls in submit order."""
+    out: dict[str, dict[str, float]] = {}
+    for i, rid in enumerate(submits, start=1):
+        ev = engine.get(i, {})
+        out[rid] = {f"engine_{k}": v for k, v in ev.items()}
+    return out
+
+
+def timeline_summary(run: Run, marks: dict[str, dict[str, float]],
+                     steps: list[tuple[float, float, int, int, int]]) -> dict[str, Any]:
+    """p50 / p95 ms from the client's send to each hop, over this level's requests; and the engine's steps."""
+    per_event: dict[str, list[float]] = {}
+    for rid, t0, t_first in run.reqs:
+        ev = dict(marks.get(rid, {}))
+        ev["client_first"] = t_first
+        for name, t in ev.items():
+            per_event.setdefault(name, []).append(1000 * (t - t0))
+    hops = {name: {"p50_ms": round(pct(v, 0.5), 2), "p95_ms": round(pct(v, 0.95), 2), "n": len(v)}
+            for name, v in sorted(per_event.items(), key=lambda kv: PATH.index(kv[0]) if kv[0] in PATH else 99)}
+    if not run.reqs:
+        return {"hops": hops}
+    lo, hi = min(t0 for _, t0, _ in run.reqs), max(t for _, _, t in run.reqs)
+    inside = [s for s in steps if lo <= s[0] <= hi]
+    prefill = [s for s in inside if s[3] or s[4]]  # steps that also prefilled (prompts waiting or in process)
+    return {"hops": hops, "engine_steps": len(inside),
+            "engine_step_ms_p50": round(1000 * pct([s[1] - s[0] for s in inside], 0.5), 2),
+            "engine_prefill_steps": len(prefill),
+            "engine_prefill_step_ms_p50": round(1000 * pct([s[1] - s[0] for s in prefill], 0.5), 2),
+            "engine_prefill_batch_p50": pct([s[3] + s[4] for s in prefill], 0.5)}
+
+
 async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str, Any]:
     levels = [int(x) for x in args.concurrency.split(",")]
+    arms = set(args.arms.split(","))
     test_model = args.model_dir is None
     out: dict[str, Any] = {"rows": []}
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    rows: dict[tuple[str, int], Run] = {}
     timeout = httpx.Timeout(300.0)
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    collect = Collect()
+    if args.timeline:
+        exec(DIAG_SITECUSTOMIZE, {})  # noqa: S102 - the diagnosis patch, in this process (the in-process arm)
+        logging.getLogger("darkbloom.timeline").addHandler(collect)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        # engine, in this process
-        async with open_engine([("bench", model_dir)], max_concurrent=max(levels), max_queue=256,
-                               self_benchmark=False) as engine:
-            await in_process(engine, "bench", 2, 2, 4, test_model)
-            for c in levels:
-                rows[("engine", c)] = (await in_process(engine, "bench", args.requests, c, args.max_tokens, test_model)).row()
-
-        # mlx_lm.server
-        port = free_port()
-        with open(root / "mlx_server.log", "wb") as log:
-            proc = start_mlx_server(model_dir, port, max(levels), 0, log)  # 0: BLAS threads as our nodes get them
-            try:
-                base = f"http://127.0.0.1:{port}"
-                await wait_healthy(client, base, proc)
-                url = f"{base}/v1/chat/completions"
-                await over_http(client, url, "default_model", 2, 2, 4, test_model, retries=50)
+        if "engine" in arms:  # our engine, in this process
+            async with open_engine([("bench", model_dir)], max_concurrent=max(levels), max_queue=256,
+                                   self_benchmark=False) as engine:
+                await in_process(engine, "bench", 2, 2, 4, test_model)
                 for c in levels:
-                    rows[("mlx", c)] = (await over_http(client, url, "default_model", args.requests, c,
-                                                        args.max_tokens, test_model, retries=50)).row()
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                    rows[("engine", c)] = await measured(
+                        {"client+engine": None},
+                        in_process(engine, "bench", args.requests, c, args.max_tokens, test_model))
+
+        if "mlx" in arms:  # mlx_lm.server
+            port = free_port()
+            with open(root / "mlx_server.log", "wb") as log:
+                proc = start_mlx_server(model_dir, port, max(levels), 0, log)  # 0: BLAS threads as our nodes get them
+                try:
+                    base = f"http://127.0.0.1:{port}"
+                    await wait_healthy(client, base, proc)
+                    url = f"{base}/v1/chat/completions"
+                    await over_http(client, url, "default_model", 2, 2, 4, test_model, retries=50)
+                    for c in levels:
+                        rows[("mlx", c)] = await measured(
+                            {"client": None, "mlx_lm.server": proc.pid},
+                            over_http(client, url, "default_model", args.requests, c, args.max_tokens, test_model,
+                                      retries=50))
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
 
         # the network: relay, public node, private node, shim, each its own process
-        net = ProcNetwork(root, model_dir)
-        try:
-            net.start_relay()
-            net.start_node("direct", model_id="bench-direct", max_concurrent=max(levels))
-            # No DCUtR on either side: on loopback a hole punch always succeeds (py-libp2p's DCUtR also
-            # drives one from the node's side), and this arm measures the relay's circuit.
-            net.start_node("private", model_id="bench-relayed", reachability="private", max_concurrent=max(levels),
-                           p2p={"hole_punch": False})
-            net.wait_node("direct")
-            net.wait_node("private")
-            net.start_shim(p2p={"hole_punch": False}, first_token_timeout_s=60.0, request_timeout_s=300.0)
-            url = net.shim_url + "/chat/completions"
-            for arm, model, route in (("direct", "bench-direct", "direct"), ("relayed", "bench-relayed", "relayed")):
-                await warm(client, url, model, test_model)
-                for c in levels:
-                    rows[(arm, c)] = (await over_http(client, url, model, args.requests, c, args.max_tokens,
-                                                      test_model, expect_route=route)).row()
-            if not args.skip_routing:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(instant_node, net.relay_addr, root, "bench-instant")
-                    await warm(client, url, "bench-instant", test_model)
+        net = BenchNetwork(root, model_dir)
+        net.shim_verbose = args.shim_verbose
+        net_arms = [a for a in (("direct", "bench-direct", "direct", "direct"),
+                                ("relayed", "bench-relayed", "relayed", "private")) if a[0] in arms]
+        if net_arms or "routing" in arms:
+            try:
+                net.start_relay()
+                net.start_node("direct", model_id="bench-direct", max_concurrent=max(levels))
+                # No DCUtR on either side: on loopback a hole punch always succeeds (py-libp2p's DCUtR also
+                # drives one from the node's side), and this arm measures the relay's circuit.
+                net.start_node("private", model_id="bench-relayed", reachability="private", max_concurrent=max(levels),
+                               p2p={"hole_punch": False})
+                net.wait_node("direct")
+                net.wait_node("private")
+                net.start_shim(p2p={"hole_punch": False}, first_token_timeout_s=60.0, request_timeout_s=300.0)
+                url = net.shim_url + "/chat/completions"
+                for arm, model, route, node in net_arms:
+                    await warm(client, url, model, test_model)
+                    procs = {"client": None, "shim": net.shim.pid, "relay": net.relay.pid, "node": net.nodes[node].pid}
                     for c in levels:
-                        rows[("routing", c)] = (await over_http(client, url, "bench-instant", max(args.requests, 8 * c),
-                                                                c, 1, test_model)).row()
-                    nursery.cancel_scope.cancel()
-        finally:
-            net.stop()
-    for (arm, c), row in rows.items():
-        out["rows"].append({"arm": arm, "concurrency": c, **row})
+                        rows[(arm, c)] = await measured(procs, over_http(
+                            client, url, model, args.requests, c, args.max_tokens, test_model, expect_route=route),
+                            net.shim.log_path)
+                if "routing" in arms:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(instant_node, net.relay_addr, root, "bench-instant")
+                        await warm(client, url, "bench-instant", test_model)
+                        procs = {"client+instant node": None, "shim": net.shim.pid, "relay": net.relay.pid}
+                        for c in levels:
+                            rows[("routing", c)] = await measured(procs, over_http(
+                                client, url, "bench-instant", max(args.requests, 8 * c), c, 1, test_model))
+                        nursery.cancel_scope.cancel()
+            finally:
+                net.stop()
+    timelines: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.timeline:
+        lines = {name: (root / "logs" / f"{name}.1.log").read_text().splitlines()
+                 for name in ("shim", "direct", "private") if (root / "logs" / f"{name}.1.log").exists()}
+        shim_marks = parse_lines(lines.get("shim", []))[0]
+        for arm, node in (("direct", "direct"), ("relayed", "private"), ("engine", None)):
+            if node is None:
+                marks, _, engine, steps = parse_lines(collect.lines)
+                # in process the client's send is the submit; engine rids count generate() calls
+                submits = [f"in-process-{k}" for k in range(next(IN_PROCESS_IDS))]
+            else:
+                marks, submits, engine, steps = parse_lines(lines.get(node, []))
+            for rid, ev in engine_marks(submits, engine).items():
+                marks.setdefault(rid, {}).update(ev)
+            for rid, ev in shim_marks.items():
+                marks.setdefault(rid, {}).update(ev)
+            for c in levels:
+                if (arm, c) in rows:
+                    timelines[(arm, c)] = timeline_summary(rows[(arm, c)], marks, steps)
+    for (arm, c), run in rows.items():
+        row = {"arm": arm, "concurrency": c, **run.row()}
+        if (arm, c) in timelines:
+            row["timeline"] = timelines[(arm, c)]
+        out["rows"].append(row)
     return out
 
 
@@ -321,6 +559,24 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  c={c:<3} direct-engine TTFT {d['ttft_p50_ms'] - e['ttft_p50_ms']:+7.1f} ms | "
               f"direct/mlx tok/s {d['tok_per_s'] / m['tok_per_s']:.2f}x | "
               f"relayed-direct TTFT {rl['ttft_p50_ms'] - d['ttft_p50_ms']:+7.1f} ms")
+    print("\nper request, by process: CPU ms (user + system) / ms runnable but waiting for a core "
+          "('client' is this bench process)")
+    for r in results["rows"]:
+        wait = r["runqueue_wait_ms_per_request"]
+        lanes = f"  | lanes opened {r['lanes_opened']}" if r.get("lanes_opened") is not None else ""
+        print(f"  {r['arm']:8} c={r['concurrency']:<3} "
+              + "  ".join(f"{k} {v:.1f}/{wait.get(k, float('nan')):.1f}" for k, v in r["cpu_ms_per_request"].items()) + lanes)
+    timed = [r for r in results["rows"] if "timeline" in r]
+    if timed:
+        print("\ntimeline (diagnosis run): p50 ms from the client's send to each hop")
+        for r in timed:
+            tl = r["timeline"]
+            hops = "  ".join(f"{k} {v['p50_ms']:.1f}" for k, v in tl["hops"].items())
+            print(f"  {r['arm']:8} c={r['concurrency']:<3} {hops}")
+            if "engine_steps" in tl:
+                print(f"  {'':8} {'':5} engine: {tl['engine_steps']} steps, p50 {tl['engine_step_ms_p50']:.1f} ms; "
+                      f"{tl['engine_prefill_steps']} with prefill work, p50 {tl['engine_prefill_step_ms_p50']:.1f} ms, "
+                      f"prompts per prefill step p50 {tl['engine_prefill_batch_p50']}")
 
 
 def main() -> int:
@@ -331,11 +587,22 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-routing", action="store_true")
+    ap.add_argument("--arms", default="engine,mlx,direct,relayed,routing", help="comma-separated subset of the arms")
+    ap.add_argument("--timeline", action="store_true",
+                    help="diagnosis: log and report each request's hops (adds logging work: not benchmark figures)")
+    ap.add_argument("--shim-verbose", action="store_true",
+                    help="run the shim with -v (DEBUG for every library), as tests/chaos/netproc.py does")
     ap.add_argument("--out", default="bench/results/api.json")
     args = ap.parse_args()
     load0 = os.getloadavg()
+    if args.skip_routing:
+        args.arms = ",".join(a for a in args.arms.split(",") if a != "routing")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.timeline:
+            (root / "diag").mkdir()
+            (root / "diag" / "sitecustomize.py").write_text(DIAG_SITECUSTOMIZE)
+            os.environ["CHAOS_PYTHONPATH"] = str(root / "diag")  # read by chaos.procs.clean_env for every role
         model_dir = args.model_dir or make_test_model(root / "model", args.size)
         results = trio.run(main_async, args, model_dir, root)
     results["config"] = {"model": str(args.model_dir) if args.model_dir else f"{args.size} test model",

@@ -7,4 +7,4 @@ its import light (the CLI imports `darkbloom.api.commands` to build --help).
 """
 
 __all__ = ["app", "backend", "client", "commands", "errors", "format", "keys", "limits", "metrics", "network",
-           "openapi", "requests", "router", "shim", "sse"]
+           "openapi", "requests", "router", "shim", "sse", "timeline"]

@@ -39,6 +39,7 @@ from darkbloom.api.requests import (
 )
 from darkbloom.api.sse import DONE, sse_data, sse_error
 from darkbloom.api.trust.seeding import replay_seeded
+from darkbloom.api.timeline import timeline
 from darkbloom.config import ApiConfig
 from darkbloom.errors import ApiError, ConfigError, DarkbloomError, InvalidRequest, ModelNotFound, StreamClosed
 from darkbloom.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -48,6 +49,7 @@ from darkbloom.wire.infer import ChoiceEnd, Delta, Done, Embeddings, InferReques
 __all__ = ["Authenticator", "Principal", "create_app", "serve"]
 
 logger = logging.getLogger(__name__)
+_tl = timeline("shim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,18 +216,20 @@ def create_app(
     @app.post("/v1/chat/completions")
     @endpoint("chat")
     async def chat() -> Response:
+        t_in = time.monotonic()
         who = await principal()
         body = await read_body()
         parsed = parse_chat_request(body)
-        return await generate(who, parsed, body, prefix="chatcmpl")
+        return await generate(who, parsed, body, prefix="chatcmpl", t_in=t_in)
 
     @app.post("/v1/completions")
     @endpoint("completions")
     async def completions() -> Response:
+        t_in = time.monotonic()
         who = await principal()
         body = await read_body()
         parsed = parse_completion_request(body)
-        return await generate(who, parsed, body, prefix="cmpl")
+        return await generate(who, parsed, body, prefix="cmpl", t_in=t_in)
 
     @app.post("/v1/embeddings")
     @endpoint("embeddings")
@@ -261,10 +265,15 @@ def create_app(
                     session.node_id[-8:], frame.count, frame.prompt_tokens, (trio.current_time() - started) * 1000)
         return _json(out, headers=_node_headers(session, request_id))
 
-    async def generate(who: Principal, parsed: ShimRequest, body: dict[str, Any], *, prefix: str) -> Response:
+    async def generate(who: Principal, parsed: ShimRequest, body: dict[str, Any], *, prefix: str,
+                       t_in: float | None = None) -> Response:
         if auth is not None:
             await auth.admit(who, estimated_tokens=_estimate_tokens(body))
         request_id = f"{prefix}-{secrets.token_hex(12)}"
+        if _tl.enabled:
+            if t_in is not None:
+                _tl.mark(request_id, "http_in", at=t_in)
+            _tl.mark(request_id, "parsed")
         # Spot checks: a sampled request gets a seed (replayable draws) and every request a secret nonce
         # that salts the nodes' commitments to its token ids (darkbloom.api.trust.seeding, trust.token_hash).
         infer = InferRequest(request_id=request_id, kind=parsed.kind, model=parsed.model,  # type: ignore[arg-type]
@@ -360,11 +369,15 @@ def create_app(
 
         async def events() -> AsyncIterator[bytes]:
             ended = False
+            first = True
             stats.inflight += 1
             try:
                 while (frame := await next_frame(session, started)) is not None:
                     chunks = feed(comp, frame)
                     if chunks:  # one body write per frame (e.g. the role chunk and the first content together)
+                        if first:
+                            first = False
+                            _tl.mark(request_id, "sse_first")
                         yield b"".join(sse_data(chunk) for chunk in chunks)
                 usage = comp.usage_chunk()
                 if usage is not None:

@@ -35,6 +35,7 @@ from darkbloom.errors import (
     ProtocolMismatch,
     StreamClosed,
 )
+from darkbloom.api.timeline import timeline
 from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
 from darkbloom.wire.ledger import LaneReservation, Voucher
 from darkbloom.wire.trust import ScoreAttestation
@@ -52,6 +53,7 @@ from darkbloom.wire.infer import (
 __all__ = ["InferCall", "error_from_frame", "is_final", "open_infer"]
 
 log = logging.getLogger(__name__)
+_tl = timeline("shim")
 
 _REPLY = (Accepted, ErrorFrame)
 _FRAMES = (Delta, ChoiceEnd, Embeddings, Done, ErrorFrame, Voucher, ScoreAttestation)
@@ -277,9 +279,12 @@ async def open_infer(
     busy = False
     try:
         # The request rides with the protocol negotiation: the node starts on it one round trip sooner.
+        _tl.mark(request.request_id, "stream_opening", lane=int(lane is not None))
         stream = await network.open_stream(peer_id, INFER_PROTOCOL, addrs=addrs,
                                            first=encode_frame(request, max_frame_bytes))
+        _tl.mark(request.request_id, "stream_open")
         reply = await read_frame(stream.read, decoder, _REPLY)
+        _tl.mark(request.request_id, "accepted")
         if reply is None:
             raise StreamClosed(peer_id, "stream ended before the node answered")
         if isinstance(reply, ErrorFrame):

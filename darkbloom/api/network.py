@@ -38,6 +38,7 @@ from darkbloom.api.backend import Frame, ModelListing
 from darkbloom.api.client import InferCall, is_final
 from darkbloom.api.metering import open_metered
 from darkbloom.api.router import Candidate, PeerStats, RouteHints
+from darkbloom.api.timeline import timeline
 from darkbloom.config import ApiConfig
 from darkbloom.errors import DarkbloomError, MalformedMessage, ModelNotFound, NoCapacity, P2PError, PeerUnreachable
 from darkbloom.wire.caps import CapabilityRecord
@@ -46,6 +47,7 @@ from darkbloom.wire.infer import Accepted, Delta, Done, InferRequest, NodeLoad
 __all__ = ["NetworkBackend", "NetworkSession", "candidates_from_record", "spot_checkable"]
 
 log = logging.getLogger(__name__)
+_tl = timeline("shim")
 
 CANDIDATES_TTL_S = 10.0  # reuse a model's provider list this long; failures force a fresh lookup
 STALE_MAX_S = 60.0  # with `run` running: route by an older list this long while a background lookup refreshes it
@@ -550,6 +552,7 @@ class NetworkBackend:
         """Connect, get Accepted and the first content frame within first_token_timeout_s."""
         stats = self._stats(cand.peer_id)
         started = trio.current_time()
+        _tl.mark(request.request_id, "routed", peer=cand.peer_id[-8:])
         stats.inflight += 1
         call: InferCall | None = None
         try:
@@ -560,6 +563,7 @@ class NetworkBackend:
                                           price_output_per_m=cand.price_output_per_m)
                 self._note_load(cand.peer_id, call.accepted.load)
                 first = await call.receive()
+                _tl.mark(request.request_id, "first_frame")
         except BaseException as exc:
             stats.inflight -= 1
             if call is not None:

@@ -39,6 +39,7 @@ from darkbloom.errors import (
     StreamClosed,
     VoucherRejected,
 )
+from darkbloom.api.timeline import timeline
 from darkbloom.ledger.lanes import NodeLane
 from darkbloom.wire.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode, encode_frame, read_frame
 from darkbloom.wire.ledger import LaneReservation, Voucher
@@ -58,6 +59,7 @@ from darkbloom.wire.infer import (
 __all__ = ["EmbedFn", "InferenceService", "NodeMeter", "ServedRequest", "open_embedder", "serve_inference"]
 
 log = logging.getLogger(__name__)
+_tl = timeline("node")
 
 REQUEST_READ_TIMEOUT_S = 30.0  # a client that opens a stream and sends nothing is dropped
 LANE_BUSY_WAIT_S = 2.0  # a request on a lane still finishing another one waits this long for it
@@ -371,6 +373,7 @@ class InferenceService:
 
     async def handle(self, stream: Any) -> None:
         """One inbound stream. Never raises for a client's fault; resets on a broken stream."""
+        t_in = time.monotonic()
         io = _StreamIO(stream, self.max_frame_bytes)
         peer = getattr(stream, "peer_id", "")
         try:
@@ -378,6 +381,9 @@ class InferenceService:
                 req = await io.recv(InferRequest)
             if waited.cancelled_caught or req is None:
                 return
+            if _tl.enabled:
+                _tl.mark(req.request_id, "stream_in", at=t_in)
+                _tl.mark(req.request_id, "request_read")
         except MalformedMessage as exc:
             await self._refuse(io, ErrorFrame(request_id="", code="bad_request", message=f"bad request frame: {exc.reason}"))
             return
@@ -590,9 +596,12 @@ class InferenceService:
         gen_req = parse(dict(req.params))
         rid = req.request_id
         tool_index: dict[int, int] = {}  # choice -> tool calls sent so far (their OpenAI `index`)
+        first = _tl.enabled
+        _tl.mark(rid, "submit")
         async with aclosing(self.engine.generate(req.model, gen_req)) as events:
             async for event in events:
                 if isinstance(event, Admitted):
+                    _tl.mark(rid, "admitted")
                     progress.prompt_tokens = event.prompt_tokens
                     if metered is not None:
                         metered.begin(req, digest, event.prompt_tokens)
@@ -600,6 +609,8 @@ class InferenceService:
                     await io.send(Accepted(request_id=rid, node_version=self.node_version, digest=digest,
                                            prompt_tokens=event.prompt_tokens, load=self.load()))
                 elif isinstance(event, TextDelta):
+                    if first:
+                        _tl.mark(rid, "first_token")
                     if metered is not None:
                         await metered.gate()
                     calls = []
@@ -610,6 +621,9 @@ class InferenceService:
                     await io.send(Delta(request_id=rid, index=event.index, text=event.text,
                                         tokens=event.tokens, logprobs=tuple(event.logprobs),
                                         tool_calls=tuple(calls)))
+                    if first:
+                        first = False
+                        _tl.mark(rid, "first_write")
                     progress.completion_tokens += event.tokens
                     if metered is not None:
                         metered.lane.served(completion_tokens=event.tokens)
