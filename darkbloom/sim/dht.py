@@ -8,6 +8,10 @@ Kademlia paper) and is a scenario parameter, since libp2p 0.8.1 uses 10.
 
 Routing-table policy as in libp2p: only server-mode (public) peers enter tables, a full bucket
 keeps its live peers and drops the newcomer; a peer that fails an RPC is removed at once.
+`DhtParams.routing_table` picks the table model (darkbloom.sim.routing: textbook k-buckets by
+default, or py-libp2p 0.8.1's splitting buckets); `admit_learned` adds the servers named in
+FIND_NODE answers to the table as they arrive, before they are contacted, as 0.8.1's
+`_query_peer_for_closest` does (and Darkbloom's `ServerOnlyRoutingTable` lets through).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import trio
 from darkbloom.errors import MalformedMessage, P2PError, RecordRejected
 from darkbloom.p2p.api import Stream, recv_message, send_message
 from darkbloom.sim.messages import KAD_PROTOCOL, KadReply, KadRequest, PeerEntry
-from darkbloom.sim.routing import RoutingTable
+from darkbloom.sim.routing import MAX_BUCKETS, RoutingTableModel, new_table
 from darkbloom.sim.traversal import Lookup, LookupResult
 
 __all__ = ["DhtNode", "DhtParams", "QueryStats"]
@@ -42,6 +46,9 @@ class DhtParams:
     provider_ttl_s: float = 48 * 3600.0  # libp2p PROVIDER_RECORD_EXPIRATION_INTERVAL
     max_providers: int = 20  # a provider lookup stops once it knows this many
     providers_per_reply: int = 0  # cap on providers in one GET_PROVIDERS reply; 0: all (libp2p)
+    routing_table: RoutingTableModel = "kademlia"  # or "py-libp2p-0.8.1" (splits any full bucket)
+    max_buckets: int = MAX_BUCKETS  # py-libp2p-0.8.1 model: buckets per table (0.8.1 MAXIMUM_BUCKETS)
+    admit_learned: bool = False  # servers named in answers enter the table uncontacted (0.8.1 does)
 
 
 @dataclass(slots=True)
@@ -79,7 +86,7 @@ class DhtNode:
     ) -> None:
         self.peer_id = peer_id
         self.params = params
-        self.table = RoutingTable(peer_id, key_of, k=params.k)
+        self.table = new_table(params.routing_table, peer_id, key_of, k=params.k, max_buckets=params.max_buckets)
         self.server = server
         self._is_server = is_server
         self._key_of = key_of
@@ -98,6 +105,12 @@ class DhtNode:
         """A peer showed it is alive; servers enter the table when their bucket has room."""
         if self._is_server(peer_id):
             self.table.observe(peer_id)  # full bucket: the live oldest stays (libp2p pings it)
+
+    def _learn(self, closer: tuple[str, ...]) -> None:
+        if self.params.admit_learned:
+            for peer in closer:
+                if peer != self.peer_id:
+                    self.observe(peer)
 
     # --- server side (pure) --------------------------------------------------------
 
@@ -206,6 +219,7 @@ class DhtNode:
                 lookup.on_failure(peer)
                 return
             lookup.on_reply(peer, reply.closer)
+            self._learn(reply.closer)
             if on_reply is not None and on_reply(peer, reply):
                 stop = True
 
@@ -237,6 +251,7 @@ class DhtNode:
                 reply = other.answer(req, self.peer_id, now)
                 self.observe(peer)
                 lookup.on_reply(peer, reply.closer)
+                self._learn(reply.closer)
             lookup.end_round()
 
     def store_sync(self, key: int, req: KadRequest, peers: dict[str, DhtNode]) -> int:

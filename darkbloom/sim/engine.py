@@ -34,7 +34,7 @@ from darkbloom.identity import Identity
 from darkbloom.p2p.api import Stream
 from darkbloom.p2p.keys import model_cid, peer_id_from_public_key
 from darkbloom.sim.dht import KadRequest, _key_bytes
-from darkbloom.sim.keys import KEY_BITS, KeySpace, content_key
+from darkbloom.sim.keys import KeySpace, content_key
 from darkbloom.sim.metrics import Metrics, summarise
 from darkbloom.sim.network import NatType, SimNode, SimWorld
 from darkbloom.sim.peer import SimPeer
@@ -172,17 +172,13 @@ class Simulation:
             for r in self.relays:
                 dht.observe(r)
             dht.lookup_sync(self.keys(pid), dht_of)
-        # then every node refreshes its buckets that are not full (Kademlia's join refresh,
-        # libp2p's periodic refresh): a lookup of a random key in each such bucket's range
+        # then every node refreshes its table (Kademlia's join refresh, libp2p's periodic one):
+        # kademlia model, a random key in each bucket that is not full; py-libp2p-0.8.1 model,
+        # one lookup per non-empty bucket as 0.8.1 does (darkbloom.sim.routing.refresh_targets)
         for pid in order:
             dht = self.peers[pid].dht
-            table = dht.table
-            deepest = max(table.nonempty_buckets(), default=0)
-            for i in range(min(deepest, 24)):
-                if len(table.bucket(i)) < table.k:
-                    low = self.rng.getrandbits(KEY_BITS - 1 - i)
-                    target = ((table.local_key >> (KEY_BITS - i)) << (KEY_BITS - i)) | ((~table.local_key >> (KEY_BITS - 1 - i) & 1) << (KEY_BITS - 1 - i)) | low
-                    dht.lookup_sync(target, dht_of)
+            for target in dht.table.refresh_targets(self.rng):
+                dht.lookup_sync(target, dht_of)
 
     async def warm_announce(self) -> None:
         """Every initial provider provides its model and stores its record, by direct calls."""

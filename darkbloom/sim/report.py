@@ -19,12 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from darkbloom.errors import ConfigError
 from darkbloom.sim.engine import SimResult, scenario_dict, simulate
+from darkbloom.sim.routing import ROUTING_TABLE_MODELS
 from darkbloom.sim.scenario import load_scenario as load_scenario  # re-exported for commands
 from darkbloom.sim.metrics import percentile, timeline
 from darkbloom.sim.scenario import Scenario
 
-__all__ = ["REPORT_SCENARIOS", "run_isolated", "run_report", "scaling_scenario", "write_result"]
+__all__ = ["REPORT_SCENARIOS", "run_isolated", "run_report", "scaling_scenario", "with_routing_table", "write_result"]
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +129,27 @@ def plot_rows(lookups, requests, events, path: Path, *, title: str, bin_s: float
     plt.close(fig)
 
 
-def scaling_scenario(nodes: int, seed: int = 1, lookups: int = 200) -> Scenario:
+def with_routing_table(scenario: Scenario, model: str | None) -> Scenario:
+    """`scenario` with routing-table model `model` (None: as the scenario says). The
+    py-libp2p-0.8.1 model also admits servers named in FIND_NODE answers, as 0.8.1 does."""
+    if model is None:
+        return scenario
+    if model not in ROUTING_TABLE_MODELS:
+        raise ConfigError(f"unknown routing table model {model!r}", key="--routing-table", source="command line",
+                          hint=f"one of: {', '.join(ROUTING_TABLE_MODELS)}")
+    dht = dataclasses.replace(scenario.dht, routing_table=model, admit_learned=model == "py-libp2p-0.8.1")
+    return dataclasses.replace(scenario, dht=dht)
+
+
+def scaling_scenario(nodes: int, seed: int = 1, lookups: int = 200, routing_table: str = "kademlia") -> Scenario:
     """The baseline at `nodes` for the hops/latency sweep: warm network, lookups and requests
     for `lookups` virtual seconds, no re-announce inside the short window (records live 600 s)."""
-    base = load_scenario("baseline")
+    base = with_routing_table(load_scenario("baseline"), routing_table)
     duration = base.warmup_s + lookups
+    suffix = "" if routing_table == "kademlia" else f"-{routing_table}"
     return dataclasses.replace(
         base,
-        name=f"scaling-{nodes}",
+        name=f"scaling-{nodes}{suffix}",
         nodes=nodes,
         seed=seed,
         duration_s=duration,
@@ -158,7 +173,7 @@ def run_isolated(scenario: Scenario) -> SimResult:
 def _scaling_row(n: int, r: SimResult) -> dict[str, Any]:
     s, st = r.summary, r.stats
     return {
-        "nodes": n, "log2_nodes": round(math.log2(n), 3), "lookups": s["lookups"], "lookup_success": s["lookup_success"],
+        "nodes": n, "routing_table": r.scenario.dht.routing_table, "log2_nodes": round(math.log2(n), 3), "lookups": s["lookups"], "lookup_success": s["lookup_success"],
         "hops_mean": s["hops_mean"], "hops_p95": s["hops_p95"], "rounds_mean": s["rounds_mean"],
         "queries_mean": s["queries_mean"], "lookup_latency_p50_s": s["lookup_latency_p50_s"],
         "lookup_latency_p95_s": s["lookup_latency_p95_s"], "requests": s["requests"],
@@ -174,26 +189,31 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["log2_nodes"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(xs, [r["hops_mean"] for r in rows], marker="o", label="hops (mean)")
-    a.plot(xs, [r["hops_p95"] for r in rows], marker="^", label="hops (p95)")
-    a.plot(xs, [r["rounds_mean"] for r in rows], marker="s", label="rounds (mean)")
-    if len(rows) >= 2:
-        mx, my = sum(xs) / len(xs), sum(r["hops_mean"] for r in rows) / len(rows)
-        den = sum((x - mx) ** 2 for x in xs) or 1.0
-        slope = sum((x - mx) * (r["hops_mean"] - my) for x, r in zip(xs, rows)) / den
-        a.plot(xs, [my + slope * (x - mx) for x in xs], "k:", label=f"fit: {slope:.2f} hops per doubling")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    models = list(dict.fromkeys(r.get("routing_table", "kademlia") for r in rows))
+    for model, line in zip(models, ("-", "--", "-.")):
+        sub = [r for r in rows if r.get("routing_table", "kademlia") == model]
+        xs = [r["log2_nodes"] for r in sub]
+        tag = f" [{model}]"
+        a.plot(xs, [r["hops_mean"] for r in sub], line, marker="o", label="hops (mean)" + tag)
+        a.plot(xs, [r["hops_p95"] for r in sub], line, marker="^", label="hops (p95)" + tag)
+        a.plot(xs, [r["rounds_mean"] for r in sub], line, marker="s", label="rounds (mean)" + tag)
+        if len(sub) >= 2:
+            mx, my = sum(xs) / len(xs), sum(r["hops_mean"] for r in sub) / len(sub)
+            den = sum((x - mx) ** 2 for x in xs) or 1.0
+            slope = sum((x - mx) * (r["hops_mean"] - my) for x, r in zip(xs, sub)) / den
+            a.plot(xs, [my + slope * (x - mx) for x in xs], "k:", label=f"fit: {slope:.2f} hops per doubling" + tag)
+        b.plot(xs, [r["lookup_latency_p50_s"] for r in sub], line, marker="o", label="lookup p50" + tag)
+        b.plot(xs, [r["lookup_latency_p95_s"] for r in sub], line, marker="^", label="lookup p95" + tag)
+        b.plot(xs, [r["discovery_latency_p50_s"] for r in sub], line, marker="s", label="model discovery p50" + tag)
+    a.set_title("routing-table model in [brackets]", fontsize=9)
     a.set_xlabel("log2(N)")
     a.set_ylabel("per lookup")
-    a.legend(fontsize=8)
+    a.legend(fontsize=7)
     a.grid(alpha=0.3)
-    b.plot(xs, [r["lookup_latency_p50_s"] for r in rows], marker="o", label="lookup p50")
-    b.plot(xs, [r["lookup_latency_p95_s"] for r in rows], marker="^", label="lookup p95")
-    b.plot(xs, [r["discovery_latency_p50_s"] for r in rows], marker="s", label="model discovery p50")
     b.set_xlabel("log2(N)")
     b.set_ylabel("seconds (virtual)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -215,23 +235,26 @@ def run_report(
     scenarios: Sequence[str] = REPORT_SCENARIOS,
     scenario_nodes: int | None = None,
     seed: int = 1,
+    routing_tables: Sequence[str] = ("kademlia",),
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """The whole research report into `out`; returns what it wrote as a dict."""
+    """The whole research report into `out`; returns what it wrote as a dict. The scaling sweep
+    runs once per routing-table model in `routing_tables`; scenarios use the first."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"scaling": [], "scenarios": {}}
     for name in scenarios:
-        sc = load_scenario(name).with_overrides(nodes=scenario_nodes, seed=seed)
+        sc = with_routing_table(load_scenario(name).with_overrides(nodes=scenario_nodes, seed=seed), routing_tables[0])
         progress(f"scenario {name}: {sc.nodes} nodes, {sc.duration_s:.0f} s virtual")
         r = run_isolated(sc)
         write_result(r, out / name)
-        results["scenarios"][name] = {"summary": r.summary, "stats": r.stats}
+        results["scenarios"][name] = {"summary": r.summary, "stats": r.stats, "routing_table": sc.dht.routing_table}
         progress(f"  done in {r.stats['wall_s']:.0f} s wall, {r.stats['maxrss_mb']:.0f} MB")
-    for n in sizes:
-        sc = scaling_scenario(n, seed)
-        progress(f"scaling: {n} nodes")
+    runs = [(model, n) for model in routing_tables for n in sizes]
+    for model, n in runs:
+        sc = scaling_scenario(n, seed, routing_table=model)
+        progress(f"scaling: {n} nodes, {model} routing tables")
         r = run_isolated(sc)
-        write_result(r, out / f"scaling-{n}")
+        write_result(r, out / sc.name)
         results["scaling"].append(_scaling_row(n, r))
         progress(f"  hops {r.summary['hops_mean']}, {r.stats['wall_s']:.0f} s wall, {r.stats['maxrss_mb']:.0f} MB")
         _write_csv(out / "scaling.csv", results["scaling"])
@@ -245,19 +268,21 @@ def run_report(
 def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# Darkbloom simulation report", ""]
     if results["scaling"]:
-        cols = ["nodes", "hops_mean", "hops_p95", "rounds_mean", "queries_mean", "lookup_success",
+        cols = ["nodes", "routing_table", "hops_mean", "hops_p95", "rounds_mean", "queries_mean", "lookup_success",
                 "lookup_latency_p50_s", "lookup_latency_p95_s", "relayed_share", "request_success",
                 "discovery_latency_p50_s", "wall_s", "cpu_s", "maxrss_mb"]
-        lines += ["## Lookups against N", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["## Lookups against N", "", "routing_table: the simulator's routing-table model that produced the row "
+                  "(kademlia: textbook k-buckets; py-libp2p-0.8.1: any full bucket splits, up to 256 buckets).", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in results["scaling"]:
             lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
         lines.append("")
     if results["scenarios"]:
         keys = ["lookup_success", "hops_mean", "request_success", "relayed_share", "hole_punched_share",
                 "request_latency_p50_s", "request_latency_p95_s", "vanish_mean_s", "vanish_max_s"]
-        lines += ["## Scenarios", "", "| scenario | " + " | ".join(keys) + " | wall_s | maxrss_mb |", "|" + "---|" * (len(keys) + 3)]
+        lines += ["## Scenarios", "", "| scenario | routing_table | " + " | ".join(keys) + " | wall_s | maxrss_mb |",
+                  "|" + "---|" * (len(keys) + 4)]
         for name, r in results["scenarios"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(r["summary"].get(k)) for k in keys)
+            lines.append(f"| {name} | {r.get('routing_table', 'kademlia')} | " + " | ".join(_fmt(r["summary"].get(k)) for k in keys)
                          + f" | {_fmt(r['stats']['wall_s'])} | {_fmt(r['stats']['maxrss_mb'])} |")
         lines.append("")
     return "\n".join(lines)
