@@ -145,23 +145,35 @@ async def collect_generations(args: argparse.Namespace) -> dict[str, Any]:
         for p in prompts
     ]
     counts = {"greedy": args.greedy or args.prompts, "t0.7": args.prompts, "t1.0": args.prompts, "t0.7_filtered": args.filtered}
+    if args.regimes:
+        counts = {r: n for r, n in counts.items() if r in args.regimes.split(",")}
     jobs = []  # (regime, prompt index)
     for regime, n in counts.items():
         jobs += [(regime, i) for i in range(min(n, len(prompts)))]
     print(f"honest: {len(jobs)} generations of <= {args.max_tokens} tokens", file=sys.stderr)
     t0 = time.monotonic()
-    samp = {r: Sampling(temperature=t, top_p=p, top_k=k) for r, (t, p, k) in REGIMES.items()}
-    honest_out = await generate(smol, "smollm2", [(prompt_ids[i], samp[r]) for r, i in jobs], args.max_tokens, args.concurrency)
+    # Every sampled request carries a seed, as the shim sets one (darkbloom.api.trust.seeding): the
+    # engine draws with replayable noise and the verifier replays it.
+    seed_rng = random.Random(args.seed + 1)
+    seeds = [seed_rng.randrange(1 << 63) if REGIMES[r][0] > 0 else None for r, _ in jobs]
+    samp = [Sampling(temperature=REGIMES[r][0], top_p=REGIMES[r][1], top_k=REGIMES[r][2], seed=sd) for (r, _), sd in zip(jobs, seeds)]
+    honest_out = await generate(smol, "smollm2", [(prompt_ids[i], sp) for (_, i), sp in zip(jobs, samp)], args.max_tokens, args.concurrency)
     gen_s = time.monotonic() - t0
     cheat_prompts = list(range(min(args.cheats, len(prompts))))
+    if args.reuse_cheats:  # the cheats' token ids of an earlier run (they do not depend on seeds)
+        old = json.loads(Path(args.reuse_cheats).read_text())["items"]
+        cheat_items = [it for it in old if it["kind"] in ("other_model", "random_tokens")]
+        cheat_prompts = []
     other_jobs = [([{"role": "user", "content": prompts[i]}], (0.0, 0.7, 1.0)[i % 3]) for i in cheat_prompts]
     small_tok = AutoTokenizer.from_pretrained(str(small))
     other_raw = await generate(small, "small", other_jobs, args.max_tokens, args.concurrency) if other_jobs else []
     rng = random.Random(args.seed)
     items: list[dict[str, Any]] = []
-    for (r, i), o in zip(jobs, honest_out):
+    for (r, i), o, sd in zip(jobs, honest_out, seeds):
         if o:
-            items.append({"kind": f"honest_{r}", "regime": r, "prompt": i, "p": list(prompt_ids[i]), "o": list(o)})
+            items.append({"kind": f"honest_{r}", "regime": r, "prompt": i, "p": list(prompt_ids[i]), "o": list(o), "seed": sd})
+    if args.reuse_cheats:
+        items += cheat_items
     for i, raw in zip(cheat_prompts, other_raw):
         text = small_tok.decode(list(raw), skip_special_tokens=True)
         ids = tok.encode(text, add_special_tokens=False)[: args.max_tokens]
@@ -169,10 +181,13 @@ async def collect_generations(args: argparse.Namespace) -> dict[str, Any]:
             items.append({"kind": "other_model", "prompt": i, "p": list(prompt_ids[i]), "o": ids})
     for i in cheat_prompts[: args.random_cheats]:
         items.append({"kind": "random_tokens", "prompt": i, "p": list(prompt_ids[i]), "o": [rng.randrange(vocab) for _ in range(args.max_tokens)]})
+    for it in items:  # a cheat gets the seed the shim gave its request, and ignores it
+        if not it["kind"].startswith("honest"):
+            it["seed"] = seed_rng.randrange(1 << 63)
     return {"items": items, "generate_s": gen_s + 0.0, "vocab": vocab, "max_tokens": args.max_tokens}
 
 
-def score_items(model_dir: Path, items: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+def score_items(model_dir: Path, items: list[dict[str, Any]], batch: int, claims_only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Phase 2, the verifier: a second SmolLM2 instance loaded on this thread scores every output
     in one teacher-forced forward pass per batch, under each sampling regime the output is
     claimed to come from (an honest answer: its own; a cheat: every regime)."""
@@ -191,13 +206,16 @@ def score_items(model_dir: Path, items: list[dict[str, Any]], batch: int) -> lis
         logits = output_logits(model, [(items[i]["p"], items[i]["o"]) for i in idx], vocab_size=vocab)
         for i, lg in zip(idx, logits):
             it = items[i]
-            claims = [it["regime"]] if "regime" in it else list(REGIMES)
+            claims = [it["regime"]] if "regime" in it else [r for r in REGIMES if not claims_only or r in claims_only]
             for claim in claims:
-                st = sampled_stats(lg, it["o"], specs[claim])
+                spec = specs[claim]
+                if spec.temperature > 0 and it.get("seed") is not None:  # the verifier replays the seeded draws
+                    spec = dataclasses.replace(spec, seed=it["seed"])
+                st = sampled_stats(lg, it["o"], spec)
                 x = verify.scored_from_sampled(st, TILTS)
                 rows.append({"kind": it["kind"], "claim": claim, "prompt": it["prompt"], "lp": x.logprobs, "rk": x.ranks,
                              "slp": x.sample_logprobs, "h": x.entropies, "var": x.variances, "lt": x.log_tilts,
-                             "ex": x.excluded})
+                             "ex": x.excluded, "gap": x.replay_gaps})
         if (b // batch) % 10 == 0:
             print(f"  scored {b + len(idx)}/{len(items)} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     return rows
@@ -208,7 +226,7 @@ def _obs(r: dict[str, Any]) -> verify.ScoredOutput:
 
     return verify.ScoredOutput(tuple(r["lp"]), tuple(r["rk"]), sample_logprobs=tuple(r["slp"]), entropies=tuple(r["h"]),
                                variances=tuple(r["var"]), log_tilts=tuple(tuple(t) for t in r["lt"]), tilts=TILTS,
-                               excluded=tuple(r["ex"]))
+                               excluded=tuple(r["ex"]), replay_gaps=tuple(r.get("gap") or ()))
 
 
 def upper95(k: int, n: int) -> float:
@@ -244,6 +262,14 @@ VARIANTS = {
 }
 
 
+def _hist(values: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        key = str(v) if v < 5 else "5+"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (kind, claimed regime): pass/catch rates of the shipped policy, the z rule at -3 and
     -4 and the legacy raw rules; honest e-value quantiles; detection by output length."""
@@ -272,6 +298,12 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_tokens": sum(len(x.logprobs) for x in xs) / len(xs),
             "variants": {name: sum(verify.judge(x, pol).flagged for x in xs) for name, pol in VARIANTS.items()},
             "excluded_tokens": sum(sum(x.excluded) for x in xs),
+            "replayed": sum(1 for x in xs if x.replay_gaps),
+            "replay_flagged": sum(v.reason == "replay_mismatch" for v in verdicts),
+            # without the replay rule (the e-value and excluded tokens alone), for comparison
+            "without_replay_flagged": sum(verify.judge(dataclasses.replace(x, replay_gaps=()), policy).flagged for x in xs),
+            "max_replay_gap": max((g for x in xs for g, e in zip(x.replay_gaps, x.excluded) if not e), default=None),
+            "replay_misses_hist": _hist([v.replay_misses for v in verdicts if v.replay_misses >= 0]),
             "rank_gt0_tokens": sum(sum(1 for r in x.ranks if r > 0) for x in xs),
         }
         if not honest:  # detection when only the first L tokens are scored
@@ -369,6 +401,12 @@ def print_table(result: dict[str, Any]) -> None:
         ub = f"{c['honest_fail_upper95']:.4f}" if c["honest_fail_upper95"] is not None else ""
         print(f"{c['kind']:<22} {c['claim']:<14} {c['n']:>4} {c['mean_tokens']:>5.1f} {c['flagged']:>5} {c['rate']:>11.4f} {ub:>10} "
               f"{c['z_lt_-3']:>5} {c['z_lt_-4']:>5} {c['legacy_flagged']:>6} {c['log_evalue_max']:>8.2f} {c['min_z']:>6.2f}")
+    print("replay (seeded sampled regimes): replayed, flagged by replay, flagged without the replay rule, largest honest gap, misses per check")
+    for c in result["cells"]:
+        if c.get("replayed"):
+            gap = f"{c['max_replay_gap']:.5f}" if c["max_replay_gap"] is not None else "-"
+            print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} replayed {c['replayed']:>4} replay-flag {c['replay_flagged']:>4} "
+                  f"no-replay-flag {c['without_replay_flagged']:>4} max gap {gap} misses {c['replay_misses_hist']}")
     print("flagged by variant: " + " | ".join(VARIANTS))
     for c in result["cells"]:
         print(f"  {c['kind']:<22} {c['claim']:<14} n={c['n']:>4} " + " ".join(f"{v:>5}" for v in c["variants"].values()))
@@ -398,6 +436,9 @@ def main() -> int:
     ap.add_argument("--accumulate", action="store_true", help="per-node accumulated-evidence rates from saved --samples")
     ap.add_argument("--draws", type=int, default=2000, help="simulated nodes per cell for --accumulate")
     ap.add_argument("--accumulate-out", default="bench/results/verify_accumulate.json")
+    ap.add_argument("--regimes", default="", help="honest regimes to generate, comma-separated (default: all)")
+    ap.add_argument("--claims", default="", help="regimes cheats are scored under, comma-separated (default: all)")
+    ap.add_argument("--reuse-cheats", default="", help="take the cheats' token ids from this earlier generations file")
     args = ap.parse_args()
     if args.accumulate:
         acc = accumulation(json.loads(Path(args.samples).read_text())["rows"], draws=args.draws, seed=args.seed)
@@ -424,7 +465,7 @@ def main() -> int:
 
         smol = models_dir(load_config().inference) / "smollm2-135m-instruct"
         t0 = time.monotonic()
-        rows = score_items(smol, gen["items"], args.batch)
+        rows = score_items(smol, gen["items"], args.batch, tuple(c for c in args.claims.split(",") if c))
         data = {"rows": rows, "generate_s": gen["generate_s"], "score_s": time.monotonic() - t0, "max_tokens": gen["max_tokens"]}
         Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
         Path(args.samples).write_text(json.dumps(data))
