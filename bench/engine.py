@@ -7,7 +7,8 @@
 
 For each model, our engine runs in this process (`open_engine`, max_concurrent = the highest
 concurrency) and `mlx_lm.server` runs as a subprocess on 127.0.0.1 with the same model
-directory, `--decode-concurrency` = the same highest concurrency, and OpenBLAS preloaded
+directory, `--decode-concurrency` and `--prompt-concurrency` = the same highest concurrency
+(our engine prefills up to that many prompts together too), and OpenBLAS preloaded
 through LD_PRELOAD with the same thread count as ours (OPENBLAS_NUM_THREADS = --blas-threads).
 
 Fairness: at each concurrency C, C clients each send `rounds` streaming chat requests one after
@@ -17,8 +18,10 @@ template's shared prefix, which both sides can reuse), and one warm-up round per
 other prompts runs first and is not measured. The two sides alternate `trials` times per level
 (load from other processes hits both) and the median trial (by tokens/s) of each side is
 reported; TTFT p50/p95 are over every request of every trial of that side. Measured: aggregate
-completion tokens/s over the wall time (usage counts from each side), TTFT = request start to
-first non-empty text. Embeddings (our MiniLM encoder; mlx_lm.server has none): sentences/s at
+completion tokens/s over the wall time (usage counts from each side; prefill included), aggregate
+decode tokens/s (concurrency x the median request's tokens after its first over the time from its
+first text to its last: the issue's "decode tokens/s"), TTFT = request start to first non-empty
+text. Embeddings (our MiniLM encoder; mlx_lm.server has none): sentences/s at
 batch 1 and 64, median of the trials. Prints a table and writes JSON with the load average.
 """
 
@@ -60,6 +63,14 @@ def prompts(n: int, tag: str = "") -> list[str]:
     ]
 
 
+def decode_rate(tokens: int, first: float, last: float) -> float:
+    """One request's decode speed: the tokens after its first, over the time from its first
+    text to its end (its last text, or its finish event). NaN when there is nothing to time."""
+    if tokens < 2 or last <= first:
+        return math.nan
+    return (tokens - 1) / (last - first)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return math.nan
@@ -74,6 +85,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def run_ours(eng: Any, model_id: str, texts: list[str], concurrency: int, max_tokens: int) -> dict[str, Any]:
     ttfts: list[float] = []
+    decode: list[float] = []
     tokens = 0
     queue = list(texts)
 
@@ -83,13 +95,15 @@ async def run_ours(eng: Any, model_id: str, texts: list[str], concurrency: int, 
             text = queue.pop()
             req = parse_chat({"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens})
             t0 = time.perf_counter()
-            first = True
+            first: float | None = None
             async for ev in eng.generate(model_id, req):
-                if isinstance(ev, TextDelta) and first and ev.text:
-                    ttfts.append(time.perf_counter() - t0)
-                    first = False
+                if isinstance(ev, TextDelta) and first is None and ev.text:
+                    first = time.perf_counter()
+                    ttfts.append(first - t0)
                 elif isinstance(ev, ChoiceFinished):
                     tokens += ev.completion_tokens
+                    if first is not None:
+                        decode.append(decode_rate(ev.completion_tokens, first, time.perf_counter()))
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as n:
@@ -105,6 +119,7 @@ async def run_ours(eng: Any, model_id: str, texts: list[str], concurrency: int, 
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p95_s": pct(ttfts, 0.95),
         "ttfts": ttfts,
+        "decode_tok_s": concurrency * pct([d for d in decode if not math.isnan(d)], 0.5),
     }
 
 
@@ -126,7 +141,8 @@ def start_mlx_server(model_dir: Path, port: int, concurrency: int, blas_threads:
         env["LD_PRELOAD"] = blas
     cmd = [
         sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--decode-concurrency", str(max(concurrency, 1)), "--log-level", "WARNING",
+        "--decode-concurrency", str(max(concurrency, 1)), "--prompt-concurrency", str(max(concurrency, 1)),
+        "--log-level", "WARNING",
     ]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
 
@@ -153,6 +169,7 @@ def proc_cpu_s(pid: int) -> float:
 
 async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], concurrency: int, max_tokens: int, pid: int) -> dict[str, Any]:
     ttfts: list[float] = []
+    decode: list[float] = []
     tokens = 0
     resets = 0
     queue = list(texts)
@@ -170,8 +187,9 @@ async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], con
                 "stream_options": {"include_usage": True},
             }
             t0 = time.perf_counter()
-            first = True
-            got_usage = False
+            first: float | None = None
+            last = 0.0
+            n_tokens = 0
             n_chunks = 0
             for _attempt in range(50):
                 try:
@@ -184,12 +202,12 @@ async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], con
                             for ch in chunk.get("choices", []):
                                 if (ch.get("delta") or {}).get("content"):
                                     n_chunks += 1
-                                    if first:
-                                        ttfts.append(time.perf_counter() - t0)
-                                        first = False
+                                    last = time.perf_counter()
+                                    if first is None:
+                                        first = last
+                                        ttfts.append(first - t0)
                             if chunk.get("usage"):
-                                tokens += chunk["usage"]["completion_tokens"]
-                                got_usage = True
+                                n_tokens = chunk["usage"]["completion_tokens"]
                     break
                 except (httpx.ReadError, httpx.ConnectError, httpx.RemoteProtocolError):
                     # mlx_lm.server's ThreadingHTTPServer listens with a backlog of 5 and resets
@@ -200,8 +218,10 @@ async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], con
                     await trio.sleep(0.05)
             else:
                 raise RuntimeError("mlx_lm.server kept resetting connections")
-            if not got_usage:
-                tokens += n_chunks  # one content chunk per token in mlx_lm.server
+            n_tokens = n_tokens or n_chunks  # one content chunk per token in mlx_lm.server
+            tokens += n_tokens
+            if first is not None:
+                decode.append(decode_rate(n_tokens, first, last))
 
     t0, cpu0 = time.perf_counter(), proc_cpu_s(pid)
     async with trio.open_nursery() as n:
@@ -217,6 +237,7 @@ async def run_theirs(client: httpx.AsyncClient, base: str, texts: list[str], con
         "ttft_p50_s": pct(ttfts, 0.5),
         "ttft_p95_s": pct(ttfts, 0.95),
         "ttfts": ttfts,
+        "decode_tok_s": concurrency * pct([d for d in decode if not math.isnan(d)], 0.5),
         "connection_resets": resets,
     }
 
@@ -250,6 +271,8 @@ def median_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
     mid["ttft_p50_s"], mid["ttft_p95_s"] = pct(ttfts, 0.5), pct(ttfts, 0.95)
     mid["tokens_all_trials"] = [r["tokens"] for r in trials]
     mid["tok_s_all_trials"] = [round(r["tok_s"], 2) for r in trials]
+    mid["decode_tok_s"] = sorted(r["decode_tok_s"] for r in trials)[(len(trials) - 1) // 2]
+    mid["decode_tok_s_all_trials"] = [round(r["decode_tok_s"], 2) for r in trials]
     return mid
 
 
@@ -284,6 +307,7 @@ async def bench_model(
                         "ours": ours,
                         "mlx_lm_server": theirs,
                         "speedup": ours["tok_s"] / theirs["tok_s"],
+                        "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
                         # Tokens per CPU-second, median trial each: less sensitive to other load.
                         "cpu_efficiency_ratio": ours["tok_per_cpu_s"] / theirs["tok_per_cpu_s"],
                         "load_avg_1m": os.getloadavg()[0],
@@ -291,7 +315,8 @@ async def bench_model(
                     rows.append(row)
                     print(
                         f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s  "
-                        f"x{row['speedup']:.2f}",
+                        f"x{row['speedup']:.2f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
+                        f"x{row['decode_speedup']:.2f}",
                         flush=True,
                     )
     finally:
@@ -357,13 +382,14 @@ def main() -> int:
     print()
     print(
         f"{'model':9} {'conc':>4} | {'ours tok/s':>10} {'TTFT p50':>9} {'p95':>7} | {'mlx_lm tok/s':>12} {'TTFT p50':>9} "
-        f"{'p95':>7} | {'speedup':>7} | {'tok/CPU-s ratio':>15} | {'load 1m':>7}"
+        f"{'p95':>7} | {'speedup':>7} | {'ours decode':>11} {'mlx_lm decode':>13} {'speedup':>7} | {'tok/CPU-s ratio':>15} | {'load 1m':>7}"
     )
     for r in rows:
         o, t = r["ours"], r["mlx_lm_server"]
         print(
             f"{r['model']:9} {r['concurrency']:>4} | {o['tok_s']:>10.1f} {o['ttft_p50_s']:>8.2f}s {o['ttft_p95_s']:>6.2f}s | "
             f"{t['tok_s']:>12.1f} {t['ttft_p50_s']:>8.2f}s {t['ttft_p95_s']:>6.2f}s | {r['speedup']:>6.2f}x | "
+            f"{o['decode_tok_s']:>11.1f} {t['decode_tok_s']:>13.1f} {r['decode_speedup']:>6.2f}x | "
             f"{r['cpu_efficiency_ratio']:>14.2f}x | {r['load_avg_1m']:>7.1f}"
         )
     if emb:
@@ -393,12 +419,14 @@ def main() -> int:
             "trials": args.trials,
             "concurrency": levels,
             "temperature": 0,
-            "mlx_lm_server_flags": f"--decode-concurrency {max(levels)} (other flags default)",
+            "mlx_lm_server_flags": f"--decode-concurrency {max(levels)} --prompt-concurrency {max(levels)} (other flags default)",
         },
         "rows": rows,
         "embeddings": emb,
         "note": (
-            "aggregate completion tokens/s over wall time, median of the interleaved trials per side; "
+            "tok_s: aggregate completion tokens/s over wall time (prefill included), median of the interleaved "
+            "trials per side; decode_tok_s: concurrency x the median request's decode speed (tokens after its "
+            "first over the time from its first text to its last), median of the trials; "
             "fresh prompts per trial, identical for both sides; warm-up excluded; TTFT = request start to "
             "first non-empty text, p50/p95 over all trials of a side"
         ),
