@@ -290,12 +290,21 @@ async def instant_node(relay_addr: str, data_dir: Path, model: str, *, task_stat
         await trio.sleep_forever()
 
 
-async def warm(client: httpx.AsyncClient, url: str, model: str, test_model: bool, deadline_s: float = 120) -> None:
-    """Until the first answer comes (discovery, connections, lanes, prompt caches); then two more."""
+async def warm(client: httpx.AsyncClient, url: str, model: str, test_model: bool, concurrency: int,
+               deadline_s: float = 120, **kw: Any) -> Run:
+    """Until the first answer comes (discovery); then one wave of `concurrency` requests at once, which
+    opens what each concurrent slot needs once (an HTTP connection; on the network arms a payment lane
+    to the node, opened at the relay's ledger). Returns that cold wave, reported apart as `cold_start`:
+    the levels after it measure the steady state."""
     with trio.fail_after(deadline_s):
-        while not (await over_http(client, url, model, 1, 1, 4, test_model)).ttft:
+        while not (await over_http(client, url, model, 1, 1, 4, test_model, **kw)).ttft:
             await trio.sleep(0.5)  # the providers are not yet discoverable: ask again
-    await over_http(client, url, model, 2, 2, 4, test_model)
+    return await over_http(client, url, model, concurrency, concurrency, 4, test_model, **kw)
+
+
+def cold_row(run: Run) -> dict[str, Any]:
+    return {"concurrency": len(run.ttft) + run.errors, "ttft_p50_ms": 1000 * pct(run.ttft, 0.5),
+            "ttft_p95_ms": 1000 * pct(run.ttft, 0.95), "lanes_opened": run.lanes_opened, "errors": run.errors}
 
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -441,6 +450,8 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
     test_model = args.model_dir is None
     out: dict[str, Any] = {"rows": []}
     rows: dict[tuple[str, int], Run] = {}
+    cold: dict[str, dict[str, Any]] = {}
+    out["cold_start"] = cold
     timeout = httpx.Timeout(300.0)
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     collect = Collect()
@@ -451,7 +462,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
         if "engine" in arms:  # our engine, in this process
             async with open_engine([("bench", model_dir)], max_concurrent=max(levels), max_queue=256,
                                    self_benchmark=False) as engine:
-                await in_process(engine, "bench", 2, 2, 4, test_model)
+                cold["engine"] = cold_row(await in_process(engine, "bench", max(levels), max(levels), 4, test_model))
                 for c in levels:
                     rows[("engine", c)] = await measured(
                         {"client+engine": None},
@@ -465,7 +476,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                     base = f"http://127.0.0.1:{port}"
                     await wait_healthy(client, base, proc)
                     url = f"{base}/v1/chat/completions"
-                    await over_http(client, url, "default_model", 2, 2, 4, test_model, retries=50)
+                    cold["mlx"] = cold_row(await warm(client, url, "default_model", test_model, max(levels), retries=50))
                     for c in levels:
                         rows[("mlx", c)] = await measured(
                             {"client": None, "mlx_lm.server": proc.pid},
@@ -493,7 +504,8 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                 net.start_shim(p2p={"hole_punch": False}, first_token_timeout_s=60.0, request_timeout_s=300.0)
                 url = net.shim_url + "/chat/completions"
                 for arm, model, route, node in net_arms:
-                    await warm(client, url, model, test_model)
+                    cold[arm] = cold_row(await measured({}, warm(client, url, model, test_model, max(levels)),
+                                                        net.shim.log_path))
                     procs = {"client": None, "shim": net.shim.pid, "relay": net.relay.pid, "node": net.nodes[node].pid}
                     for c in levels:
                         rows[(arm, c)] = await measured(procs, over_http(
@@ -502,7 +514,8 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                 if "routing" in arms:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(instant_node, net.relay_addr, root, "bench-instant")
-                        await warm(client, url, "bench-instant", test_model)
+                        cold["routing"] = cold_row(await measured({}, warm(client, url, "bench-instant", test_model,
+                                                                           max(levels)), net.shim.log_path))
                         procs = {"client+instant node": None, "shim": net.shim.pid, "relay": net.relay.pid}
                         for c in levels:
                             rows[("routing", c)] = await measured(procs, over_http(
@@ -559,6 +572,13 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  c={c:<3} direct-engine TTFT {d['ttft_p50_ms'] - e['ttft_p50_ms']:+7.1f} ms | "
               f"direct/mlx tok/s {d['tok_per_s'] / m['tok_per_s']:.2f}x | "
               f"relayed-direct TTFT {rl['ttft_p50_ms'] - d['ttft_p50_ms']:+7.1f} ms")
+    if results.get("cold_start"):
+        print("\ncold start (the warm-up's first wave at the top concurrency, 4 tokens each; not in the rows above): "
+              "new HTTP connections, and on the network arms one payment lane per concurrent slot opened at the ledger")
+        for arm, r in results["cold_start"].items():
+            lanes = f", lanes opened {r['lanes_opened']}" if r.get("lanes_opened") is not None else ""
+            print(f"  {arm:8} c={r['concurrency']:<3} TTFT p50 {r['ttft_p50_ms']:7.1f} ms  p95 {r['ttft_p95_ms']:7.1f} ms"
+                  f"{lanes}" + (f", errors {r['errors']}" if r["errors"] else ""))
     print("\nper request, by process: CPU ms (user + system) / ms runnable but waiting for a core "
           "('client' is this bench process)")
     for r in results["rows"]:

@@ -119,6 +119,10 @@ class InferCall:
         self.began = False  # the request was begun on the lane
         self._closed = False
         self._delta_tokens: dict[int, int] = {}  # choice -> completion tokens its Deltas carried
+        # A voucher may be due (checked by `_voucher`): sent at the start of the next `receive()` once a
+        # frame was handed on, so the frame that made it due reaches the client first.
+        self._owed = False
+        self._handed_on = False  # receive() has returned a content frame
 
     @property
     def peer_id(self) -> str:
@@ -129,13 +133,23 @@ class InferCall:
         return getattr(self.stream, "route", "direct")
 
     async def start_metering(self) -> None:
-        """Begin the request on the lane and pay for the prompt (called once, after Accepted)."""
+        """Begin the request on the lane and pay for the prompt (called once, after Accepted).
+
+        For generation the prompt's voucher is owed, not sent: it goes out with the next
+        `receive()` after the first frame was handed on (the node streams its first tokens
+        without waiting for it, see `darkbloom.node.serve._Metered.gate`), so signing and
+        writing it is off the first token's path. An embedding or a score waits for it at the
+        node, so it goes at once.
+        """
         if self.lane is None:
             return
         self.lane.begin_request(encode(self.request), self.accepted.digest)
         self.began = True
         self.lane.add_usage(prompt_tokens=self.accepted.prompt_tokens)
-        await self._voucher(final=False)
+        if self.request.kind in ("chat", "completion"):
+            self._owed = True
+        else:
+            await self._voucher(final=False)
 
     async def _voucher(self, *, final: bool) -> None:
         if self.lane is None:
@@ -163,6 +177,9 @@ class InferCall:
         """The next frame; None after Done. Typed errors for ErrorFrame, EOF or garbage."""
         if self.done is not None:
             return None
+        if self._owed and self._handed_on:
+            self._owed = False
+            await self._voucher(final=False)
         while True:
             try:
                 frame = await read_frame(self.stream.read, self._decoder, _FRAMES)
@@ -188,7 +205,7 @@ class InferCall:
             if isinstance(frame, Delta) and self.lane is not None:
                 self._delta_tokens[frame.index] = self._delta_tokens.get(frame.index, 0) + frame.tokens
                 self.lane.add_usage(completion_tokens=frame.tokens)
-                await self._voucher(final=False)
+                self._owed = True  # sent when the app asks for the next frame, after handing this one on
             if isinstance(frame, ChoiceEnd) and self.lane is not None:
                 # Tokens the node counted without sending text for them (an end-of-sequence token, a
                 # held-back stop string) come only in ChoiceEnd's total: pay for them as the node counts
@@ -197,10 +214,12 @@ class InferCall:
                 if folded > 0:
                     self._delta_tokens[frame.index] = frame.completion_tokens
                     self.lane.add_usage(completion_tokens=folded)
-                    await self._voucher(final=False)
+                    self._owed = True
             if isinstance(frame, Done):
                 self.done = frame
+                self._owed = False  # the final voucher covers everything
                 await self._voucher(final=True)
+            self._handed_on = True
             return frame
 
     async def aclose(self) -> None:
