@@ -15,7 +15,18 @@ streaming HTTP client (httpx, one SSE parser) for every HTTP arm:
   relayed   the same shim -> the private node, dialled through the relay's circuit
             (the `x-darkbloom-route` header of every answer is checked);
   routing   the shim's routing overhead alone: requests/s against a node whose engine answers
-            at once (a labelled fake engine, `InstantEngine`, in this process; not a model).
+            at once (a labelled fake engine, `InstantEngine`, in this process; not a model);
+  engine~   (diagnosis, not a target) the `engine` arm with the clients' first requests spread
+            evenly over --stagger-ms (0: off): in process every client's requests start in the
+            same step and finish in the same step, so each wave is prefilled as one batch; through
+            the network they arrive spread out and stay so. This arm shows what the spread alone
+            costs the engine, with no network in the way.
+
+Before the levels, each arm gets one wave at the top concurrency (`cold_start` in the JSON): it
+opens what a concurrent slot needs once (an HTTP connection; on the network arms a payment lane
+to the node at the relay's ledger, whose SQLite commit is fsynced), so the levels measure the
+steady state. Compare arms within one run only, and read `loadavg_*` and the run-queue wait per
+process: on a shared 2-core machine, waiting for a core dominates every arm's latency.
 
 For each arm and concurrency C, C clients send `--requests` streamed chat completions in all,
 and we report TTFT p50/p95, per-token latency (gap between content chunks) p50/p95 and aggregate
@@ -216,11 +227,16 @@ async def over_http(client: httpx.AsyncClient, url: str, model: str, n: int, con
     return run
 
 
-async def in_process(engine: Any, model: str, n: int, concurrency: int, max_tokens: int, test_model: bool) -> Run:
+async def in_process(engine: Any, model: str, n: int, concurrency: int, max_tokens: int, test_model: bool,
+                     stagger_s: float = 0.0) -> Run:
+    """`n` requests from `concurrency` clients straight into the engine. With `stagger_s`, client k
+    sends its first request k * stagger_s late, so arrivals come spread out as they do through the
+    network (all at once, the clients' requests also finish together and come back together)."""
     run = Run()
     todo = list(range(n))
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
+        await trio.sleep(k * stagger_s)
         while todo:
             i = todo.pop(0)
             label = f"in-process-{next(IN_PROCESS_IDS)}"  # in generate() call order: engine rid = number + 1
@@ -242,8 +258,8 @@ async def in_process(engine: Any, model: str, n: int, concurrency: int, max_toke
 
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
+        for k in range(concurrency):
+            nursery.start_soon(worker, k)
     run.wall = time.monotonic() - started
     return run
 
@@ -453,7 +469,10 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
     cold: dict[str, dict[str, Any]] = {}
     out["cold_start"] = cold
     timeout = httpx.Timeout(300.0)
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+    # Connections opened by the cold wave stay open through the levels (httpx drops idle ones after 5 s by
+    # default, and a level then began with up to 16 new connections: ~200 ms of TTFT p50 at c=16 under load).
+    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4,
+                          keepalive_expiry=600.0)
     collect = Collect()
     if args.timeline:
         exec(DIAG_SITECUSTOMIZE, {})  # noqa: S102 - the diagnosis patch, in this process (the in-process arm)
@@ -467,6 +486,13 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                     rows[("engine", c)] = await measured(
                         {"client+engine": None},
                         in_process(engine, "bench", args.requests, c, args.max_tokens, test_model))
+                if args.stagger_ms > 0:  # the same engine with arrivals spread out (diagnosis of admission)
+                    for c in levels:
+                        if c > 1:
+                            rows[("engine~", c)] = await measured(
+                                {"client+engine": None},
+                                in_process(engine, "bench", args.requests, c, args.max_tokens, test_model,
+                                           stagger_s=args.stagger_ms / 1000 / c))
 
         if "mlx" in arms:  # mlx_lm.server
             port = free_port()
@@ -528,7 +554,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
         lines = {name: (root / "logs" / f"{name}.1.log").read_text().splitlines()
                  for name in ("shim", "direct", "private") if (root / "logs" / f"{name}.1.log").exists()}
         shim_marks = parse_lines(lines.get("shim", []))[0]
-        for arm, node in (("direct", "direct"), ("relayed", "private"), ("engine", None)):
+        for arm, node in (("direct", "direct"), ("relayed", "private"), ("engine", None), ("engine~", None)):
             if node is None:
                 marks, _, engine, steps = parse_lines(collect.lines)
                 # in process the client's send is the submit; engine rids count generate() calls
@@ -569,9 +595,12 @@ def print_table(results: dict[str, Any]) -> None:
         e, m, d, rl = (by.get((a, c)) for a in ("engine", "mlx", "direct", "relayed"))
         if not (e and m and d and rl):
             continue
+        spread = by.get(("engine~", c))
         print(f"  c={c:<3} direct-engine TTFT {d['ttft_p50_ms'] - e['ttft_p50_ms']:+7.1f} ms | "
               f"direct/mlx tok/s {d['tok_per_s'] / m['tok_per_s']:.2f}x | "
-              f"relayed-direct TTFT {rl['ttft_p50_ms'] - d['ttft_p50_ms']:+7.1f} ms")
+              f"relayed-direct TTFT {rl['ttft_p50_ms'] - d['ttft_p50_ms']:+7.1f} ms"
+              + (f" | (diagnosis: engine~ - engine TTFT {spread['ttft_p50_ms'] - e['ttft_p50_ms']:+7.1f} ms, "
+                 f"direct - engine~ {d['ttft_p50_ms'] - spread['ttft_p50_ms']:+7.1f} ms)" if spread else ""))
     if results.get("cold_start"):
         print("\ncold start (the warm-up's first wave at the top concurrency, 4 tokens each; not in the rows above): "
               "new HTTP connections, and on the network arms one payment lane per concurrent slot opened at the ledger")
@@ -612,6 +641,9 @@ def main() -> int:
                     help="diagnosis: log and report each request's hops (adds logging work: not benchmark figures)")
     ap.add_argument("--shim-verbose", action="store_true",
                     help="run the shim with -v (DEBUG for every library), as tests/chaos/netproc.py does")
+    ap.add_argument("--stagger-ms", type=float, default=100.0,
+                    help="also run arm 'engine~': the in-process engine with the clients' first requests spread "
+                         "evenly over this many ms (arrivals then stay spread, as through the network)")
     ap.add_argument("--out", default="bench/results/api.json")
     args = ap.parse_args()
     load0 = os.getloadavg()
@@ -626,7 +658,8 @@ def main() -> int:
         model_dir = args.model_dir or make_test_model(root / "model", args.size)
         results = trio.run(main_async, args, model_dir, root)
     results["config"] = {"model": str(args.model_dir) if args.model_dir else f"{args.size} test model",
-                         "requests": args.requests, "max_tokens": args.max_tokens, "machine": platform.machine(),
+                         "requests": args.requests, "max_tokens": args.max_tokens, "stagger_ms": args.stagger_ms,
+                         "timeline": args.timeline, "machine": platform.machine(),
                          "cpus": os.cpu_count(), "blas": str(blas_status()),
                          "loadavg_start": round(load0[0], 2), "loadavg_end": round(os.getloadavg()[0], 2)}
     print_table(results)
