@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "NOISE_BLOCK",
     "REPLAY_SLACK",
     "ReplayableSampler",
     "gumbel_noise",
@@ -90,32 +91,44 @@ def gumbel_noise(seed: int, steps: Sequence[int], vocab: int) -> Any:
     return _noise(k1, k2, vocab)
 
 
+# Noise is made for this many draws at once per sequence (bounded to ~4 MB of float32 per sequence):
+# per-row sampler calls then cost a slice instead of ~20 small ops each (bench/sampler_cost.py).
+NOISE_BLOCK = 16
+_BLOCK_FLOATS = 1 << 20
+
+
 class ReplayableSampler:
     """An mlx-lm sampler for one sequence: filters as mlx-lm's make_sampler (top_p, min_p, top_k on
-    the logprobs), then argmax(logprobs / T + noise(seed, step)), step counting the draws."""
+    the logprobs), then argmax(logprobs / T + noise(seed, step)), step counting the draws. The
+    noise of the next few draws is computed in one block; the draws do not depend on the block size."""
 
-    __slots__ = ("temperature", "top_p", "min_p", "top_k", "seed", "step", "_inv_temp")
+    __slots__ = ("temperature", "top_p", "min_p", "top_k", "seed", "step", "_inv_temp", "_block", "_block_start")
 
     def __init__(self, *, temperature: float, seed: int, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0) -> None:
         if temperature <= 0:
             raise ValueError("a replayable sampler draws at a positive temperature")
         self.temperature, self.top_p, self.min_p, self.top_k = temperature, top_p, min_p, top_k
         self.seed, self.step, self._inv_temp = seed, 0, 1.0 / temperature
+        self._block: Any = None
+        self._block_start = 0
 
     def __call__(self, logprobs: Any) -> Any:
         import mlx.core as mx
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+        vocab = logprobs.shape[-1]
         if 0 < self.top_p < 1.0:
             logprobs = apply_top_p(logprobs, self.top_p)
         if self.min_p > 0:
             logprobs = apply_min_p(logprobs, self.min_p)
-        if 0 < self.top_k < logprobs.shape[-1]:
+        if 0 < self.top_k < vocab:
             logprobs = apply_top_k(logprobs, self.top_k)
-        k1, k2 = step_key(self.seed, self.step)
+        i = self.step - self._block_start
+        if self._block is None or i >= self._block.shape[0] or self._block.shape[1] != vocab:
+            size = max(1, min(NOISE_BLOCK, _BLOCK_FLOATS // vocab))
+            self._block, self._block_start, i = gumbel_noise(self.seed, range(self.step, self.step + size), vocab), self.step, 0
         self.step += 1
-        noise = _noise(mx.array(k1, dtype=mx.uint32), mx.array(k2, dtype=mx.uint32), logprobs.shape[-1])
-        return mx.argmax(logprobs * self._inv_temp + noise, axis=-1)
+        return mx.argmax(logprobs * self._inv_temp + self._block[i], axis=-1)
 
 
 def replay_gaps(lp: Any, output: Sequence[int], *, temperature: float, seed: int, strict_cut: Any) -> list[float]:

@@ -143,3 +143,18 @@ def test_replay_rule_allows_numerical_noise_only() -> None:
     assert not judge(one, dataclasses.replace(DEFAULT_POLICY, max_replay_misses=1)).flagged
     nan = ScoredOutput(**base, replay_gaps=(float("nan"),) + (0.0,) * (n - 1))
     assert judge(nan).flagged
+
+
+def test_block_noise_draws_equal_the_per_step_definition() -> None:
+    """The sampler computes the noise of several draws at once; each draw is still
+    argmax(logprobs / T + noise(seed, step)) across block boundaries."""
+    import mlx.core as mx
+
+    from darkbloom.inference.replay import NOISE_BLOCK, ReplayableSampler, gumbel_noise
+
+    rng = np.random.default_rng(3)
+    sampler = ReplayableSampler(temperature=0.8, seed=77)
+    for step in range(NOISE_BLOCK * 2 + 3):
+        lp = mx.array(rng.normal(size=(1, 3000)).astype(np.float32) * 4)
+        want = int(mx.argmax(lp[0] * (1.0 / 0.8) + gumbel_noise(77, [step], 3000)[0]).item())
+        assert sampler(lp).item() == want, step
