@@ -52,6 +52,7 @@ import platform
 import statistics
 import sys
 import re
+import shutil
 import tempfile
 import textwrap
 import time
@@ -644,6 +645,7 @@ def main() -> int:
     ap.add_argument("--stagger-ms", type=float, default=100.0,
                     help="also run arm 'engine~': the in-process engine with the clients' first requests spread "
                          "evenly over this many ms (arrivals then stay spread, as through the network)")
+    ap.add_argument("--keep-logs", type=Path, default=None, help="copy the role processes' logs here at the end")
     ap.add_argument("--out", default="bench/results/api.json")
     args = ap.parse_args()
     load0 = os.getloadavg()
@@ -656,7 +658,11 @@ def main() -> int:
             (root / "diag" / "sitecustomize.py").write_text(DIAG_SITECUSTOMIZE)
             os.environ["CHAOS_PYTHONPATH"] = str(root / "diag")  # read by chaos.procs.clean_env for every role
         model_dir = args.model_dir or make_test_model(root / "model", args.size)
-        results = trio.run(main_async, args, model_dir, root)
+        try:
+            results = trio.run(main_async, args, model_dir, root)
+        finally:
+            if args.keep_logs and (root / "logs").exists():
+                shutil.copytree(root / "logs", args.keep_logs, dirs_exist_ok=True)
     results["config"] = {"model": str(args.model_dir) if args.model_dir else f"{args.size} test model",
                          "requests": args.requests, "max_tokens": args.max_tokens, "stagger_ms": args.stagger_ms,
                          "timeline": args.timeline, "machine": platform.machine(),
