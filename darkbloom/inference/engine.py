@@ -21,8 +21,9 @@ the output, never split a character); stop strings are matched on that text (`st
 calls are cut out of it (`tools`), JSON and forced tool calls are constrained by llguidance
 (`constrained`). Prompt caches of finished requests are kept in an LRU per model, bounded by
 `prompt_cache_bytes` (config `inference.prompt_cache_mb`, capped by `node.max_memory_mb`), and
-reused by any later request sharing a prefix. OpenBLAS runs with `blas_threads` threads (1 by
-default: decode steps multiply a few rows, where more threads cost more than they save). With n > 1, each choice is its own sequence in the batch
+reused by any later request sharing a prefix. OpenBLAS runs with `blas_threads` threads; 0 (the
+default) lets the engine measure each decode batch size class under one thread and under all
+cores and use the faster (`threads.ThreadTuner`): all cores on an idle machine, one on a busy one. With n > 1, each choice is its own sequence in the batch
 (their prompts are prefilled separately, not shared).
 
 Privacy: nothing here logs or stores prompt or output text; logs carry request ids, model ids,
@@ -212,15 +213,15 @@ async def open_engine(
     default_max_tokens: int = 512,
     prefill_step_size: int = 512,
     prompt_cache_bytes: int = 256 << 20,
-    blas_threads: int = 1,
+    blas_threads: int = 0,
     self_benchmark: bool = True,
 ) -> AsyncIterator[Engine]:
     """Start the engine thread, load `models` ((id, path) pairs or objects with .id and .path),
     yield the Engine, and stop the thread on exit. A model that fails to load raises here.
 
     `prompt_cache_bytes` bounds each model's cache of finished requests' KV caches (prefix
-    reuse); 0 turns prefix reuse off. `blas_threads` sets OpenBLAS's (process-wide) thread count
-    on Linux (0 leaves it alone); see `blas.set_blas_threads`."""
+    reuse); 0 turns prefix reuse off. `blas_threads` fixes OpenBLAS's (process-wide) thread count
+    on Linux; 0 has it chosen per step from measured step times (`threads.ThreadTuner`)."""
     if max_concurrent < 1 or max_queue < 0 or prompt_cache_bytes < 0:
         raise ValueError("max_concurrent must be >= 1, max_queue and prompt_cache_bytes >= 0")
     # Embedding models (catalog kind "embedding") are served elsewhere, not by this engine.

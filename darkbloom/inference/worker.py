@@ -8,6 +8,7 @@ prompt or output text.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from darkbloom.inference.events import Admitted, ChoiceFinished, TextDelta, Toke
 from darkbloom.inference.params import GenerationRequest, Sampling
 from darkbloom.inference.selfbench import BenchResult
 from darkbloom.inference.stops import StopMatcher
+from darkbloom.inference.threads import ThreadTuner
 from darkbloom.inference.tools import HERMES, ToolCallScanner, ToolFormat, messages_for_template, parse_tool_calls
 from darkbloom.wire.infer import TokenLogprob
 
@@ -115,6 +117,9 @@ class Worker:
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
         self.blas_threads = blas_threads
+        # blas_threads 0: measured per step between 1 and the core count (inference/threads.py).
+        self.tuner = ThreadTuner(os.cpu_count() or 1) if blas_threads == 0 else None
+        self.threads_now = 0
         self.self_benchmark = self_benchmark
         self.post = post  # deliver [(send_channel, event)] on the trio side, without waiting
         self.commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -133,7 +138,7 @@ class Worker:
         from darkbloom.inference.blas import ensure_blas, set_blas_threads
 
         ensure_blas()
-        set_blas_threads(self.blas_threads)
+        self.threads_now = set_blas_threads(self.blas_threads if self.tuner is None else self.tuner.choices[-1])
         import mlx_lm
         from mlx_lm.models.cache import LRUPromptCache
 
@@ -510,6 +515,17 @@ class Worker:
     # -- decoding ---------------------------------------------------------------
 
     def _step(self, m: _Model) -> None:
+        tuning = self.tuner is not None and self.threads_now > 0  # 0: OpenBLAS is not loaded
+        if tuning:
+            gen = m.generator
+            # mlx-lm keeps prompts still to prefill in these (private; absent means none).
+            prefill = bool(getattr(gen, "_unprocessed_sequences", None)) or bool(len(getattr(gen, "_prompt_batch", ()) or ()))
+            batch = len(m.running)
+            want = self.tuner.choose(batch, prefill)
+            settled = want == self.threads_now
+            if not settled:
+                self._set_threads(want)
+            t0 = time.perf_counter()
         try:
             _, responses = m.generator.next()
         except Exception:  # a failed step must not take the other models or requests down silently
@@ -521,6 +537,8 @@ class Worker:
             for job in jobs.values():
                 self._fail(job, EngineFailed(f"the engine failed while generating with {m.id}"))
             return
+        if tuning:
+            self.tuner.record(batch, prefill, want, time.perf_counter() - t0, settled=settled)
         finished: list[int] = []
         for r in responses:
             entry = m.running.get(r.uid)
@@ -539,6 +557,17 @@ class Worker:
             for cache, tokens in caches.values():
                 if tokens:
                     self._keep_cache(m, tokens, cache)
+
+    def _set_threads(self, n: int) -> None:
+        """Change OpenBLAS's thread count between steps. MLX may still be computing the step it
+        queued ahead (mlx-lm pipelines one step); OpenBLAS must not be reconfigured under a
+        running multiplication, so wait for it first."""
+        import mlx.core as mx
+
+        from darkbloom.inference.blas import set_blas_threads
+
+        mx.synchronize()
+        self.threads_now = set_blas_threads(n)
 
     def _on_token(self, m: _Model, job: Job, c: _Choice, r: Any) -> bool:
         """Handle one generated token; True when the choice is finished."""
