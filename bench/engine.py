@@ -2,14 +2,17 @@
 
     .venv/bin/python bench/engine.py [--models smollm2,small] [--concurrency 1,4,16]
                                      [--max-tokens 48] [--rounds 2] [--trials 3]
-                                     [--blas-threads 1] [--embeddings/--no-embeddings]
+                                     [--blas-threads 0] [--server-blas-threads 1,2]
+                                     [--embeddings/--no-embeddings]
                                      [--out bench/results/engine.json]
 
 For each model, our engine runs in this process (`open_engine`, max_concurrent = the highest
 concurrency) and `mlx_lm.server` runs as a subprocess on 127.0.0.1 with the same model
 directory, `--decode-concurrency` and `--prompt-concurrency` = the same highest concurrency
-(our engine prefills up to that many prompts together too), and OpenBLAS preloaded
-through LD_PRELOAD with the same thread count as ours (OPENBLAS_NUM_THREADS = --blas-threads).
+(our engine prefills up to that many prompts together too), and OpenBLAS preloaded through
+LD_PRELOAD. The server's OpenBLAS thread count is fixed per process, so one server runs per
+count in `--server-blas-threads` (1 and 2: one is faster on busy cores, two on idle ones) and
+its best per concurrency is compared; our engine runs at its default (threads tuned per step).
 
 Fairness: at each concurrency C, C clients each send `rounds` streaming chat requests one after
 another; both sides get the same prompts, the same max_tokens and the same sampling (greedy).
@@ -277,35 +280,47 @@ def median_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def bench_model(
-    name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, trials: int, blas_threads: int, log: Any
+    name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, trials: int, blas_threads: int,
+    server_threads: list[int], log: Any,
 ) -> list[dict[str, Any]]:
     rows = []
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_mlx_server(path, port, max(levels), blas_threads, log)
+    servers: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
     try:
+        for th in server_threads:  # one mlx_lm.server per OpenBLAS thread count (it is fixed per process)
+            port = free_port()
+            servers[th] = (start_mlx_server(path, port, max(levels), th, log), f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-            await wait_healthy(client, base, proc)
+            for proc, base in servers.values():
+                await wait_healthy(client, base, proc)
             async with open_engine(
                 [(name, path)], max_concurrent=max(levels), max_queue=256, self_benchmark=False, blas_threads=blas_threads
             ) as eng:
-                # Warm-up both sides (first-call compilation, page-in), not measured.
+                # Warm-up every side (first-call compilation, page-in), not measured.
                 warm = prompts(max(levels), "warm-up ")
                 await run_ours(eng, name, warm, max(levels), 8)
-                await run_theirs(client, base, warm, max(levels), 8, proc.pid)
+                for proc, base in servers.values():
+                    await run_theirs(client, base, warm, max(levels), 8, proc.pid)
                 for c in levels:
-                    ours_trials, theirs_trials = [], []
-                    for t in range(trials):  # interleaved, so load from other processes hits both
-                        texts = prompts(c * rounds, f"c{c}t{t}-")  # fresh for this trial, the same for both sides
+                    ours_trials: list[dict[str, Any]] = []
+                    theirs_trials: dict[int, list[dict[str, Any]]] = {th: [] for th in servers}
+                    for t in range(trials):  # interleaved, so load from other processes hits every side
+                        texts = prompts(c * rounds, f"c{c}t{t}-")  # fresh for this trial, the same for every side
                         ours_trials.append(await run_ours(eng, name, texts, c, max_tokens))
-                        theirs_trials.append(await run_theirs(client, base, texts, c, max_tokens, proc.pid))
+                        for th, (proc, base) in servers.items():
+                            theirs_trials[th].append(await run_theirs(client, base, texts, c, max_tokens, proc.pid))
                     ours = median_trial(ours_trials)
-                    theirs = median_trial(theirs_trials)
+                    by_threads = {th: median_trial(tr) for th, tr in theirs_trials.items()}
+                    best_th = max(by_threads, key=lambda th: by_threads[th]["tok_s"])
+                    theirs = dict(by_threads[best_th], blas_threads=best_th)
                     row = {
                         "model": name,
                         "concurrency": c,
                         "ours": ours,
-                        "mlx_lm_server": theirs,
+                        "mlx_lm_server": theirs,  # its best thread count at this level
+                        "mlx_lm_server_by_threads": {
+                            str(th): {k: r[k] for k in ("tok_s", "decode_tok_s", "ttft_p50_s", "ttft_p95_s", "tok_per_cpu_s")}
+                            for th, r in by_threads.items()
+                        },
                         "speedup": ours["tok_s"] / theirs["tok_s"],
                         "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
                         # Tokens per CPU-second, median trial each: less sensitive to other load.
@@ -313,18 +328,20 @@ async def bench_model(
                         "load_avg_1m": os.getloadavg()[0],
                     }
                     rows.append(row)
+                    others = ", ".join(f"{th} thr {r['tok_s']:.1f}" for th, r in by_threads.items())
                     print(
-                        f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s  "
-                        f"x{row['speedup']:.2f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
+                        f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s "
+                        f"({others}) x{row['speedup']:.2f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
                         f"x{row['decode_speedup']:.2f}",
                         flush=True,
                     )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in servers.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     return rows
 
 
@@ -364,7 +381,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--trials", type=int, default=3, help="interleaved repeats; the median of each side is reported")
-    ap.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads for both sides (0: OpenBLAS default)")
+    ap.add_argument("--blas-threads", type=int, default=0, help="our engine's OpenBLAS threads (0, its default: tuned per step)")
+    ap.add_argument(
+        "--server-blas-threads", default="1,2",
+        help="mlx_lm.server runs once per listed OpenBLAS thread count; its best per level is compared",
+    )
     ap.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
@@ -375,7 +396,10 @@ def main() -> int:
     log_path = Path(tempfile.gettempdir()) / "darkbloom-bench-mlx-server.log"
     with open(log_path, "wb") as log:
         for name, path in dirs.items():
-            rows += trio.run(bench_model, name, path, levels, args.max_tokens, args.rounds, args.trials, args.blas_threads, log)
+            rows += trio.run(
+                bench_model, name, path, levels, args.max_tokens, args.rounds, args.trials, args.blas_threads,
+                [int(x) for x in args.server_blas_threads.split(",")], log,
+            )
     emb = bench_embeddings(args.trials) if args.embeddings else None
     load_end = os.getloadavg()
 
@@ -409,7 +433,8 @@ def main() -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "blas": blas_status(),
-            "blas_threads_both_sides": args.blas_threads,
+            "blas_threads_ours": args.blas_threads or "tuned per step",
+            "blas_threads_server_tried": args.server_blas_threads,
             "load_avg_start": load_start,
             "load_avg_end": load_end,
         },
