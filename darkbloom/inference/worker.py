@@ -204,6 +204,7 @@ class Worker:
             busy = any(m.running or m.waiting for m in self.models.values())
             if not self._apply_commands(block=not busy):
                 break
+            self._flush()  # admissions and refusals go out now, not after the next (prefill) step
             for m in self.models.values():
                 self._schedule(m)
                 if m.running:
