@@ -72,6 +72,7 @@ import trio  # noqa: E402
 from chaos.netproc import ProcNetwork  # noqa: E402  (roles as real processes, as in the chaos tests)
 from chaos.procs import Daemon, clean_env, write_config  # noqa: E402
 from darkbloom.inference.blas import blas_status  # noqa: E402
+from darkbloom.log import configure as configure_logging  # noqa: E402
 from darkbloom.inference.engine import TextDelta, open_engine  # noqa: E402
 from darkbloom.inference.events import Admitted, ChoiceFinished, EngineLoad  # noqa: E402
 from darkbloom.inference.params import parse_chat  # noqa: E402
@@ -114,6 +115,27 @@ PATH = ("http_in", "parsed", "routed", "stream_opening", "stream_open", "stream_
         "engine_recv", "admitted", "accepted", "engine_first_token", "first_token", "first_write", "first_frame",
         "sse_first", "client_first")
 
+ARMS = {  # written into the JSON, so the file explains itself
+    "engine": "our engine in the bench process, no HTTP, no network: the TTFT reference for direct",
+    "engine~": "diagnosis, not a target: the engine arm with the clients' first requests spread over stagger_ms "
+               "(arrivals then stay spread, as through the network; in the engine arm each wave arrives at once "
+               "and is prefilled as one batch)",
+    "mlx": "client -> mlx_lm.server 0.32.2 (subprocess), same model and prompts",
+    "direct": "client -> shim -> libp2p direct -> node; relay, node and shim are separate processes; paid lanes",
+    "relayed": "the same through the relay's circuit (route checked on every answer, DCUtR off)",
+    "routing": "routing overhead alone: the shim against a node whose engine answers at once "
+               "(InstantEngine, a labelled fake, 1 token; in the bench process)",
+}
+ROW_KEYS = {
+    "ttft_*": "client send -> first content chunk",
+    "token_gap_*": "gap between content chunks at the client",
+    "tok_per_s": "completion tokens over the level's wall time, all clients",
+    "cpu_ms_per_request": "user+system CPU per answered request, per process ('client' = the bench process)",
+    "runqueue_wait_ms_per_request": "time the process's threads were runnable but waiting for a core, per request",
+    "lanes_opened": "payment lanes the shim opened at the ledger during the level",
+    "cold_start": "the warm-up's first wave at the top concurrency (new connections, one lane per slot), apart",
+    "timeline": "--timeline runs only: p50 ms from the client's send to each hop (darkbloom.api.timeline)",
+}
 IN_PROCESS_IDS = itertools.count()
 NO_END = {"0": -100, "2": -100}  # the test models' end tokens: every answer has exactly max_tokens
 WORDS = "fox owl whale ant crow bear lynx moth eel yak hare wolf seal frog newt swan".split()
@@ -478,6 +500,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
     if args.timeline:
         exec(DIAG_SITECUSTOMIZE, {})  # noqa: S102 - the diagnosis patch, in this process (the in-process arm)
         logging.getLogger("darkbloom.timeline").addHandler(collect)
+        logging.getLogger("darkbloom.timeline").propagate = False
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         if "engine" in arms:  # our engine, in this process
             async with open_engine([("bench", model_dir)], max_concurrent=max(levels), max_queue=256,
@@ -648,6 +671,7 @@ def main() -> int:
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy the role processes' logs here at the end")
     ap.add_argument("--out", default="bench/results/api.json")
     args = ap.parse_args()
+    configure_logging("WARNING")  # libp2p's EOF warnings of the in-process instant node stay out
     load0 = os.getloadavg()
     if args.skip_routing:
         args.arms = ",".join(a for a in args.arms.split(",") if a != "routing")
@@ -663,6 +687,8 @@ def main() -> int:
         finally:
             if args.keep_logs and (root / "logs").exists():
                 shutil.copytree(root / "logs", args.keep_logs, dirs_exist_ok=True)
+    results["arms"] = ARMS
+    results["fields"] = ROW_KEYS
     results["config"] = {"model": str(args.model_dir) if args.model_dir else f"{args.size} test model",
                          "requests": args.requests, "max_tokens": args.max_tokens, "stagger_ms": args.stagger_ms,
                          "timeline": args.timeline, "machine": platform.machine(),
