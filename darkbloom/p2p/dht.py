@@ -26,6 +26,12 @@ Wraps py-libp2p 0.8.1's KadDHT with workarounds:
   than 20 providers is only partly found. `BoundedProviderStore` keeps up to
   `PROVIDERS_PER_KEY` (replacing the stalest), and `fresh_providers` asks the closest
   servers and the trusted bootstrap servers and returns each provider once;
+- defect 19 (found here): `get_value` with its default quorum of 0 never stops early: it asks
+  every server it hears of (the whole network, up to 10 at a time, 10 s each) and then stores
+  the value at those that lacked it. A shim checks up to 16 provider records at once, so at 50
+  hosts one discovery sent thousands of KAD RPCs, each record took 15-57 s and requests ran
+  out of their 60 s (docs/RESEARCH.md). `fresh_value` asks with a quorum of `VALUE_QUORUM`
+  valid copies (the best of them wins, as before), which is also what the simulator models;
 - defect 7 of docs/RELIABILITY.md: the value store holds 50,000 records and evicts the
   oldest when full, so a flood of validly signed sybil records evicts honest ones.
   `QuotaValueStore` holds `VALUE_STORE_CAP` records, at most `VALUES_PER_PEER` new keys per
@@ -76,6 +82,7 @@ PROVIDERS_PER_KEY = 256  # provider entries a server keeps per key (0.8.1: 20)
 PROVIDER_QUERY_TIMEOUT_S = 3.0  # one GET_PROVIDERS
 PROVIDER_QUERY_CONCURRENCY = 8
 PROVIDER_RATE_MAX = 64  # ADD_PROVIDER per peer per 10 s (0.8.1: 10)
+VALUE_QUORUM = 2  # get_value stops after this many valid copies (0.8.1 default 0: asks every server)
 VALUE_STORE_CAP = 4096  # records a server keeps (0.8.1: 50,000 of up to 1 MiB)
 VALUES_PER_PEER = 32  # new keys one sending peer may place on a server
 
@@ -407,6 +414,7 @@ class DarkbloomDHT(KadDHT):
                 found.setdefault(info.peer_id, info)
         local = self.local_peer_id
         trusted = self._trusted_peers()
+        t0 = trio.current_time()
         closest = await self.peer_routing.find_closest_peers_network(key)
         targets = list(dict.fromkeys(trusted + [p for p in closest if p != local]))
         limiter = trio.CapacityLimiter(PROVIDER_QUERY_CONCURRENCY)
@@ -421,9 +429,12 @@ class DarkbloomDHT(KadDHT):
                     for info in providers:
                         found.setdefault(info.peer_id, info)
 
+        t1 = trio.current_time()
         async with trio.open_nursery() as nursery:
             for peer in targets:
                 nursery.start_soon(ask, peer, peer in trusted)
+        log.debug("fresh_providers %s: lookup %.2f s, %d servers asked in %.2f s, %d providers", cid_text[-8:],
+                  t1 - t0, len(targets), trio.current_time() - t1, len(found))
         return list(found.values())[:count]
 
     async def fresh_value(self, key: str, *, keep_local: bool) -> bytes | None:
@@ -432,7 +443,9 @@ class DarkbloomDHT(KadDHT):
         local = self.value_store.get(key_bytes)
         if local is not None and not keep_local:
             self.value_store.remove(key_bytes)  # defect 8: get_value answers from cache
-        value = await self.get_value(key)
+        t0 = trio.current_time()
+        value = await self.get_value(key, quorum=VALUE_QUORUM)  # defect 19: without a quorum it asks everyone
+        log.debug("get_value %s: %.2f s, %s", key[-8:], trio.current_time() - t0, "found" if value else "nothing")
         if value is None:
             # defect 2: the servers nearest the key may be dead; the trusted ones hold it too.
             for peer in self._trusted_peers():
