@@ -1,17 +1,37 @@
 """Benchmark the P2P layer on loopback: connect, discovery, streams, round trips, throughput, relay load.
 
     .venv/bin/python bench/p2p.py [--samples 30] [--streams 200] [--tokens 100] [--rate 50]
-                                  [--only tokens-relayed|tokens-direct]
+                                  [--only all|tokens|tokens-relayed|tokens-direct]
+                                  [--repeats 2] [--pin both|none|relay-own-core]
                                   [--out bench/results/p2p.json]
 
 Real libp2p hosts on 127.0.0.1 (TCP + Noise + Yamux). The relay runs in its own process
-(as in production, where it is another machine); nodes and clients share this process.
-Token streams: a private node sends `--tokens` tokens at `--rate` tokens/s on each of
-`--streams` concurrent streams, all through the one relay, each token stamped with its send
-time; the client measures delivery latency and compares with the same load sent directly.
-The token arms also report the CPU seconds the relay and node processes used (from /proc).
-Profiling: BENCH_RELAY_SCRIPT=<script.py> starts the relay from that script instead (for
-example a wrapper that runs tests.p2p.nat_peer under cProfile).
+(as in production, where it is another machine). Connect, find_providers, stream open,
+round trips and throughput run with the nodes and the client in this process.
+
+Token streams (the relay-capacity target): a node process sends `--tokens` tokens at
+`--rate` tokens/s on each of `--streams` concurrent streams to 4 client processes, either
+directly ("direct" arm) or through the relay process ("relayed" arm: the node is private).
+Each token carries the node's send time (time.perf_counter: CLOCK_MONOTONIC, one clock for
+all processes on the host); a client's latency for it is its receive time minus that.
+- Both arms run in the same invocation, interleaved (direct, relayed, then relayed, direct,
+  ...) `--repeats` times; "relay-added latency" is relayed p95 minus direct p95 of each
+  adjacent pair, and the median over pairs is reported with every pair's value.
+- "steady" figures count only tokens sent after the last of the streams was open (the open
+  storm of 200 concurrent stream opens excluded); the main figures count every token.
+- The relay reports its own forwarding delay: from the oldest byte of a chunk arriving in
+  its Yamux buffer to the forwarded write reaching the socket (darkbloom.p2p.relay
+  DarkbloomHop.forward_delays, on only in this benchmark).
+- Pin modes: "none" lets all 6 processes share both cores (what a 2-core machine gives);
+  "relay-own-core" pins the relay to CPU 0 and node, clients and this process to CPU 1 in
+  BOTH arms, as if the relay were its own host (other programs on the machine still run on
+  both cores). `--pin both` (the default) measures both modes.
+- Per-process CPU seconds in the measured window come from /proc (relay, node) and from
+  each client (time.process_time); the load average at each arm's start is recorded: on a
+  shared machine, compare arms of one run, never runs taken at different loads.
+Profiling: BENCH_PROFILE_DIR=<dir> runs each helper process (relay, node, clients) under
+cProfile and leaves one dump per process there; BENCH_RELAY_SCRIPT=<script.py> starts the
+relay from that script instead (no forwarding-delay figures then).
 """
 
 from __future__ import annotations
@@ -134,8 +154,71 @@ async def read_all_json(proc: trio.Process) -> dict:
 
 async def relay_process(_: object) -> tuple[trio.Process, str]:
     cmd = os.environ.get("BENCH_RELAY_SCRIPT")
-    proc, ready = await spawn(cmd) if cmd else await spawn("-m", "tests.p2p.nat_peer", "relay", "--listen", "/ip4/127.0.0.1/tcp/0")
+    if cmd:
+        proc, ready = await spawn(cmd)
+    else:
+        proc = await spawn_client(__file__, "--helper", "relay")
+        ready = await next_line(proc)
     return proc, ready["addrs"][0]
+
+
+async def relay_stats(proc: trio.Process, command: str) -> dict:
+    """Ask our relay helper for its forwarding-delay figures ("stats") or to clear them ("reset")."""
+    if os.environ.get("BENCH_RELAY_SCRIPT") or proc.stdin is None:
+        return {}
+    await proc.stdin.send_all(command.encode() + b"\n")
+    return await next_line(proc)
+
+
+async def stop_relay(proc: trio.Process) -> None:
+    """End of input stops our relay helper (so a profiled relay writes its dump); else kill it."""
+    if proc.stdin is not None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await proc.stdin.aclose()
+        with trio.move_on_after(5):
+            await proc.wait()
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def helper_relay(args: argparse.Namespace) -> None:
+    """The relay in its own process, recording its own forwarding delay per chunk."""
+    from darkbloom.p2p.relay import DarkbloomHop
+
+    import gc
+
+    DarkbloomHop.forward_delays = delays = []
+    pauses: list[float] = []  # the relay's garbage-collector pauses (s): they stall forwarding
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
+    cfg = loopback_config(record_ttl_s=1200.0, announce_interval_s=600.0)
+    async with open_network(cfg, Identity.generate(), role="relay") as net:
+        print(json.dumps({"peer_id": net.peer_id, "addrs": list(net.listen_addrs)}), flush=True)
+        stdin = trio.wrap_file(sys.stdin)
+        while line := await stdin.readline():
+            if line.strip() == "reset":
+                delays.clear()
+                pauses.clear()
+                print(json.dumps({"ok": True}), flush=True)
+            elif line.strip() == "stats":
+                out = {"chunks": len(delays), "gc_pauses": len(pauses),
+                       "gc_pause_max_ms": round(max(pauses, default=0.0) * 1000, 3),
+                       "gc_pause_total_ms": round(sum(pauses) * 1000, 3)}
+                if delays:
+                    total = [t for t, _ in delays]
+                    write = [w for _, w in delays]
+                    out.update(ms(total), p99_ms=round(pct(total, 0.99) * 1000, 3),
+                               write_p50_ms=round(pct(write, 0.5) * 1000, 3),
+                               write_p95_ms=round(pct(write, 0.95) * 1000, 3))
+                print(json.dumps(out), flush=True)
 
 
 async def helper_node(args: argparse.Namespace) -> None:
@@ -162,7 +245,9 @@ async def helper_client(args: argparse.Namespace) -> None:
         go = await trio.wrap_file(sys.stdin).readline()  # every client starts at once
         if not go:
             return
+        cpu0 = time.process_time()
         result = await token_load([net], args.target, args.addrs, args.streams, args.tokens, raw=True)
+        result["cpu_window_s"] = round(time.process_time() - cpu0, 3)
         print(json.dumps(result), flush=True)
 
 
@@ -176,22 +261,50 @@ async def warm_up(net, peer: str, addrs) -> None:
     await trio.sleep(1.0)  # benchmark warm-up, not synchronisation
 
 
-async def token_load_processes(relay: str, reachability: str, args: argparse.Namespace, relay_pid: int = 0) -> dict:
-    """Node and clients in their own processes (the relay too): what one relay carries."""
+def pin(pid: int, cpus: set[int] | None) -> None:
+    """Restrict a process to `cpus` (None: every CPU)."""
+    if pid:
+        os.sched_setaffinity(pid, cpus if cpus is not None else set(range(os.cpu_count() or 1)))
+
+
+def pinning(mode: str) -> tuple[set[int] | None, set[int] | None]:
+    """(relay CPUs, node-and-clients CPUs) for a pin mode."""
+    if mode == "relay-own-core":
+        return {0}, {1}  # as if the relay were its own host: one core to itself
+    return None, None
+
+
+async def token_load_processes(relay: str, reachability: str, args: argparse.Namespace, relay_proc=None,
+                               pin_mode: str = "none") -> dict:
+    """Node and clients in their own processes (the relay too): what one relay carries.
+
+    Latency per token = client receive time - node send time (stamped in the token; one host,
+    one monotonic clock). "all" counts every token; "steady" only tokens sent after the last of
+    the 200 streams was open (the open storm excluded).
+    """
     procs = []
+    relay_pid = relay_proc.pid if relay_proc is not None else 0
+    relay_cpus, other_cpus = pinning(pin_mode)
+    pin(relay_pid, relay_cpus)
+    pin(os.getpid(), other_cpus)
     try:
+        load0 = os.getloadavg()[0]
         node, info = await spawn(__file__, "--helper", "node", "--relay", relay, "--reachability", reachability,
                                  "--rate", str(args.rate), "--tokens", str(args.tokens))
         procs.append(node)
+        pin(node.pid, other_cpus)
         per = [args.streams // args.clients + (1 if i < args.streams % args.clients else 0) for i in range(args.clients)]
         clients = []
         for n in per:
             proc = await spawn_client(__file__, "--helper", "client", "--relay", relay, "--target", info["peer_id"],
                                   "--streams", str(n), "--tokens", str(args.tokens), "--addrs", *info["addrs"])
+            pin(proc.pid, other_cpus)
             procs.append(proc)
             clients.append(proc)
         for p in clients:  # imports, connect and warm-up stay out of the measured window
             await next_line(p)
+        if relay_proc is not None:
+            await relay_stats(relay_proc, "reset")
         for p in clients:
             await p.stdin.send_all(b"go\n")
         cpu0 = {"relay": cpu_s(relay_pid) if relay_pid else float("nan"), "node": cpu_s(node.pid)}
@@ -200,22 +313,100 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
         for p in clients:
             results.append(await read_all_json(p))
         elapsed = time.perf_counter() - t0
+        forward = await relay_stats(relay_proc, "stats") if relay_proc is not None else {}
         cpu = {k: round(cpu_s(pid) - cpu0[k], 2) for k, pid in (("relay", relay_pid), ("node", node.pid)) if pid}
+        cpu["clients_in_window"] = round(sum(r.pop("cpu_window_s") for r in results), 2)
         cpu["clients_total_incl_start"] = round(sum(r.pop("cpu_s") for r in results), 2)  # incl. imports
-        latencies = [x for r in results for x in r.pop("raw")]
+        pairs = [x for r in results for x in r.pop("raw")]  # (sent, latency)
         opens = [x for r in results for x in r.pop("opens")]
-        return {"streams": args.streams, "tokens_per_stream": args.tokens, "rate_per_stream": args.rate,
+        all_open = max((r.pop("all_open_at") for r in results), default=0.0)
+        steady = [lat for sent, lat in pairs if sent > all_open]
+        latencies = [lat for _, lat in pairs]
+        delivered = len(latencies)
+        return {"route": "relayed" if reachability == "private" else "direct", "pin": pin_mode,
+                "streams": args.streams, "tokens_per_stream": args.tokens, "rate_per_stream": args.rate,
                 "processes": {"clients": len(clients)},
-                "cpu_s": cpu, "wall_s": round(elapsed, 2), "delivered": len(latencies),
+                "load_average_1m": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
+                "cpu_s": cpu, "wall_s": round(elapsed, 2), "delivered": delivered,
+                "relay_cpu_us_per_token": round(cpu["relay"] / delivered * 1e6, 1) if relay_pid and delivered else None,
                 "errors": sum(r["errors"] for r in results),
                 "stream_open": ms(opens) if opens else {},
-                "error_kinds": [r.get("error_kinds", {}) for r in results], "token_latency": ms(latencies) if latencies else {}}
+                "error_kinds": [r.get("error_kinds", {}) for r in results],
+                "token_latency": ms(latencies) if latencies else {},
+                "token_latency_steady": ms(steady) if steady else {},
+                "relay_forward_delay": forward if reachability == "private" else {}}
     finally:
         for p in procs:
             if p.returncode is None:
                 p.kill()
         for p in procs:
             await p.wait()
+        pin(os.getpid(), None)
+        pin(relay_pid, None)
+
+
+async def token_arms(relay_addr: str, relay_proc, args: argparse.Namespace) -> dict:
+    """Direct and relayed arms in the same run, interleaved (ABBA...), for each pin mode.
+
+    The relay-added figure pairs each relayed arm with the direct arm next to it, so both
+    saw about the same machine load; the summary is the median of the pairs.
+    """
+    out: dict = {"runs": [], "summary": {}}
+    modes = ["none", "relay-own-core"] if args.pin == "both" else [args.pin]
+    routes = ["direct", "relayed"] if args.only == "all" else [args.only.removeprefix("tokens-")]
+    for mode in modes:
+        pairs = []
+        for rep in range(args.repeats):
+            order = routes if rep % 2 == 0 else routes[::-1]
+            got = {}
+            for route in order:
+                run = await token_load_processes(relay_addr, "public" if route == "direct" else "private", args,
+                                                 relay_proc, mode)
+                run["repeat"] = rep
+                out["runs"].append(run)
+                got[route] = run
+                print(f"  {summarise(run)}", flush=True)
+            if len(got) == 2:
+                pairs.append(got)
+        if pairs:
+            out["summary"][mode] = added(pairs)
+    return out
+
+
+def added(pairs: list[dict]) -> dict:
+    """Relay-added per-token latency from paired (same repeat) direct and relayed arms."""
+    def med(xs: list[float]) -> float:
+        return round(statistics.median(xs), 3)
+    d95 = [p["direct"]["token_latency"]["p95_ms"] for p in pairs]
+    r95 = [p["relayed"]["token_latency"]["p95_ms"] for p in pairs]
+    d50 = [p["direct"]["token_latency"]["p50_ms"] for p in pairs]
+    r50 = [p["relayed"]["token_latency"]["p50_ms"] for p in pairs]
+    s95 = [p["relayed"]["token_latency_steady"].get("p95_ms", 0) - p["direct"]["token_latency_steady"].get("p95_ms", 0)
+           for p in pairs]
+    fwd = [p["relayed"]["relay_forward_delay"] for p in pairs if p["relayed"]["relay_forward_delay"].get("chunks")]
+    return {"repeats": len(pairs),
+            "direct_p50_ms": med(d50), "direct_p95_ms": med(d95), "relayed_p50_ms": med(r50), "relayed_p95_ms": med(r95),
+            "added_p50_ms": med([r - d for r, d in zip(r50, d50)]),
+            "added_p95_ms": med([r - d for r, d in zip(r95, d95)]),
+            "added_p95_ms_each": [round(r - d, 3) for r, d in zip(r95, d95)],
+            "added_p95_ms_steady": med(s95),
+            "relay_forward_delay_p50_ms": med([f["p50_ms"] for f in fwd]) if fwd else None,
+            "relay_forward_delay_p95_ms": med([f["p95_ms"] for f in fwd]) if fwd else None,
+            "relay_forward_write_p95_ms": med([f["write_p95_ms"] for f in fwd]) if fwd else None,
+            "relay_cpu_us_per_token": med([p["relayed"]["relay_cpu_us_per_token"] for p in pairs
+                                           if p["relayed"]["relay_cpu_us_per_token"] is not None] or [float("nan")]),
+            "errors": sum(p[k]["errors"] for p in pairs for k in ("direct", "relayed")),
+            "load_average_1m": [p[k]["load_average_1m"]["start"] for p in pairs for k in ("direct", "relayed")]}
+
+
+def summarise(run: dict) -> str:
+    lat, st, fw = run["token_latency"], run["token_latency_steady"], run["relay_forward_delay"]
+    text = (f"{run['route']:7} pin={run['pin']:14} delivered {run['delivered']} errors {run['errors']} "
+            f"p50 {lat.get('p50_ms')} p95 {lat.get('p95_ms')} ms (steady p95 {st.get('p95_ms')}) "
+            f"cpu {run['cpu_s']} load {run['load_average_1m']['start']}")
+    if fw.get("chunks"):
+        text += f" relay fwd p50 {fw['p50_ms']} p95 {fw['p95_ms']} ms (writing: p50 {fw['write_p50_ms']} p95 {fw['write_p95_ms']})"
+    return text
 
 
 async def measure_streams(client, peer: str, addrs, samples: int) -> dict:
@@ -248,26 +439,36 @@ async def measure_streams(client, peer: str, addrs, samples: int) -> dict:
 
 
 async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: bool = False) -> dict:
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (node's send time, latency)
     errors = 0
     kinds: dict[str, int] = {}
     opens: list[float] = []
 
+    all_open_at = 0.0
+
     async def one(client) -> None:
-        nonlocal errors
+        nonlocal errors, all_open_at
         try:
             t = time.perf_counter()
             s = await client.open_stream(peer, TOKENS, addrs=addrs)
             opens.append(time.perf_counter() - t)
-            for i in range(tokens):
-                data = await read_exact(s, TOKEN.size)
-                if len(data) < TOKEN.size:
+            all_open_at = max(all_open_at, time.perf_counter())
+            got, buf = 0, b""
+            while got < tokens:  # read what arrived and split it, as the shim's FrameDecoder does
+                data = await s.read()
+                if not data:
                     errors += 1
-                    kind = f"stream ended after {i} tokens"
+                    kind = f"stream ended after {got} tokens"
                     kinds[kind] = kinds.get(kind, 0) + 1
                     return
-                _, sent = TOKEN.unpack(data)
-                latencies.append(time.perf_counter() - sent)
+                now = time.perf_counter()
+                buf += data
+                whole = len(buf) - len(buf) % TOKEN.size
+                for off in range(0, whole, TOKEN.size):
+                    _, sent = TOKEN.unpack_from(buf, off)
+                    latencies.append((sent, now - sent))
+                got += whole // TOKEN.size
+                buf = buf[whole:]
         except Exception as exc:  # counted, reported: the benchmark must finish
             errors += 1
             cause = exc.__cause__
@@ -279,11 +480,12 @@ async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: 
     async with trio.open_nursery() as n:
         for i in range(streams):
             n.start_soon(one, clients[i % len(clients)])
+    lat = [x for _, x in latencies]
     out = {"streams": streams, "tokens_per_stream": tokens, "delivered": len(latencies), "errors": errors,
-           "error_kinds": kinds, "opens": [round(x, 4) for x in opens],
-           "token_latency": ms(latencies) if latencies else {}}
+           "error_kinds": kinds, "opens": [round(x, 4) for x in opens], "all_open_at": all_open_at,
+           "token_latency": ms(lat) if lat else {}}
     if raw:
-        out["raw"] = [round(x, 6) for x in latencies]
+        out["raw"] = [(round(s, 6), round(x, 6)) for s, x in latencies]
     return out
 
 
@@ -291,7 +493,7 @@ async def main(args: argparse.Namespace) -> dict:
     results: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
                                  "cpus": os.cpu_count()}}
     cfg = loopback_config(record_ttl_s=1200.0, announce_interval_s=600.0, dial_timeout_s=10.0)
-    if args.only in ("tokens-direct", "tokens-relayed"):
+    if args.only != "all":
         return await tokens_only(args, results)
     async with contextlib.AsyncExitStack() as stack:
         proc = None
@@ -332,31 +534,25 @@ async def main(args: argparse.Namespace) -> dict:
                 results["find_providers"] = {**ms(finds), "providers": len(found)}
                 results["direct"] = await measure_streams(shim, public.peer_id, public.listen_addrs, args.samples)
                 results["relayed"] = await measure_streams(shim, private.peer_id, private.announce_addrs, args.samples)
-            relay_pid = proc.pid if proc is not None else 0
-            results["tokens_direct"] = await token_load_processes(relay_addr, "public", args, relay_pid)
-            results["tokens_relayed"] = await token_load_processes(relay_addr, "private", args, relay_pid)
-            d = results["tokens_direct"]["token_latency"]
-            r = results["tokens_relayed"]["token_latency"]
-            if d and r:
-                results["relay_added_token_latency_p95_ms"] = round(r["p95_ms"] - d["p95_ms"], 3)
+            if proc is None:  # the token arms need the relay in its own process
+                proc, relay_addr = await relay_process(None)
+            results["tokens"] = await token_arms(relay_addr, proc, args)
         finally:
             if proc is not None:
-                proc.kill()
-                await proc.wait()
+                await stop_relay(proc)
     return results
 
 
 async def tokens_only(args: argparse.Namespace, results: dict) -> dict:
-    """Just one token-stream arm (relay in its own process): `--only tokens-relayed`."""
+    """Only the token arms (relay in its own process): `--only tokens|tokens-relayed|tokens-direct`."""
     proc, relay_addr = await relay_process(None)
     results["relay"] = "own process"
     try:
-        route = args.only.removeprefix("tokens-")
-        results[f"tokens_{route}"] = await token_load_processes(
-            relay_addr, "public" if route == "direct" else "private", args, proc.pid)
+        if args.only == "tokens":
+            args.only = "all"
+        results["tokens"] = await token_arms(relay_addr, proc, args)
     finally:
-        proc.kill()
-        await proc.wait()
+        await stop_relay(proc)
     return results
 
 
@@ -376,16 +572,25 @@ def table(r: dict) -> str:
              "p50 <= 8 ms" if route == "relayed" else ""),
             (f"20 MB one stream, {route}", f"{x['throughput_20MB_MBps']} MB/s", ""),
         ]
-    for route in ("direct", "relayed"):
-        if f"tokens_{route}" not in r:
-            continue
-        t = r[f"tokens_{route}"]
-        lat = t["token_latency"]
-        rows.append((f"{t['streams']} token streams x {t['tokens_per_stream']} tok, {route}",
-                     f"delivered {t['delivered']}, errors {t['errors']}, latency p50 {lat.get('p50_ms')} ms p95 {lat.get('p95_ms')} ms",
-                     ">= 200 streams" if route == "relayed" else ""))
-    if "relay_added_token_latency_p95_ms" in r:
-        rows.append(("relay added per-token latency, p95", f"{r['relay_added_token_latency_p95_ms']} ms", "< 5 ms"))
+    for mode, x in r.get("tokens", {}).get("summary", {}).items():
+        where = ("relay pinned to CPU 0, node + clients to CPU 1, both arms" if mode == "relay-own-core"
+                 else "no pinning: 6 processes share 2 cores")
+        rows += [
+            (f"token streams [{mode}]", where, ""),
+            ("  per-token latency, direct", f"p50 {x['direct_p50_ms']} ms, p95 {x['direct_p95_ms']} ms", ""),
+            ("  per-token latency, relayed", f"p50 {x['relayed_p50_ms']} ms, p95 {x['relayed_p95_ms']} ms, errors {x['errors']}",
+             ">= 200 streams"),
+            ("  relay-added latency, p95", f"{x['added_p95_ms']} ms (median of {x['repeats']} paired runs: "
+                                            f"{x['added_p95_ms_each']}); steady state {x['added_p95_ms_steady']} ms", "< 5 ms"),
+            ("  relay's own forwarding delay", f"p50 {x['relay_forward_delay_p50_ms']} ms, p95 {x['relay_forward_delay_p95_ms']} ms "
+                                               f"(of which writing, p95: {x['relay_forward_write_p95_ms']} ms)", ""),
+            ("  relay CPU per forwarded token", f"{x['relay_cpu_us_per_token']} us", ""),
+            ("  load average (1 min) at each arm", ", ".join(f"{v:.1f}" for v in x["load_average_1m"]), ""),
+        ]
+    for run in r.get("tokens", {}).get("runs", []) if not r.get("tokens", {}).get("summary") else []:
+        rows.append((f"token streams, {run['route']} [{run['pin']}]", summarise(run), ""))
+    if not rows:
+        return "(nothing measured)"
     width = max(len(a) for a, _, _ in rows)
     wide = max(len(b) for _, b, _ in rows)
     lines = [f"relay: {r.get('relay')}", f"{'measure'.ljust(width)}  {'result'.ljust(wide)}  target", "-" * (width + wide + 12)]
@@ -400,19 +605,32 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--only", choices=["all", "tokens-direct", "tokens-relayed"], default="all",
-                        help="run one token-stream arm alone (relay in its own process)")
+    parser.add_argument("--only", choices=["all", "tokens", "tokens-direct", "tokens-relayed"], default="all",
+                        help="only the token-stream arms (both, interleaved), or one arm alone")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="token arm pairs per pin mode (interleaved direct/relayed, relayed/direct, ...)")
+    parser.add_argument("--pin", choices=["both", "none", "relay-own-core"], default="both",
+                        help="relay-own-core: relay on CPU 0, node and clients on CPU 1 (in both arms)")
     parser.add_argument("--relay-in-process", action="store_true",
                         help="run the relay in this process (no cross-process scheduling on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/p2p.json"))
-    parser.add_argument("--helper", choices=["node", "client"], help=argparse.SUPPRESS)
+    parser.add_argument("--helper", choices=["node", "client", "relay"], help=argparse.SUPPRESS)
     parser.add_argument("--relay", help=argparse.SUPPRESS)
     parser.add_argument("--reachability", default="private", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--addrs", nargs="*", default=[], help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.helper:
-        trio.run(helper_node if a.helper == "node" else helper_client, a)
+        helper = {"node": helper_node, "client": helper_client, "relay": helper_relay}[a.helper]
+        if os.environ.get("BENCH_PROFILE_DIR"):  # profiling: one cProfile dump per helper process
+            import cProfile
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(trio.run, helper, a)
+            finally:
+                prof.dump_stats(f"{os.environ['BENCH_PROFILE_DIR']}/{a.helper}-{os.getpid()}.prof")
+        else:
+            trio.run(helper, a)
         sys.exit(0)
     res = trio.run(main, a)
     res["load_average"] = list(os.getloadavg())

@@ -86,11 +86,57 @@ async def write_all(raw: object, data: bytes) -> None:
         view = view[n:]
 
 
+class _StampedBuffer(bytearray):
+    """A Yamux stream's receive buffer that remembers when its oldest unread byte arrived.
+
+    Only installed while `DarkbloomHop.forward_delays` is recording (benchmarks): the
+    library's reader `extend`s the buffer as frames are decoded and `read_stream` drains
+    it with `clear()` or `del buf[:n]`; `taken` is the arrival time of the oldest byte of
+    the last chunk read (bytes left behind by a partial read keep the older stamp).
+    """
+
+    def __init__(self, data: bytes = b"") -> None:
+        super().__init__(data)
+        self.since = time.perf_counter()
+        self.taken = self.since
+
+    def extend(self, data: object) -> None:  # type: ignore[override]
+        if not self:
+            self.since = time.perf_counter()
+        super().extend(data)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self.taken = self.since
+        super().clear()
+
+    def __delitem__(self, key: object) -> None:  # type: ignore[override]
+        self.taken = self.since
+        super().__delitem__(key)  # type: ignore[arg-type]
+
+
+def _stamp_arrivals(stream: object) -> _StampedBuffer | None:
+    """Install a `_StampedBuffer` under a relayed Yamux stream (None when not Yamux)."""
+    muxed = getattr(stream, "muxed_stream", None)
+    conn = getattr(muxed, "conn", None)
+    buffers = getattr(conn, "stream_buffers", None)
+    sid = getattr(muxed, "stream_id", None)
+    if buffers is None or sid not in buffers:
+        return None
+    stamped = _StampedBuffer(bytes(buffers[sid]))
+    buffers[sid] = stamped
+    return stamped
+
+
 class DarkbloomHop(CircuitV2Protocol):
     """Circuit relay v2 hop with our forwarder (defects 5 and 6) and limits (defect 7)."""
 
     circuits_open = 0
     circuits_total = 0
+    # Benchmarks set a list here: each forwarded chunk then appends the relay's own delay
+    # (seconds from its oldest byte's arrival in the relay's Yamux buffer to the forwarded
+    # write reaching the socket) and the part of it spent writing (Yamux, Noise, send()).
+    # Off (None) in production: no per-chunk work.
+    forward_delays: list[tuple[float, float]] | None = None
 
     async def _relay_data(  # type: ignore[override]
         self,
@@ -105,6 +151,8 @@ class DarkbloomHop(CircuitV2Protocol):
         type(self).circuits_open += 1
         type(self).circuits_total += 1
         clean = False
+        delays = type(self).forward_delays
+        stamped = _stamp_arrivals(src_stream) if delays is not None else None
         try:
             while True:
                 if deadline is not None and time.monotonic() > deadline:
@@ -122,7 +170,11 @@ class DarkbloomHop(CircuitV2Protocol):
                     if circuit_data_limit[0] < 0:
                         log.info("circuit to %s reached its data limit", short_id(str(peer_id)))
                         break
+                began = time.perf_counter() if stamped is not None else 0.0
                 await write_all(dst_stream, data)  # waits for a slow reader (defect 6)
+                if stamped is not None and delays is not None:
+                    done = time.perf_counter()
+                    delays.append((done - stamped.taken, done - began))
         except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("circuit direction ended: %s", exc)
         finally:
