@@ -52,8 +52,11 @@ import platform
 import statistics
 import sys
 import re
+import queue
 import shutil
+import subprocess
 import tempfile
+import threading
 import textwrap
 import time
 from contextlib import aclosing
@@ -69,6 +72,7 @@ from engine import free_port, start_mlx_server, wait_healthy  # noqa: E402  (ben
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from chaos import netproc  # noqa: E402
 from chaos.netproc import ProcNetwork  # noqa: E402  (roles as real processes, as in the chaos tests)
 from chaos.procs import Daemon, clean_env, write_config  # noqa: E402
 from darkbloom.inference.blas import blas_status  # noqa: E402
@@ -107,6 +111,32 @@ DIAG_SITECUSTOMIZE = textwrap.dedent('''
         W.Worker._submit, W.Worker._step, W.Worker._emit = _submit, _step, _emit
 
     _darkbloom_patch_engine()
+
+    def _darkbloom_stall_probes():
+        # Long pauses of a whole process, written to a side file next to this one: garbage collections
+        # and log writes (a blocked stderr pipe) over 20 ms, with their monotonic end time.
+        import gc, os, sys
+        path = os.path.join(os.path.dirname(__file__), f"stalls.{os.getpid()}.log")
+        role = next((a for a in sys.argv[1:] if a in ("shim", "node", "relay")), "bench")
+        def note(what, ms):
+            with open(path, "a") as f:
+                f.write(f"{role} {what} ms={ms:.1f} t={time.monotonic():.6f}\\n")
+        started = [0.0]
+        def on_gc(phase, info):
+            if phase == "start":
+                started[0] = time.monotonic()
+            elif (ms := 1000 * (time.monotonic() - started[0])) > 20:
+                note(f"gc gen={info.get('generation')}", ms)
+        gc.callbacks.append(on_gc)
+        emit = logging.StreamHandler.emit
+        def timed_emit(self, record):
+            t0 = time.monotonic()
+            emit(self, record)
+            if (ms := 1000 * (time.monotonic() - t0)) > 20:
+                note("log write", ms)
+        logging.StreamHandler.emit = timed_emit
+
+    _darkbloom_stall_probes()
 ''')
 TIMELINE_RE = re.compile(r"timeline (\S+) (\w+) t=([\d.]+)")
 ENGINE_RE = re.compile(r"engine rid=(\d+) (\w+) t=([\d.]+)")
@@ -399,6 +429,44 @@ async def measured(procs: dict[str, int | None], run_coro: Any, shim_log: Path |
     return run
 
 
+class FileDaemon(Daemon):
+    """A role process whose output goes straight to its log file, read back as it grows.
+
+    chaos.procs.Daemon pipes the output to a thread of this process; while this process was busy
+    with 16 streaming clients the pipe filled and the shim's next log write blocked its whole event
+    loop (measured: 178 and 201 ms stalls in one c=16 level with --timeline; the shim at -v, as
+    the chaos tests run it, writes far more)."""
+
+    def start(self) -> None:
+        self.starts += 1
+        self.lines = queue.Queue()
+        self.output = []
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "darkbloom", *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self._pump = threading.Thread(target=self._tail, args=(self.proc, self.lines, self.log_path), daemon=True)
+        self._pump.start()
+
+    @staticmethod
+    def _tail(proc: subprocess.Popen[bytes], lines: queue.Queue[str | None], path: Path) -> None:
+        with open(path, errors="replace") as f:
+            rest = ""
+            while True:
+                chunk = f.read()
+                if chunk:
+                    *done, rest = (rest + chunk).split("\n")
+                    for line in done:
+                        lines.put(line + "\n")
+                elif proc.poll() is not None:
+                    break
+                else:
+                    time.sleep(0.05)  # polling a file for new lines, not synchronising with anything
+        lines.put(None)
+
+
+netproc.Daemon = FileDaemon  # ProcNetwork starts the relay and nodes through this name
+
+
 class BenchNetwork(ProcNetwork):
     """ProcNetwork whose shim logs at INFO unless asked (the chaos tests run it with -v: DEBUG for every
     library, libp2p included, which cost the shim CPU per frame and fed the bench's log pump thread)."""
@@ -415,7 +483,7 @@ class BenchNetwork(ProcNetwork):
                  "providers_cache_s": 1.0, **(p2p or {})},
             api={"port": 0, "first_token_timeout_s": 10.0, "request_timeout_s": 60.0, **api},
         )
-        self.shim = Daemon("shim", ["--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
+        self.shim = FileDaemon("shim", ["--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
                            env=clean_env(), log_dir=self.logs)
         self.shim_url = self.shim.wait_for(r"OpenAI-compatible API at (http://\S+/v1)").group(1)
         self.shim.wait_for(r"joined the network")
@@ -475,12 +543,28 @@ def timeline_summary(run: Run, marks: dict[str, dict[str, float]],
         return {"hops": hops}
     lo, hi = min(t0 for _, t0, _ in run.reqs), max(t for _, _, t in run.reqs)
     inside = [s for s in steps if lo <= s[0] <= hi]
+    # Per request, the engine steps from its arrival at the engine thread to its first token: how many,
+    # how many of them also prefilled (another request's prompt or its own), and the wait for the step
+    # that was running when it arrived. Counts, unlike milliseconds, hardly depend on the machine's load.
+    n_steps, n_prefill, waits = [], [], []
+    for rid, _, _ in run.reqs:
+        ev = marks.get(rid, {})
+        recv, first = ev.get("engine_recv"), ev.get("engine_first_token")
+        if recv is None or first is None:
+            continue
+        mine = [s for s in steps if s[0] >= recv and s[1] <= first + 1e-4]
+        n_steps.append(len(mine))
+        n_prefill.append(sum(1 for s in mine if s[3] or s[4]))
+        running = [s for s in steps if s[0] < recv < s[1]]
+        waits.append(1000 * (running[0][1] - recv) if running else 0.0)
     prefill = [s for s in inside if s[3] or s[4]]  # steps that also prefilled (prompts waiting or in process)
     return {"hops": hops, "engine_steps": len(inside),
             "engine_step_ms_p50": round(1000 * pct([s[1] - s[0] for s in inside], 0.5), 2),
             "engine_prefill_steps": len(prefill),
             "engine_prefill_step_ms_p50": round(1000 * pct([s[1] - s[0] for s in prefill], 0.5), 2),
-            "engine_prefill_batch_p50": pct([s[3] + s[4] for s in prefill], 0.5)}
+            "engine_prefill_batch_p50": pct([s[3] + s[4] for s in prefill], 0.5),
+            "steps_to_first_token_p50": pct(n_steps, 0.5), "prefill_steps_to_first_token_p50": pct(n_prefill, 0.5),
+            "wait_for_running_step_ms_p50": round(pct(waits, 0.5), 2)}
 
 
 async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> dict[str, Any]:
@@ -498,7 +582,8 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                           keepalive_expiry=600.0)
     collect = Collect()
     if args.timeline:
-        exec(DIAG_SITECUSTOMIZE, {})  # noqa: S102 - the diagnosis patch, in this process (the in-process arm)
+        # the diagnosis patch, in this process too (the in-process arm)
+        exec(DIAG_SITECUSTOMIZE, {"__file__": str(root / "diag" / "sitecustomize.py")})  # noqa: S102
         logging.getLogger("darkbloom.timeline").addHandler(collect)
         logging.getLogger("darkbloom.timeline").propagate = False
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -649,7 +734,9 @@ def print_table(results: dict[str, Any]) -> None:
             if "engine_steps" in tl:
                 print(f"  {'':8} {'':5} engine: {tl['engine_steps']} steps, p50 {tl['engine_step_ms_p50']:.1f} ms; "
                       f"{tl['engine_prefill_steps']} with prefill work, p50 {tl['engine_prefill_step_ms_p50']:.1f} ms, "
-                      f"prompts per prefill step p50 {tl['engine_prefill_batch_p50']}")
+                      f"prompts per prefill step p50 {tl['engine_prefill_batch_p50']}; per request to its first "
+                      f"token p50: {tl['steps_to_first_token_p50']} steps, {tl['prefill_steps_to_first_token_p50']} "
+                      f"with prefill, {tl['wait_for_running_step_ms_p50']:.1f} ms waiting for the running step")
 
 
 def main() -> int:
@@ -687,6 +774,8 @@ def main() -> int:
         finally:
             if args.keep_logs and (root / "logs").exists():
                 shutil.copytree(root / "logs", args.keep_logs, dirs_exist_ok=True)
+                if (root / "diag").exists():
+                    shutil.copytree(root / "diag", Path(args.keep_logs) / "diag", dirs_exist_ok=True)
     results["arms"] = ARMS
     results["fields"] = ROW_KEYS
     results["config"] = {"model": str(args.model_dir) if args.model_dir else f"{args.size} test model",
