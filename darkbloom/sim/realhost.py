@@ -137,7 +137,7 @@ async def run_real(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, A
     """The workload on `nodes` real libp2p providers, one relay and two shims on loopback."""
     from darkbloom.p2p.testing import loopback_config, swarm
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rng = random.Random(seed)
     # darkbloom's default lifetimes (the simulator's too), not the fixture's short test ones:
     # on a loaded machine a 53-host swarm takes minutes to start, longer than a 60 s record
@@ -169,6 +169,9 @@ async def run_real(nodes: int, requests: int = 20, seed: int = 1) -> dict[str, A
         result = await _workload([c.net for c in s.clients], [m.peer_id for m in s.nodes], requests, rng, trace)
         shim_tables = [c.net.dht.routing_table.size() for c in s.clients]
     result["wall_s"] = round(time.perf_counter() - t0, 3)
+    # CPU this process got per wall second (1.0 = one full core): all hosts share one trio
+    # thread, so well below 1 on a busy machine means the hosts were starved, not slow
+    result["cpu_share"] = round((time.process_time() - cpu0) / max(result["wall_s"], 1e-9), 2)
     result_tables.sort()
     result["routing_table_p50"] = result_tables[len(result_tables) // 2] if result_tables else 0
     result["shim_table"] = shim_tables
@@ -257,6 +260,6 @@ def compare(nodes: int, requests: int = 20, seed: int = 1) -> list[dict[str, Any
     rows.append({"metric": "hops_mean (sim kademlia)", "sim": round(textbook["hops_mean"], 4), "real": round(real["hops_mean"], 4),
                  "within_10pct": None})
     for key in ("timeouts", "timeout_steps", "discovery_p50_s", "lookup_max_s", "discovery_max_s", "record_max_s",
-                "exchange_max_s", "wall_s", "routing_table_p50", "shim_table"):  # context (loopback, load)
+                "exchange_max_s", "wall_s", "cpu_share", "routing_table_p50", "shim_table"):  # context (loopback, load)
         rows.append({"metric": key, "sim": sim.get(key, "-"), "real": real.get(key, "-"), "within_10pct": None})
     return rows

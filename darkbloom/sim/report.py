@@ -206,6 +206,8 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: Path) -> None:
         b.plot(xs, [r["lookup_latency_p50_s"] for r in sub], line, marker="o", label="lookup p50" + tag)
         b.plot(xs, [r["lookup_latency_p95_s"] for r in sub], line, marker="^", label="lookup p95" + tag)
         b.plot(xs, [r["discovery_latency_p50_s"] for r in sub], line, marker="s", label="model discovery p50" + tag)
+    top = max((max(r["rounds_mean"], r["hops_p95"]) for r in rows), default=1.0)
+    a.set_ylim(-0.2, top * 1.8)  # room for the legend above the lines
     a.set_title("routing-table model in [brackets]", fontsize=9)
     a.set_xlabel("log2(N)")
     a.set_ylabel("per lookup")

@@ -125,3 +125,15 @@ def test_real_hosts_agree_with_the_simulator():
         assert rows[key]["real"] > 0.0 and rows[key]["sim"] > 0.0
         assert rows[key]["within_10pct"], rows[key]
     assert rows["hops_mean"]["real"] >= 0 and rows["hops_mean"]["within_10pct"], rows["hops_mean"]
+
+
+def test_within_10_percent_rule_of_the_real_host_comparison():
+    from darkbloom.sim.realhost import agree
+
+    assert agree("request_success", 1.0, 0.9) and not agree("request_success", 1.0, 0.8)
+    assert agree("lookup_success", 0.0, 0.0)
+    # hop means near 0: 0.1 hop absolute (one lookup of 10 needing a hop more)
+    assert agree("hops_mean", 0.0, 0.1) and not agree("hops_mean", 0.0, 0.2)
+    assert not agree("hops_mean", 0.5, 0.0)  # the textbook model against 50 real hosts
+    # larger means: relative
+    assert agree("hops_mean", 3.0, 3.3) and not agree("hops_mean", 3.0, 3.5)
