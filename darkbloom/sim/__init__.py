@@ -1,6 +1,6 @@
 """Network simulator and DHT crawler for topology research (see docs/RESEARCH.md).
 
-Layers: `keys` and `routing` (pure Kademlia table) -> `traversal` (pure lookup state machine)
+Layers: `keys` and `routing` (pure Kademlia tables: textbook or py-libp2p 0.8.1) -> `traversal` (pure lookup state machine)
 -> `dht` (RPC over PeerNetwork streams, `messages`) -> `peer` (a PeerNetwork on the simulated
 wire, `network`) -> `engine` (scenarios from `scenario`, measured into `metrics`) -> `report`
 and `commands` (`darkbloom sim`). `crawl`, `crawl_ports` and `crawl_commands` walk a DHT
