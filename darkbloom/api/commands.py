@@ -12,7 +12,6 @@ Heavy imports (libp2p, quart) happen inside `run`.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from datetime import datetime, timezone
 
@@ -70,11 +69,6 @@ async def _serve(config: Config) -> None:
         async with open_network(config.p2p, identity, role="shim") as network:
             await join_network(network)
             async with open_shim(config, network, identity=identity) as shim:
-                # Everything built so far (imported modules, the app, the host) lives as long as the
-                # process: keep it out of the collector's full passes, which then scan only what requests
-                # allocate (a full pass over it all paused the shim's event loop for 47-72 ms mid-request
-                # in bench/api.py --timeline runs).
-                gc.freeze()
                 mode = "hosted" if config.api.hosted else "local"
                 sys.stdout.write(f"darkbloom shim ({mode}): OpenAI-compatible API at {shim.url}/v1\n")
                 state = "joined the network" if network.joined else "still looking for a bootstrap relay"
