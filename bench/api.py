@@ -119,8 +119,11 @@ DIAG_SITECUSTOMIZE = textwrap.dedent('''
         path = os.path.join(os.path.dirname(__file__), f"stalls.{os.getpid()}.log")
         role = next((a for a in sys.argv[1:] if a in ("shim", "node", "relay")), "bench")
         def note(what, ms):
-            with open(path, "a") as f:
-                f.write(f"{role} {what} ms={ms:.1f} t={time.monotonic():.6f}\\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(f"{role} {what} ms={ms:.1f} t={time.monotonic():.6f}\\n")
+            except OSError:
+                pass  # the run's directory is gone (this process is exiting)
         started = [0.0]
         def on_gc(phase, info):
             if phase == "start":
