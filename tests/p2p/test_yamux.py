@@ -97,3 +97,83 @@ async def test_defect16_concurrent_frames_share_socket_writes():
                     n.start_soon(read_tokens, client, node)
             assert counts["frames"] >= streams * COUNT // 8  # token frames, at least partly merged by reads
             assert counts["writes"] < counts["frames"], counts  # some frames shared a write
+
+
+ECHO = "/darkbloom/test-yamux-echo/1.0.0"
+
+
+async def echo(stream) -> None:
+    while data := await stream.read():
+        await stream.write(data)
+
+
+class CountingLock:
+    """Stands in for a stream's window lock and counts acquisitions (the real lock does the locking)."""
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self.lock = lock
+        self.acquired = 0
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    async def __aenter__(self) -> None:
+        self.acquired += 1
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+async def test_uncontended_stream_writes_and_reads_take_no_lock():
+    """Each trio lock is a scheduler checkpoint: the common write and read take none."""
+    with trio.fail_after(TIMEOUT):
+        async with swarm(nodes=1, relays=0, clients=1) as s:
+            node, client = s.nodes[0].net, s.clients[0].net
+            node.serve(ECHO, echo)
+            stream = await client.open_stream(node.peer_id, ECHO, addrs=node.listen_addrs)
+            yamux_stream = stream.raw.muxed_stream
+            writes = []
+            slow_acquire = yamux_stream.rw_lock.acquire_write
+
+            async def counting_acquire() -> None:
+                writes.append(1)
+                await slow_acquire()
+
+            yamux_stream.rw_lock.acquire_write = counting_acquire
+            yamux_stream.window_lock = window = CountingLock(yamux_stream.window_lock)
+            for i in range(100):
+                message = b"%03d" % i * 40
+                await stream.write(message)
+                got = b""
+                while len(got) < len(message):
+                    got += await stream.read(len(message) - len(got))
+                assert got == message
+            assert writes == []
+            assert window.acquired <= 2  # at most one credit update (the library path: 2 per read, 200)
+
+
+async def test_window_sized_writes_and_small_ones_arrive_intact_in_order():
+    """1 MB (four times the send window: the library's waiting path) then small writes, echoed back."""
+    blob = bytes(range(256)) * 4096
+    with trio.fail_after(TIMEOUT):
+        async with swarm(nodes=1, relays=0, clients=1) as s:
+            node, client = s.nodes[0].net, s.clients[0].net
+            node.serve(ECHO, echo)
+            stream = await client.open_stream(node.peer_id, ECHO, addrs=node.listen_addrs)
+            small = [b"s%04d" % i for i in range(300)]
+            expected = blob + b"".join(small)
+            got = bytearray()
+
+            async def reader() -> None:
+                while len(got) < len(expected):
+                    chunk = await stream.read()
+                    assert chunk
+                    got.extend(chunk)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                await stream.write(blob)
+                for message in small:
+                    await stream.write(message)
+            assert bytes(got) == expected
