@@ -117,6 +117,14 @@ class VerifyPolicy:
 # is caught by accumulation alone in 3 checks 89%, 4: 98% (the plain product: 0% within 8).
 # The stop levels (3, 5) were picked on these samples among a few variants (inf, 3, 4, 5, ...):
 # their catch rates are in-sample, the honest bound is not (any fixed stop levels give an e-value).
+# With replay (the shim seeds every sampled request; bench/calibrate_verify.py --regimes/--claims,
+# bench/results/verify_replay.json; 24-token outputs, SmolLM2 honest and verifier, CPU float32):
+#   honest t=0.7 240/240 pass, t=1.0 240/240, t=0.7 top_p .9 top_k 50 60/60 (0/540 flagged; one-sided
+#   95% Clopper-Pearson upper bound on the honest flag rate 1.2% / 1.2% / 4.9%, pooled 0.55%); the
+#   largest honest replay gap over 12,950 tokens was 0.0 nats (the slack is 0.05), so replay adds
+#   no false flags here and the e-value's bound (<= 1e-3 per check) stands;
+#   another model caught 240/240 at t=0.7, t=1.0 (196/240 without replay) and t=0.7 filtered;
+#   random tokens 120/120 in every sampled regime. Greedy is unchanged (no seed; argmax rule).
 SAMPLED_POLICY = VerifyPolicy()
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
