@@ -439,6 +439,9 @@ def main() -> int:
     ap.add_argument("--regimes", default="", help="honest regimes to generate, comma-separated (default: all)")
     ap.add_argument("--claims", default="", help="regimes cheats are scored under, comma-separated (default: all)")
     ap.add_argument("--reuse-cheats", default="", help="take the cheats' token ids from this earlier generations file")
+    ap.add_argument("--coupled", action="store_true",
+                    help="score only the coupled cheat: honest seeded answers at one temperature claimed at the other "
+                         "(same model, same seed, same noise: t=1.0 as t=0.7 and t=0.7 as t=1.0)")
     args = ap.parse_args()
     if args.accumulate:
         acc = accumulation(json.loads(Path(args.samples).read_text())["rows"], draws=args.draws, seed=args.seed)
@@ -460,6 +463,10 @@ def main() -> int:
             gen_file.parent.mkdir(parents=True, exist_ok=True)
             gen_file.write_text(json.dumps(gen))
         gen = json.loads(gen_file.read_text())
+        if args.coupled:  # a node that uses the seed but serves another temperature
+            swap = {"t1.0": "t0.7", "t0.7": "t1.0"}
+            gen["items"] = [{**it, "kind": f"seeded_{it['regime']}_as_{swap[it['regime']]}", "regime": swap[it["regime"]]}
+                            for it in gen["items"] if it.get("regime") in swap]
         from darkbloom.config import load_config
         from darkbloom.inference.catalog import models_dir
 
