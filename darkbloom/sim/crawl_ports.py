@@ -78,6 +78,9 @@ class LibP2PCrawlPort:
 
     def __init__(self, network: object) -> None:
         self.network = network
+        # A crawl wants every provider's record, not the bounded sample a router is content with.
+        if hasattr(network, "discovery_candidates"):
+            network.discovery_candidates = 0
 
     def probe_keys(self, peer_id: str, count: int, rng: random.Random) -> list[bytes]:
         peer_key = hashlib.sha256(b58decode(peer_id)).digest()
