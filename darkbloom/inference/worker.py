@@ -185,9 +185,9 @@ class Worker:
             )
 
     def _new_generator(self, m: _Model) -> Any:
-        from mlx_lm.generate import BatchGenerator
+        from darkbloom.inference.generator import new_generator
 
-        return BatchGenerator(
+        return new_generator(
             m.model,
             max_tokens=self.default_max_tokens,
             stop_tokens=[[e] for e in m.eos_ids],
