@@ -125,6 +125,8 @@ class VerifyPolicy:
 #   no false flags here and the e-value's bound (<= 1e-3 per check) stands;
 #   another model caught 240/240 at t=0.7, t=1.0 (196/240 without replay) and t=0.7 filtered;
 #   random tokens 120/120 in every sampled regime. Greedy is unchanged (no seed; argmax rule).
+#   A coupled cheat (--coupled: SmolLM2 with the right seed and noise but the other temperature,
+#   t=0.7 served as t=1.0 and the reverse) 238/240 caught each (without replay: 0/240 and 76/240).
 SAMPLED_POLICY = VerifyPolicy()
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
