@@ -83,13 +83,28 @@ async def blast(stream) -> None:
         await stream.write(chunk)
 
 
-def token_server(rate: float, count: int):
+def token_server(rate: float, count: int, stats: dict | None = None):
+    """Serve `count` tokens at `rate`/s, each stamped with its send time.
+
+    With `stats`, records per token how long the write took (stamp to the frame handed to
+    the socket: the node's own part of the latency) and how late the token left against its
+    schedule (a node that cannot keep up sends later, not slower-looking, tokens); once
+    `stats["streams"]` streams are done, `stats["done"]` is set.
+    """
     async def serve(stream) -> None:
         interval = 1.0 / rate
         start = trio.current_time()
         for i in range(count):
             await trio.sleep_until(start + i * interval)
-            await stream.write(TOKEN.pack(i, time.perf_counter()))
+            sent = time.perf_counter()
+            await stream.write(TOKEN.pack(i, sent))
+            if stats is not None:
+                stats["write"].append(time.perf_counter() - sent)
+                stats["late"].append(trio.current_time() - (start + i * interval))
+        if stats is not None:
+            stats["finished"] += 1
+            if stats["finished"] >= stats["streams"]:
+                stats["done"].set()
     return serve
 
 
@@ -229,10 +244,13 @@ async def helper_node(args: argparse.Namespace) -> None:
         await net.reachability_known.wait()
         if net.reachability == "relayed":
             await net.relay_ready.wait()
-        net.serve(TOKENS, token_server(args.rate, args.tokens))
+        stats = {"write": [], "late": [], "finished": 0, "streams": args.streams, "done": trio.Event()}
+        net.serve(TOKENS, token_server(args.rate, args.tokens, stats))
         net.serve(ECHO, echo)
         addrs = list(net.announce_addrs) if net.reachability == "relayed" else list(net.listen_addrs)
         print(json.dumps({"peer_id": net.peer_id, "addrs": addrs}), flush=True)
+        await stats["done"].wait()
+        print(json.dumps({"token_write": ms(stats["write"]), "behind_schedule": ms(stats["late"])}), flush=True)
         await trio.sleep_forever()
 
 
@@ -290,7 +308,7 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
     try:
         load0 = os.getloadavg()[0]
         node, info = await spawn(__file__, "--helper", "node", "--relay", relay, "--reachability", reachability,
-                                 "--rate", str(args.rate), "--tokens", str(args.tokens))
+                                 "--rate", str(args.rate), "--tokens", str(args.tokens), "--streams", str(args.streams))
         procs.append(node)
         pin(node.pid, other_cpus)
         per = [args.streams // args.clients + (1 if i < args.streams % args.clients else 0) for i in range(args.clients)]
@@ -314,6 +332,9 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
             results.append(await read_all_json(p))
         elapsed = time.perf_counter() - t0
         forward = await relay_stats(relay_proc, "stats") if relay_proc is not None else {}
+        node_side: dict = {}
+        with trio.move_on_after(5):  # the node reports once every stream was served
+            node_side = await next_line(node)
         cpu = {k: round(cpu_s(pid) - cpu0[k], 2) for k, pid in (("relay", relay_pid), ("node", node.pid)) if pid}
         cpu["clients_in_window"] = round(sum(r.pop("cpu_window_s") for r in results), 2)
         cpu["clients_total_incl_start"] = round(sum(r.pop("cpu_s") for r in results), 2)  # incl. imports
@@ -334,6 +355,7 @@ async def token_load_processes(relay: str, reachability: str, args: argparse.Nam
                 "error_kinds": [r.get("error_kinds", {}) for r in results],
                 "token_latency": ms(latencies) if latencies else {},
                 "token_latency_steady": ms(steady) if steady else {},
+                "node_side": node_side,  # token_write: stamp -> on the socket; behind_schedule: pacing lag
                 "relay_forward_delay": forward if reachability == "private" else {}}
     finally:
         for p in procs:
@@ -395,6 +417,10 @@ def added(pairs: list[dict]) -> dict:
             "relay_forward_write_p95_ms": med([f["write_p95_ms"] for f in fwd]) if fwd else None,
             "relay_cpu_us_per_token": med([p["relayed"]["relay_cpu_us_per_token"] for p in pairs
                                            if p["relayed"]["relay_cpu_us_per_token"] is not None] or [float("nan")]),
+            "node_write_p95_ms": {k: med([p[k]["node_side"]["token_write"]["p95_ms"] for p in pairs if p[k].get("node_side")] or [float("nan")])
+                                  for k in ("direct", "relayed")},
+            "node_behind_schedule_p50_ms": {k: med([p[k]["node_side"]["behind_schedule"]["p50_ms"] for p in pairs if p[k].get("node_side")] or [float("nan")])
+                                            for k in ("direct", "relayed")},
             "errors": sum(p[k]["errors"] for p in pairs for k in ("direct", "relayed")),
             "load_average_1m": [p[k]["load_average_1m"]["start"] for p in pairs for k in ("direct", "relayed")]}
 
@@ -404,6 +430,9 @@ def summarise(run: dict) -> str:
     text = (f"{run['route']:7} pin={run['pin']:14} delivered {run['delivered']} errors {run['errors']} "
             f"p50 {lat.get('p50_ms')} p95 {lat.get('p95_ms')} ms (steady p95 {st.get('p95_ms')}) "
             f"cpu {run['cpu_s']} load {run['load_average_1m']['start']}")
+    if run.get("node_side"):
+        text += (f" node write p50 {run['node_side']['token_write']['p50_ms']} ms,"
+                 f" behind schedule p50 {run['node_side']['behind_schedule']['p50_ms']} ms")
     if fw.get("chunks"):
         text += f" relay fwd p50 {fw['p50_ms']} p95 {fw['p95_ms']} ms (writing: p50 {fw['write_p50_ms']} p95 {fw['write_p95_ms']})"
     return text
@@ -491,7 +520,19 @@ async def token_load(clients, peer: str, addrs, streams: int, tokens: int, raw: 
 
 async def main(args: argparse.Namespace) -> dict:
     results: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                 "cpus": os.cpu_count()}}
+                                 "cpus": os.cpu_count()},
+                     "definitions": {
+                         "token_latency": "client receive time - node send time stamped in the token (one host clock)",
+                         "token_latency_steady": "only tokens sent after the last stream was open",
+                         "added_p95_ms": "median over adjacent (same repeat) pairs of relayed p95 - direct p95",
+                         "relay_forward_delay": "inside the relay: oldest byte of a chunk in its Yamux buffer -> "
+                                                "forwarded write on the socket (excludes waiting for a CPU before reading)",
+                         "pin none": "relay, node, 4 clients and the bench share all cores",
+                         "pin relay-own-core": "relay on CPU 0; node, clients and the bench on CPU 1; in both arms",
+                         "cpu_s": "CPU seconds in the measured window (clients_total_incl_start includes imports)",
+                         "node_side": "token_write: node's send stamp -> frame handed to the socket; behind_schedule: "
+                                      "how late each token left against start + i/rate (the node saturated if large)",
+                     }}
     cfg = loopback_config(record_ttl_s=1200.0, announce_interval_s=600.0, dial_timeout_s=10.0)
     if args.only != "all":
         return await tokens_only(args, results)
@@ -585,6 +626,8 @@ def table(r: dict) -> str:
             ("  relay's own forwarding delay", f"p50 {x['relay_forward_delay_p50_ms']} ms, p95 {x['relay_forward_delay_p95_ms']} ms "
                                                f"(of which writing, p95: {x['relay_forward_write_p95_ms']} ms)", ""),
             ("  relay CPU per forwarded token", f"{x['relay_cpu_us_per_token']} us", ""),
+            ("  node: token write p95 (stamp -> socket)", f"direct {x['node_write_p95_ms']['direct']} ms, relayed {x['node_write_p95_ms']['relayed']} ms", ""),
+            ("  node: behind its 50/s schedule, p50", f"direct {x['node_behind_schedule_p50_ms']['direct']} ms, relayed {x['node_behind_schedule_p50_ms']['relayed']} ms", ""),
             ("  load average (1 min) at each arm", ", ".join(f"{v:.1f}" for v in x["load_average_1m"]), ""),
         ]
     for run in r.get("tokens", {}).get("runs", []) if not r.get("tokens", {}).get("summary") else []:

@@ -277,7 +277,11 @@ def _fast_paths(stream: object) -> None:
     streams has many runnable tasks: these waits were most of the latency a relay added.
     Here, when no task holds those locks and the data fits the send window (write) or is
     already buffered (read; an empty buffer is waited for on the library's own per-stream
-    event, as its `read_stream` does), the same bookkeeping is done synchronously (trio runs one task
+    event, as its `read_stream` does), the same bookkeeping is done synchronously. The
+    window and stream locks are not checked: the library holds them only across their own
+    acquire checkpoint (the guarded updates are synchronous), so a synchronous update here
+    cannot interleave with one there; a library writer holding the stream's write lock
+    (mid-message, e.g. waiting for window) does send the fast path to the library's. (trio runs one task
     at a time, so no other task can interleave) and the frame is queued at once; otherwise
     the library's path runs unchanged. Frame order is kept: the library, too, queues a frame
     right after building it, with no checkpoint in between.
@@ -286,14 +290,13 @@ def _fast_paths(stream: object) -> None:
     slow_write = stream.write  # type: ignore[attr-defined]
     slow_read = stream.read  # type: ignore[attr-defined]
     writer = stream.rw_lock._writer_lock  # type: ignore[attr-defined]
-    window_lock = stream.window_lock  # type: ignore[attr-defined]
     sid = stream.stream_id  # type: ignore[attr-defined]
 
     async def write(data: bytes) -> None:
         size = len(data)
         if (0 < size <= stream.send_window and size <= _MAX_FRAME_DATA  # type: ignore[attr-defined]
                 and not (stream.send_closed or stream.closed)  # type: ignore[attr-defined]
-                and writer.value == 1 and not window_lock.locked()):
+                and writer.value == 1):  # no library writer mid-message on this stream
             stream.send_window -= size  # type: ignore[attr-defined]
             await conn._write_frame(_DATA_HEADER.pack(0, 0, 0, sid, size) + data)
             return
@@ -314,8 +317,6 @@ def _fast_paths(stream: object) -> None:
             await event.wait()
             if conn.stream_events.get(sid) is event:
                 conn.stream_events[sid] = trio.Event()
-        if window_lock.locked() or conn.streams_lock.locked():
-            return await slow_read(n)  # type: ignore[no-any-return]
         data = bytes(buffer[:n])
         del buffer[:n]
         stream._pending_recv_release += len(data)  # type: ignore[attr-defined]
