@@ -397,6 +397,29 @@ class DarkbloomNoise(NoiseTransport):
         return await super().secure_outbound(_ReadAhead(conn), peer_id)  # type: ignore[arg-type]
 
 
+def drop_closed_connections(host: BasicHost, peer: object) -> int:
+    """Remove connections to `peer` that are closed but still listed by the swarm; return how
+    many were dropped.
+
+    Defect 20 (found here): a closed connection can stay in 0.8.1's connection table for a
+    while (a relay that restarted, and the circuits through it). While it is listed,
+    `BasicHost.connect` returns at once without dialling and `new_stream` filters it out and
+    fails with "No valid connections available": the peer looks connected and unreachable at
+    the same time. Dropping the closed entries lets the next dial happen."""
+    table = getattr(host.get_network(), "connections", None)
+    if not isinstance(table, dict) or peer not in table:
+        return 0
+    conns = table[peer]
+    live = [c for c in conns if not getattr(c, "is_closed", False)]
+    dropped = len(conns) - len(live)
+    if dropped:
+        if live:
+            table[peer] = live
+        else:
+            del table[peer]
+    return dropped
+
+
 def tcp_sockets(host: BasicHost) -> list[object]:
     """The TCP sockets under a host's live connections (relayed ones run inside these)."""
     out = []

@@ -32,7 +32,7 @@ from darkbloom.p2p import multistream
 from darkbloom.p2p.api import Route, recv_message, send_message
 from darkbloom.p2p.core import NetworkCore
 from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
-from darkbloom.p2p.host import DarkbloomHost, build_host
+from darkbloom.p2p.host import DarkbloomHost, build_host, drop_closed_connections
 from darkbloom.p2p.relay import DIALBACK_PROTOCOL, DarkbloomHop, RelayClient, relay_limits, serve_dialback
 from darkbloom.wire.caps import DialBackReply, DialBackRequest
 from darkbloom.wire.codec import FrameDecoder
@@ -272,17 +272,23 @@ class LibP2PNetwork(NetworkCore):
         relayed node opened 100 circuits and hit the per-peer connection limit.
         """
         pid = ID.from_base58(peer_id)
-        if self.host.get_network().get_connections(pid):
+        if self._live_connection(pid):
             return
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         try:
             async with lock:
-                if self.host.get_network().get_connections(pid):
+                if self._live_connection(pid):
                     return
                 await self._dial(pid, peer_id, addrs)
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._dial_locks.pop(peer_id, None)
+
+    def _live_connection(self, pid: ID) -> bool:
+        """Whether the swarm holds a connection to `pid` that is not closed; closed ones still
+        listed are dropped first (defect 20, `host.drop_closed_connections`)."""
+        drop_closed_connections(self.host, pid)
+        return bool(self.host.get_network().get_connections(pid))
 
     async def find_node(self, peer_id: str, key: bytes, *, addrs: Sequence[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
         """One Kademlia FIND_NODE to one peer: the peers it knows closest to `key`, with addrs.

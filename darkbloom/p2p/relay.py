@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import multiaddr
 import trio
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2.config import RelayConfig as LibRelayConfig
 from libp2p.relay.circuit_v2.config import RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -38,6 +39,7 @@ from darkbloom.config import RelayConfig
 from darkbloom.errors import PeerUnreachable
 from darkbloom.log import short_id
 from darkbloom.p2p.api import Stream, recv_message, send_message
+from darkbloom.p2p.host import drop_closed_connections
 from darkbloom.wire.caps import DialBackReply, DialBackRequest
 
 __all__ = [
@@ -206,12 +208,31 @@ class RelayClient:
         errors = []
         for addr in circuit_addrs:
             text = addr if addr.endswith(f"/p2p/{peer}") else addr + f"/p2p/{peer}"
-            try:
-                await self.dialer.dial(multiaddr.Multiaddr(text))
-                return
-            except Exception as exc:  # ConnectionError, RelayConnectionError, SwarmException...
-                errors.append(f"{text}: {exc}")
+            for attempt in (1, 2):
+                try:
+                    await self._reach_relay(addr)
+                    await self.dialer.dial(multiaddr.Multiaddr(text))
+                    return
+                except Exception as exc:  # ConnectionError, RelayConnectionError, SwarmException...
+                    # A connection to a relay that just restarted may only now be seen closed
+                    # (defect 20): the second attempt drops it and dials the relay afresh.
+                    if attempt == 2 or "No valid connections" not in str(exc):
+                        errors.append(f"{text}: {exc}")
+                        break
         raise PeerUnreachable(str(peer), "; ".join(errors) or "no circuit address")
+
+    async def _reach_relay(self, circuit_addr: str) -> None:
+        """Make sure the relay of a circuit address is connected by a live connection: one that
+        closed when the relay restarted can stay listed (defect 20), and the library's circuit
+        dial would then fail with "No valid connections available" instead of dialling it."""
+        relay_part = circuit_addr.split("/p2p-circuit", 1)[0]
+        if "/p2p/" not in relay_part:
+            return
+        relay_addr, relay_id = relay_part.rsplit("/p2p/", 1)
+        relay = ID.from_base58(relay_id)
+        drop_closed_connections(self.host, relay)  # type: ignore[arg-type]
+        if not self.host.get_network().get_connections(relay):  # type: ignore[attr-defined]
+            await self.host.connect(PeerInfo(relay, [multiaddr.Multiaddr(relay_addr)]))  # type: ignore[attr-defined]
 
     async def reserve(self, relay: ID) -> int:
         """Reserve a slot on `relay`; the expiry (unix s), or 0 when refused."""
