@@ -127,6 +127,11 @@ class VerifyPolicy:
 #   random tokens 120/120 in every sampled regime. Greedy is unchanged (no seed; argmax rule).
 #   A coupled cheat (--coupled: SmolLM2 with the right seed and noise but the other temperature,
 #   t=0.7 served as t=1.0 and the reverse) 238/240 caught each (without replay: 0/240 and 76/240).
+#   A second honest run for the 99.9 % target (four runs, --seed 11-14, 400 prompts x t=0.7 and t=1.0
+#   each, 24 tokens): 0/3,200 flagged, largest replay gap 0.0 nats, largest ln E 6.27 (threshold
+#   6.91). With the first run, 0 of 3,740 honest sampled checks flagged: the one-sided 95 % upper
+#   bound on the honest flag rate is 0.08 %, i.e. >= 99.92 % pass. Greedy honest checks: 120/120
+#   only (the prompt set has 400 prompts and greedy output does not vary with the seed).
 SAMPLED_POLICY = VerifyPolicy()
 GREEDY_POLICY = SAMPLED_POLICY  # greedy: the e-value is 1; any non-argmax token is excluded
 LOW_TEMPERATURE_POLICY = SAMPLED_POLICY
