@@ -105,15 +105,9 @@ class RoutingTable:
         bucket = self._buckets.get(idx)
         if bucket is None:
             bucket = self._buckets[idx] = []
-        if peer_id in bucket:
-            bucket.remove(peer_id)
-            bucket.append(peer_id)
+        if _touch(bucket, peer_id):
             return None
-        if len(bucket) < self.k:
-            bucket.append(peer_id)
-            self._size += 1
-            return None
-        return bucket[0]
+        return _admit(self, bucket, peer_id)
 
     def replace(self, old: str, new: str) -> bool:
         """Swap a dead `old` for `new` in the same bucket; False when `old` is gone or they differ in bucket."""
@@ -246,19 +240,13 @@ class SplittingRoutingTable:
         key = self._key_of(peer_id)
         i = self._index(key)
         bucket = self._buckets[i]
-        if peer_id in bucket:
-            bucket.remove(peer_id)
-            bucket.append(peer_id)
+        if _touch(bucket, peer_id):
             return None
         while len(bucket) >= self.k and len(self._buckets) < self.max_buckets:
             self._split(i)  # repeated while every peer fell into the newcomer's half
             i = self._index(key)
             bucket = self._buckets[i]
-        if len(bucket) < self.k:
-            bucket.append(peer_id)
-            self._size += 1
-            return None
-        return bucket[0]
+        return _admit(self, bucket, peer_id)
 
     def replace(self, old: str, new: str) -> bool:
         """Swap a dead `old` for `new` in the same bucket; False when `old` is gone or they differ in bucket."""
@@ -317,3 +305,21 @@ class SplittingRoutingTable:
 
     def bucket_count(self) -> int:
         return len(self._buckets)
+
+
+def _touch(bucket: list[str], peer_id: str) -> bool:
+    """Move a peer already in `bucket` to its most-recent end; False when it is not there."""
+    if peer_id not in bucket:
+        return False
+    bucket.remove(peer_id)
+    bucket.append(peer_id)
+    return True
+
+
+def _admit(table: RoutingTable | SplittingRoutingTable, bucket: list[str], peer_id: str) -> str | None:
+    """Add a new peer to `bucket` when it has room (None), else name its oldest peer."""
+    if len(bucket) < table.k:
+        bucket.append(peer_id)
+        table._size += 1
+        return None
+    return bucket[0]
