@@ -35,6 +35,19 @@ EMBED = "all-minilm-l6-v2"
 OFFLINE = "known-offline-model"
 
 
+class SpotCheckLog:
+    """Collects the shim's spot-check verdicts (`backend.on_spot_check`); `checked` is set by the first."""
+
+    def __init__(self, backend: NetworkBackend) -> None:
+        self.verdicts: list[tuple[str, object]] = []
+        self.checked = trio.Event()
+        backend.on_spot_check = self.record
+
+    def record(self, served_by: str, verdict: object) -> None:
+        self.verdicts.append((served_by, verdict))
+        self.checked.set()
+
+
 class HoldingEngine:
     """A real engine whose answers wait after `Admitted` until `release` is set (failover tests)."""
 

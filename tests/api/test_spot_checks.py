@@ -11,7 +11,7 @@ from darkbloom.api.network import spot_checkable
 from darkbloom.api.trust.routing import TrustedRouting
 from darkbloom.api.trust.verify import VerifyPolicy
 
-from .netharness import CHAT, network
+from .netharness import CHAT, SpotCheckLog, network
 
 TIMEOUT = 120
 MSG = [{"role": "user", "content": "Count to five."}]
@@ -32,35 +32,28 @@ def test_what_can_be_spot_checked():
 
 async def test_an_honest_node_passes_and_a_cheat_is_quarantined(tiny_model_dir):
     trust = TrustedRouting(spot_check_probability=1.0, verify_policy=TINY_POLICY)
-    verdicts: list[tuple[str, object]] = []
-    checked = trio.Event()
     with trio.fail_after(TIMEOUT):
         # The cheat ranks first (fast record); the honest node verifies it, and is verified by it.
         async with network(tiny_model_dir, [{"decode_tps": 1000.0, "lie": True}, {"decode_tps": 10.0},
                                             {"decode_tps": 5.0}], trust=trust) as net:
             cheat, honest, other = net.nodes
-
-            def on_spot_check(served_by: str, verdict: object) -> None:
-                verdicts.append((served_by, verdict))
-                checked.set()
-
-            net.backend.on_spot_check = on_spot_check
+            log = SpotCheckLog(net.backend)
             async with openai.AsyncOpenAI(base_url=net.url, api_key="local", max_retries=0) as client:
                 first = await client.chat.completions.with_raw_response.create(
                     model=CHAT, messages=MSG, max_tokens=12, temperature=0)
                 assert first.headers["x-darkbloom-node"] == cheat.peer_id
-                await checked.wait()
-                served_by, verdict = verdicts[0]
+                await log.checked.wait()
+                served_by, verdict = log.verdicts[0]
                 assert served_by == cheat.peer_id and verdict.flagged and verdict.reason == "outside_top_k"
                 assert not trust.book.usable(cheat.peer_id, trio.current_time())  # quarantined
 
-                checked = trio.Event()
+                log.checked = trio.Event()
                 second = await client.chat.completions.with_raw_response.create(
                     model=CHAT, messages=MSG, max_tokens=12, temperature=0)
                 assert second.headers["x-darkbloom-node"] == honest.peer_id  # the cheat is avoided
-                await checked.wait()
+                await log.checked.wait()
     # the honest answer is verified by the other honest node (never by the quarantined cheat) and passes
-    served_by, verdict = verdicts[1]
+    served_by, verdict = log.verdicts[1]
     assert served_by == honest.peer_id and not verdict.flagged and not verdict.inconclusive
     assert [s.kind for s in other.served] == ["score"] and other.served[0].outcome == "done"
     assert not any(s.kind == "score" for s in cheat.served)

@@ -20,7 +20,7 @@ from darkbloom.p2p.keys import peer_id_from_public_key, public_key_from_peer_id
 from darkbloom.relay.intake import IntakePolicy, TrustStore
 from darkbloom.relay.trust import RelayTrust
 
-from tests.api.netharness import CHAT, network
+from tests.api.netharness import CHAT, SpotCheckLog, network
 from tests.trust.test_report_e2e import LedgerOnlyNetwork
 
 RELAY = Identity.from_seed(b"\x61" * 32)
@@ -52,8 +52,6 @@ async def test_a_node_that_ignores_the_seed_is_caught_by_replay_and_counted(tiny
     relay = RelayTrust(service.ledger, RELAY, trust_store, intake=IntakePolicy(require_lane=False))  # default policy
     relay.attach(service)
     trust = TrustedRouting(spot_check_probability=1.0)  # the shipped policy, replay rule included
-    verdicts: list = []
-    checked = trio.Event()
     try:
         with trio.fail_after(120):
             async with trio.open_nursery() as side:
@@ -63,21 +61,16 @@ async def test_a_node_that_ignores_the_seed_is_caught_by_replay_and_counted(tiny
                     wrapped = SeedIgnoringEngine(cheat.service.engine)
                     cheat.service.engine = wrapped
                     net.backend.reporter = reporter
-
-                    def on_spot_check(served_by: str, verdict: object) -> None:
-                        verdicts.append((served_by, verdict))
-                        checked.set()
-
-                    net.backend.on_spot_check = on_spot_check
+                    log = SpotCheckLog(net.backend)
                     async with openai.AsyncOpenAI(base_url=net.url, api_key="local", max_retries=0) as client:
                         first = await client.chat.completions.with_raw_response.create(
                             model=CHAT, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
                             temperature=1.0)  # no seed from the developer
                         assert first.headers["x-darkbloom-node"] == cheat.peer_id
-                        await checked.wait()
+                        await log.checked.wait()
                 side.cancel_scope.cancel()
         assert len(wrapped.seeds) == 1 and isinstance(wrapped.seeds[0], int)  # the shim seeded it
-        served_by, verdict = verdicts[0]
+        served_by, verdict = log.verdicts[0]
         assert served_by == cheat.peer_id and verdict.flagged and verdict.reason == "replay_mismatch", verdict
         cheat_key = public_key_from_peer_id(cheat.peer_id).hex()
         assert [a.suspect for a in reporter.sent] == [cheat_key] and reporter.sent[0].counted

@@ -19,7 +19,7 @@ from darkbloom.p2p.keys import peer_id_from_public_key, public_key_from_peer_id
 from darkbloom.relay.intake import IntakePolicy, TrustStore
 from darkbloom.relay.trust import RelayTrust
 
-from tests.api.netharness import CHAT, network
+from tests.api.netharness import CHAT, SpotCheckLog, network
 
 RELAY = Identity.from_seed(b"\x51" * 32)
 SHIM = Identity.from_seed(b"\x52" * 32)
@@ -59,8 +59,6 @@ async def test_a_flagged_cheat_is_reported_and_counted_by_the_relay(tiny_model_d
     relay = RelayTrust(service.ledger, RELAY, trust_store, intake=IntakePolicy(verify=TINY_POLICY, require_lane=False))  # the harness serves free
     relay.attach(service)
     trust = TrustedRouting(spot_check_probability=1.0, verify_policy=TINY_POLICY)
-    verdicts: list = []
-    checked = trio.Event()
     try:
         with trio.fail_after(120):
             async with trio.open_nursery() as side:
@@ -70,20 +68,15 @@ async def test_a_flagged_cheat_is_reported_and_counted_by_the_relay(tiny_model_d
                                    trust=trust) as net:
                     cheat, honest = net.nodes
                     net.backend.reporter = reporter
-
-                    def on_spot_check(served_by: str, verdict: object) -> None:
-                        verdicts.append((served_by, verdict))
-                        checked.set()
-
-                    net.backend.on_spot_check = on_spot_check
+                    log = SpotCheckLog(net.backend)
                     async with openai.AsyncOpenAI(base_url=net.url, api_key="local", max_retries=0) as client:
                         first = await client.chat.completions.with_raw_response.create(
                             model=CHAT, messages=[{"role": "user", "content": "Count to five."}], max_tokens=12,
                             temperature=0)
                         assert first.headers["x-darkbloom-node"] == cheat.peer_id
-                        await checked.wait()
+                        await log.checked.wait()
                 side.cancel_scope.cancel()
-        served_by, verdict = verdicts[0]
+        served_by, verdict = log.verdicts[0]
         assert served_by == cheat.peer_id and verdict.flagged
         cheat_key = public_key_from_peer_id(cheat.peer_id).hex()
         assert [a.suspect for a in reporter.sent] == [cheat_key] and reporter.sent[0].counted
