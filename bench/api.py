@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import re
 import queue
