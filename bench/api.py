@@ -73,7 +73,7 @@ import trio  # noqa: E402
 
 from chaos import netproc  # noqa: E402
 from chaos.netproc import ProcNetwork  # noqa: E402  (roles as real processes, as in the chaos tests)
-from chaos.procs import Daemon, clean_env, write_config  # noqa: E402
+from chaos.procs import Daemon  # noqa: E402
 from darkbloom.inference.blas import blas_status  # noqa: E402
 from darkbloom.log import configure as configure_logging  # noqa: E402
 from darkbloom.inference.engine import TextDelta, open_engine  # noqa: E402
@@ -466,29 +466,7 @@ class FileDaemon(Daemon):
         lines.put(None)
 
 
-netproc.Daemon = FileDaemon  # ProcNetwork starts the relay and nodes through this name
-
-
-class BenchNetwork(ProcNetwork):
-    """ProcNetwork whose shim logs at INFO unless asked (the chaos tests run it with -v: DEBUG for every
-    library, libp2p included, which cost the shim CPU per frame and fed the bench's log pump thread)."""
-
-    shim_verbose = False
-
-    def start_shim(self, p2p: dict[str, object] | None = None, **api: object) -> None:
-        if self.shim_verbose:
-            return super().start_shim(p2p, **api)
-        cfg = write_config(
-            self.root / "shim.toml",
-            p2p={"use_bundled_bootstrap": False, "listen_addrs": ["/ip4/127.0.0.1/tcp/0"],
-                 "bootstrap": [self.relay_addr], "dial_timeout_s": 5.0, "bootstrap_retry_max_s": 2.0,
-                 "providers_cache_s": 1.0, **(p2p or {})},
-            api={"port": 0, "first_token_timeout_s": 10.0, "request_timeout_s": 60.0, **api},
-        )
-        self.shim = FileDaemon("shim", ["--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
-                           env=clean_env(), log_dir=self.logs)
-        self.shim_url = self.shim.wait_for(r"OpenAI-compatible API at (http://\S+/v1)").group(1)
-        self.shim.wait_for(r"joined the network")
+netproc.Daemon = FileDaemon  # ProcNetwork starts every role through this name
 
 
 class Collect(logging.Handler):
@@ -624,8 +602,9 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
                     proc.wait(timeout=30)
 
         # the network: relay, public node, private node, shim, each its own process
-        net = BenchNetwork(root, model_dir)
-        net.shim_verbose = args.shim_verbose
+        # The shim logs at INFO unless asked: the chaos tests' -v (DEBUG for every library, libp2p
+        # included) cost the shim CPU per frame and fed the bench's log pump thread.
+        net = ProcNetwork(root, model_dir, shim_log_flags=("-v",) if args.shim_verbose else ())
         net_arms = [a for a in (("direct", "bench-direct", "direct", "direct"),
                                 ("relayed", "bench-relayed", "relayed", "private")) if a[0] in arms]
         if net_arms or "routing" in arms:

@@ -38,6 +38,7 @@ class ProcNetwork:
     nodes: dict[str, Daemon] = field(default_factory=dict)
     node_status: dict[str, str] = field(default_factory=dict)  # name -> status page URL (latest start)
     node_ids: dict[str, str] = field(default_factory=dict)
+    shim_log_flags: tuple[str, ...] = ("-v",)  # the chaos tests read the shim's debug log
     node_ports: dict[str, int] = field(default_factory=dict)
     shim: Daemon | None = None
     shim_url: str = ""
@@ -116,7 +117,7 @@ class ProcNetwork:
                  "providers_cache_s": 1.0, **(p2p or {})},
             api={"port": 0, "first_token_timeout_s": 10.0, "request_timeout_s": 60.0, **api},
         )
-        self.shim = Daemon("shim", ["-v", "--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
+        self.shim = Daemon("shim", [*self.shim_log_flags, "--config", str(cfg), "--data-dir", str(self.root / "shim"), "shim"],
                            env=clean_env(), log_dir=self.logs)
         self.shim_url = self.shim.wait_for(r"OpenAI-compatible API at (http://\S+/v1)").group(1)
         self.shim.wait_for(r"joined the network")
