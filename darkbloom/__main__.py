@@ -1,7 +1,5 @@
 """`python -m darkbloom`: the same as the `darkbloom` console script."""
 
-import sys
+from darkbloom.cli import console
 
-from darkbloom.cli import main
-
-sys.exit(main())
+console()

@@ -11,14 +11,16 @@ import errno
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
 from darkbloom import __version__
 from darkbloom.errors import DarkbloomError
 
-__all__ = ["main", "SUBCOMMANDS"]
+__all__ = ["main", "console", "SUBCOMMANDS"]
 
 # name -> (module, one-line help). The module may not exist yet; then the command says so.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -134,6 +136,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"address already in use: {leaf.strerror or leaf}", "stop the other process or pick another port", verbose)
         where = f" {leaf.filename}" if leaf.filename else ""
         return _fail(f"permission denied{where}", "choose a writable --data-dir or run as a user who may", verbose)
+
+
+def console() -> None:
+    """The process entry point (`darkbloom` and `python -m darkbloom`): `main`, then a hard exit.
+
+    A daemon that loaded MLX can die at the very end of a clean stop with SIGABRT ("terminate
+    called without an active exception"): C++ static destructors (MLX's stream threads, the
+    BLAS thread pool) run during interpreter teardown, after our work is over. Once `main` has
+    returned, everything we own is closed, so the output is flushed, the remaining non-daemon
+    threads are joined as Python would, and the process leaves with `os._exit`, skipping that
+    teardown. Tests call `main` in-process and are unaffected."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing more can be said anyway
+    os._exit(code)
 
 
 def _explainable(exc: BaseException) -> DarkbloomError | OSError | None:
