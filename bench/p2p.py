@@ -53,6 +53,7 @@ import trio
 from darkbloom.identity import Identity
 from darkbloom.p2p.network import open_network
 from darkbloom.p2p.testing import loopback_config
+from darkbloom.p2p.yamux import DarkbloomYamux, when_on_socket
 from darkbloom.wire.caps import CapabilityRecord, ModelCap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,19 +88,32 @@ def token_server(rate: float, count: int, stats: dict | None = None):
     """Serve `count` tokens at `rate`/s, each stamped with its send time.
 
     With `stats`, records per token how long the write took (stamp to the frame handed to
-    the socket: the node's own part of the latency) and how late the token left against its
+    the TCP socket, through every Yamux layer: the node's own part of the latency), how long
+    the token's task spent in `write` (it returns once the frame is queued for the
+    connection's flusher), and how late the token left against its
     schedule (a node that cannot keep up sends later, not slower-looking, tokens); once
     `stats["streams"]` streams are done, `stats["done"]` is set.
     """
+    def on_socket(delay: float) -> None:
+        stats["write"].append(delay)
+        if len(stats["write"]) >= stats["streams"] * count:
+            stats["written"].set()
+
     async def serve(stream) -> None:
         interval = 1.0 / rate
         start = trio.current_time()
+        conn = getattr(getattr(getattr(stream, "raw", None), "muxed_stream", None), "conn", None)
         for i in range(count):
             await trio.sleep_until(start + i * interval)
             sent = time.perf_counter()
             await stream.write(TOKEN.pack(i, sent))
             if stats is not None:
-                stats["write"].append(time.perf_counter() - sent)
+                returned = time.perf_counter()
+                stats["returned"].append(returned - sent)
+                if isinstance(conn, DarkbloomYamux):  # the write returned once queued: wait for the socket
+                    when_on_socket(conn, lambda now, sent=sent: on_socket(now - sent))
+                else:
+                    on_socket(returned - sent)
                 stats["late"].append(trio.current_time() - (start + i * interval))
         if stats is not None:
             stats["finished"] += 1
@@ -244,13 +258,17 @@ async def helper_node(args: argparse.Namespace) -> None:
         await net.reachability_known.wait()
         if net.reachability == "relayed":
             await net.relay_ready.wait()
-        stats = {"write": [], "late": [], "finished": 0, "streams": args.streams, "done": trio.Event()}
+        stats = {"write": [], "returned": [], "late": [], "finished": 0, "streams": args.streams, "done": trio.Event(),
+                 "written": trio.Event()}
         net.serve(TOKENS, token_server(args.rate, args.tokens, stats))
         net.serve(ECHO, echo)
         addrs = list(net.announce_addrs) if net.reachability == "relayed" else list(net.listen_addrs)
         print(json.dumps({"peer_id": net.peer_id, "addrs": addrs}), flush=True)
         await stats["done"].wait()
-        print(json.dumps({"token_write": ms(stats["write"]), "behind_schedule": ms(stats["late"])}), flush=True)
+        with trio.move_on_after(5):  # the last tokens reach the socket (never, if a connection failed)
+            await stats["written"].wait()
+        print(json.dumps({"token_write": ms(stats["write"]), "token_write_returned": ms(stats["returned"]),
+                          "behind_schedule": ms(stats["late"])}), flush=True)
         await trio.sleep_forever()
 
 
@@ -421,6 +439,11 @@ def added(pairs: list[dict]) -> dict:
                                   for k in ("direct", "relayed")},
             "node_behind_schedule_p50_ms": {k: med([p[k]["node_side"]["behind_schedule"]["p50_ms"] for p in pairs if p[k].get("node_side")] or [float("nan")])
                                             for k in ("direct", "relayed")},
+            "node_behind_schedule_p95_ms": {k: med([p[k]["node_side"]["behind_schedule"]["p95_ms"] for p in pairs if p[k].get("node_side")] or [float("nan")])
+                                            for k in ("direct", "relayed")},
+            "node_write_returned_p95_ms": {k: med([p[k]["node_side"].get("token_write_returned", {}).get("p95_ms", float("nan"))
+                                                   for p in pairs if p[k].get("node_side")] or [float("nan")])
+                                           for k in ("direct", "relayed")},
             "errors": sum(p[k]["errors"] for p in pairs for k in ("direct", "relayed")),
             "load_average_1m": [p[k]["load_average_1m"]["start"] for p in pairs for k in ("direct", "relayed")]}
 
@@ -431,8 +454,10 @@ def summarise(run: dict) -> str:
             f"p50 {lat.get('p50_ms')} p95 {lat.get('p95_ms')} ms (steady p95 {st.get('p95_ms')}) "
             f"cpu {run['cpu_s']} load {run['load_average_1m']['start']}")
     if run.get("node_side"):
-        text += (f" node write p50 {run['node_side']['token_write']['p50_ms']} ms,"
-                 f" behind schedule p50 {run['node_side']['behind_schedule']['p50_ms']} ms")
+        node = run["node_side"]
+        text += (f" node write (to socket) p50 {node['token_write']['p50_ms']} p95 {node['token_write']['p95_ms']} ms,"
+                 f" write returned p95 {node.get('token_write_returned', {}).get('p95_ms')} ms,"
+                 f" behind schedule p50 {node['behind_schedule']['p50_ms']} p95 {node['behind_schedule']['p95_ms']} ms")
     if fw.get("chunks"):
         text += f" relay fwd p50 {fw['p50_ms']} p95 {fw['p95_ms']} ms (writing: p50 {fw['write_p50_ms']} p95 {fw['write_p95_ms']})"
     return text
@@ -530,7 +555,8 @@ async def main(args: argparse.Namespace) -> dict:
                          "pin none": "relay, node, 4 clients and the bench share all cores",
                          "pin relay-own-core": "relay on CPU 0; node, clients and the bench on CPU 1; in both arms",
                          "cpu_s": "CPU seconds in the measured window (clients_total_incl_start includes imports)",
-                         "node_side": "token_write: node's send stamp -> frame handed to the socket; behind_schedule: "
+                         "node_side": "token_write: node's send stamp -> frame handed to the TCP socket (every Yamux "
+                                      "layer); token_write_returned: stamp -> stream.write returned (frame queued); behind_schedule: "
                                       "how late each token left against start + i/rate (the node saturated if large)",
                      }}
     cfg = loopback_config(record_ttl_s=1200.0, announce_interval_s=600.0, dial_timeout_s=10.0)
@@ -627,7 +653,9 @@ def table(r: dict) -> str:
                                                f"(of which writing, p95: {x['relay_forward_write_p95_ms']} ms)", ""),
             ("  relay CPU per forwarded token", f"{x['relay_cpu_us_per_token']} us", ""),
             ("  node: token write p95 (stamp -> socket)", f"direct {x['node_write_p95_ms']['direct']} ms, relayed {x['node_write_p95_ms']['relayed']} ms", ""),
+            ("  node: stream.write returned p95 (queued)", f"direct {x['node_write_returned_p95_ms']['direct']} ms, relayed {x['node_write_returned_p95_ms']['relayed']} ms", ""),
             ("  node: behind its 50/s schedule, p50", f"direct {x['node_behind_schedule_p50_ms']['direct']} ms, relayed {x['node_behind_schedule_p50_ms']['relayed']} ms", ""),
+            ("  node: behind its 50/s schedule, p95", f"direct {x['node_behind_schedule_p95_ms']['direct']} ms, relayed {x['node_behind_schedule_p95_ms']['relayed']} ms", ""),
             ("  load average (1 min) at each arm", ", ".join(f"{v:.1f}" for v in x["load_average_1m"]), ""),
         ]
     for run in r.get("tokens", {}).get("runs", []) if not r.get("tokens", {}).get("summary") else []:

@@ -43,10 +43,16 @@ class Stream(Protocol):
         """Up to n bytes; b"" at EOF. StreamClosed when the stream was reset."""
 
     async def write(self, data: bytes) -> None:
-        """All of `data`, waiting for the reader as long as it takes (bounded buffering)."""
+        """All of `data`, waiting for the reader as long as it takes (bounded buffering).
+
+        May return once the data is queued for the connection (libp2p: before it reaches the
+        socket); if the connection then fails, a later write or `close` raises StreamClosed."""
 
     async def close(self) -> None:
-        """Half-close: the remote reads EOF; reading on this side stays possible."""
+        """Half-close: the remote reads EOF; reading on this side stays possible.
+
+        Returns once everything written is on its way (libp2p: on the socket); StreamClosed
+        when the connection failed before this stream's written data left."""
 
     async def reset(self) -> None:
         """Abort both directions at once."""

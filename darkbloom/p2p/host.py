@@ -4,9 +4,9 @@ The Ed25519 key pair comes from the identity's 32-byte seed, so the peer id is s
 across restarts and matches `darkbloom.p2p.keys.peer_id_from_public_key`.
 
 Per-frame and per-stream costs of py-libp2p 0.8.1 worked around here (tests/p2p/test_yamux.py):
-group-committed Yamux frame writes (defect 16), the muxer class actually used (defect 17),
-receive credit returned in half-window batches (defect 18), a new stream's SYN sent with its
-first write, and inbound multistream-select answered in one frame (the opener side, which
+the muxer class actually used (defect 17: our `darkbloom.p2p.yamux.DarkbloomYamux`, with
+queued frame writes and one flusher per connection, defects 16 and 18), Noise reads in large
+pieces, and inbound multistream-select answered in one frame (the opener side, which
 pipelines header and protocol, is `LibP2PNetwork._new_stream`). QUIC: docs/P2P-QUIC.md.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Sequence
 
 import multiaddr
@@ -32,13 +31,14 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from darkbloom.errors import ConfigError, MalformedMessage
 from darkbloom.identity import Identity
 from darkbloom.p2p import multistream
+from darkbloom.p2p.yamux import DarkbloomYamux
 
-__all__ = ["DarkbloomHost", "DarkbloomNoise", "DarkbloomYamux", "build_host", "key_pair_from_identity", "tcp_sockets"]
+__all__ = ["DarkbloomHost", "DarkbloomNoise", "DarkbloomYamux", "QuickLock", "build_host", "key_pair_from_identity",
+           "quick_state_lock", "tcp_sockets"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class DarkbloomHost(BasicHost):
         interactive one gets them one by one as before. Bytes that follow the protocol
         (a lazy opener's first data) are handed to the handler ahead of the stream.
         """
+        quick_state_lock(net_stream)
         handlers = self.multiselect.handlers
         buf = b""
         out = b""
@@ -144,194 +145,41 @@ class _Prefixed:
         return await self._stream.read(n)  # type: ignore[attr-defined, no-any-return]
 
 
-_WINDOW_UPDATE = b"\x01"  # Yamux frame type byte
-_SYN = b"\x00\x01"  # Yamux flags field with only SYN set
 INBOUND_NEGOTIATE_S = 10.0  # as py-libp2p's inbound negotiation timeout
-_WRITE_STALL_S = 30.0  # a socket write that makes no progress this long breaks the connection
 
 
-class _Batch:
-    """Yamux frames queued while another task writes; written together in one Noise write."""
+class QuickLock:
+    """A trio lock whose uncontended acquire does not yield to the scheduler (found here).
 
-    __slots__ = ("done", "error", "frames", "written")
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.done = trio.Event()
-        self.written = False
-        self.error: Exception | None = None
-
-
-class DarkbloomYamux(Yamux):
-    """Yamux whose frame writes are group-committed (0.8.1 defect 16, found here).
-
-    0.8.1's `Yamux._write_frame` serialises every frame behind a lock and runs one Noise
-    encryption and one socket send per frame (and formats a debug line per frame even with
-    debug logging off). A token stream is one frame per token, so a relay carrying 200
-    streams at 50 tokens/s did 10 000 encrypt+send rounds a second per side, and under CPU
-    pressure every queued frame still paid the full cost. Here a frame that arrives while
-    another task is writing joins a batch; the writing task then sends the whole batch as
-    one Noise write (Noise chunks it at 65 519 bytes; Yamux frames need no alignment with
-    Noise messages). Nothing waits for a timer: with no contention a frame goes out at once,
-    and the busier the connection, the larger the batches. A writer returns once its frame
-    was handed to the socket, as before, and sees the write's error if it failed.
+    `async with trio.Lock()` is a checkpoint even when the lock is free: the task goes to the
+    back of the run queue, behind every runnable task (200 token tasks on a busy node). Where a
+    lock is free it is taken at once; where it is held, the caller waits on it as before.
     """
 
-    _MAX_ROUNDS = 8  # batches one writer sends for others before handing the job on
+    __slots__ = ("_lock",)
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._batch = _Batch()
-        self._flushing = False
+    def __init__(self, lock: trio.Lock | None = None) -> None:
+        self._lock = lock if lock is not None else trio.Lock()
 
-    async def open_stream(self) -> object:  # type: ignore[override]
-        stream = await super().open_stream()
-        _batch_credit(stream)
-        return stream
+    def locked(self) -> bool:
+        return self._lock.locked()
 
-    async def accept_stream(self) -> object:  # type: ignore[override]
-        stream = await super().accept_stream()
-        _batch_credit(stream)
-        return stream
-
-    async def _write_frame(self, data: bytes) -> None:
-        batch = self._batch
-        batch.frames.append(data)
-        if data[1:2] == _WINDOW_UPDATE and data[2:4] == _SYN:
-            # A new outbound stream's SYN: every opener (multistream-select) writes its
-            # header next, so the SYN rides in that write (one Noise message, one send).
-            return
-        while self._flushing:
-            await batch.done.wait()
-            if batch.error is not None:
-                raise batch.error
-            if batch.written:
-                return
-            # The writer left before sending this batch (cancelled): someone must take over.
-        await self._flush()
-
-    async def _flush(self) -> None:
-        self._flushing = True
-        rounds = 0
+    async def __aenter__(self) -> None:
         try:
-            while self._batch.frames and rounds < self._MAX_ROUNDS:
-                if rounds:
-                    await trio.lowlevel.checkpoint_if_cancelled()  # cancelled: hand on, below
-                rounds += 1
-                batch, self._batch = self._batch, _Batch()
-                data = b"".join(batch.frames) if len(batch.frames) > 1 else batch.frames[0]
-                # Shielded: the batch carries other tasks' frames, and a write cut short by
-                # this task's cancellation would fail them all (and leave half a frame on the
-                # wire). Bounded, so a peer that stops reading cannot pin this task forever.
-                try:
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + _WRITE_STALL_S):
-                        await self.secured_conn.write(data)
-                        batch.written = True
-                except Exception as exc:  # the waiters of this batch get the write's error too
-                    batch.error = exc
-                if not batch.written and batch.error is None:
-                    batch.error = trio.BrokenResourceError(f"Yamux write stalled for {_WRITE_STALL_S:.0f} s")
-                batch.done.set()
-                if batch.error is not None:
-                    raise batch.error
-        finally:
-            self._flushing = False
-            if self._batch.frames:  # hand the queued batch to one of its waiters
-                waiting = self._batch.done
-                self._batch.done = trio.Event()
-                waiting.set()
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
-def _batch_credit(stream: object) -> None:
-    """Defect 18 (found here): a YamuxStream returns receive credit after every small read.
-
-    In 0.8.1 a read of a few bytes on a stream whose window is nearly full takes the
-    "partial slack" branch of `_auto_tune_and_send_window_update` and sends a WINDOW_UPDATE
-    for those few bytes, whatever PY_YAMUX_RELEASE_ON_READ says: one extra frame per token
-    read, which a relay forwards back to the sender. Here reads only add to the stream's
-    pending release, and the library's own update runs with nothing newly read, so credit
-    goes back (with auto-tuning) once half the window was consumed, as in go-yamux.
-
-    Also here: the common case of a write or a read takes no lock (see `_fast_paths`).
-    """
-    update = stream._auto_tune_and_send_window_update  # type: ignore[attr-defined]
-
-    async def batched(*, bytes_read: int = 0) -> None:
-        if bytes_read > 0:
-            async with stream.window_lock:  # type: ignore[attr-defined]
-                stream._pending_recv_release += bytes_read  # type: ignore[attr-defined]
-        await update(bytes_read=0)
-
-    stream._auto_tune_and_send_window_update = batched  # type: ignore[attr-defined]
-    _fast_paths(stream)
-
-
-def _fast_paths(stream: object) -> None:
-    """A Yamux stream write or read that takes no lock when nothing contends (found here).
-
-    0.8.1's `YamuxStream.write` takes the stream's read-write lock and its window lock
-    for every frame, and `read(n)` takes the connection's stream lock and the window lock:
-    each `async with` on a trio lock is a scheduler checkpoint, so a token waits behind every
-    other runnable task two or three times per layer. A relayed connection has two layers
-    at each end (the circuit's own Yamux inside the relay connection's), and a node with 200
-    streams has many runnable tasks: these waits were most of the latency a relay added.
-    Here, when no task holds those locks and the data fits the send window (write) or is
-    already buffered (read; an empty buffer is waited for on the library's own per-stream
-    event, as its `read_stream` does), the same bookkeeping is done synchronously. The
-    window and stream locks are not checked: the library holds them only across their own
-    acquire checkpoint (the guarded updates are synchronous), so a synchronous update here
-    cannot interleave with one there; a library writer holding the stream's write lock
-    (mid-message, e.g. waiting for window) does send the fast path to the library's. (trio runs one task
-    at a time, so no other task can interleave) and the frame is queued at once; otherwise
-    the library's path runs unchanged. Frame order is kept: the library, too, queues a frame
-    right after building it, with no checkpoint in between.
-    """
-    conn = stream.conn  # type: ignore[attr-defined]
-    slow_write = stream.write  # type: ignore[attr-defined]
-    slow_read = stream.read  # type: ignore[attr-defined]
-    writer = stream.rw_lock._writer_lock  # type: ignore[attr-defined]
-    sid = stream.stream_id  # type: ignore[attr-defined]
-
-    async def write(data: bytes) -> None:
-        size = len(data)
-        if (0 < size <= stream.send_window and size <= _MAX_FRAME_DATA  # type: ignore[attr-defined]
-                and not (stream.send_closed or stream.closed)  # type: ignore[attr-defined]
-                and writer.value == 1):  # no library writer mid-message on this stream
-            stream.send_window -= size  # type: ignore[attr-defined]
-            await conn._write_frame(_DATA_HEADER.pack(0, 0, 0, sid, size) + data)
-            return
-        await slow_write(data)
-
-    async def read(n: int | None = -1) -> bytes:
-        while True:
-            buffer = conn.stream_buffers.get(sid)
-            if (n is None or n < 0 or buffer is None or stream.recv_closed or stream.closed  # type: ignore[attr-defined]
-                    or stream.reset_received or conn.event_shutting_down.is_set()):  # type: ignore[attr-defined]
-                return await slow_read(n)  # type: ignore[no-any-return]
-            if buffer:
-                break
-            # Nothing buffered: wait for the reader task's signal, as read_stream does.
-            event = conn.stream_events.get(sid)
-            if event is None:
-                return await slow_read(n)  # type: ignore[no-any-return]
-            await event.wait()
-            if conn.stream_events.get(sid) is event:
-                conn.stream_events[sid] = trio.Event()
-        data = bytes(buffer[:n])
-        del buffer[:n]
-        stream._pending_recv_release += len(data)  # type: ignore[attr-defined]
-        threshold = stream._grow_threshold()  # type: ignore[attr-defined]
-        grow = stream.target_recv_window - (stream.recv_window + len(buffer))  # type: ignore[attr-defined]
-        if stream._pending_recv_release >= threshold or (grow > 0 and grow >= threshold):  # type: ignore[attr-defined]
-            await stream._auto_tune_and_send_window_update(bytes_read=0)  # type: ignore[attr-defined]
-        return data
-
-    stream.write = write  # type: ignore[attr-defined]
-    stream.read = read  # type: ignore[attr-defined]
-
-
-_DATA_HEADER = struct.Struct("!BBHII")  # Yamux header: version, type (0 = DATA), flags, stream id, length
-_MAX_FRAME_DATA = 64 * 1024 - 12  # as 0.8.1 splits writes: MAX_MESSAGE_SIZE minus the header
+def quick_state_lock(net_stream: object) -> None:
+    """0.8.1's NetStream takes its state lock (a checkpoint) on every read and write, only
+    around synchronous state checks and updates: the same lock, without the yield when free."""
+    lock = getattr(net_stream, "_state_lock", None)
+    if isinstance(lock, trio.Lock):
+        net_stream._state_lock = QuickLock(lock)  # type: ignore[attr-defined]
 
 
 _READ_AHEAD = 65536  # bytes asked of the connection below Noise per receive
@@ -473,7 +321,7 @@ def build_host(
         key_pair=key_pair,
         # Defect 1: a default host also offers TLS, SECIO and plaintext; Noise only here.
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={YAMUX_PROTOCOL_ID: DarkbloomYamux},  # defect 16: group-committed frame writes
+        muxer_opt={YAMUX_PROTOCOL_ID: DarkbloomYamux},  # defect 16: queued frame writes, one flusher
         listen_addrs=addrs,
         # Defect 2: with fewer than max_connections_per_peer connections the swarm
         # waits the full 250 ms happy-eyeballs delay after a successful dial.
@@ -485,6 +333,14 @@ def build_host(
     )
     swarm.auto_connector = _OnDemandOnly(swarm=swarm)
     _use_our_yamux(swarm)
+    slow_new_stream = swarm.new_stream
+
+    async def new_stream(peer_id: object) -> object:  # every outbound stream (inbound: _swarm_stream_handler)
+        stream = await slow_new_stream(peer_id)  # type: ignore[arg-type]
+        quick_state_lock(stream)
+        return stream
+
+    swarm.new_stream = new_stream  # type: ignore[method-assign]
     return DarkbloomHost(network=swarm)
 
 

@@ -32,7 +32,8 @@ from darkbloom.p2p import multistream
 from darkbloom.p2p.api import Route, recv_message, send_message
 from darkbloom.p2p.core import NetworkCore
 from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
-from darkbloom.p2p.host import DarkbloomHost, build_host, drop_closed_connections
+from darkbloom.p2p.host import DarkbloomHost, QuickLock, build_host, drop_closed_connections
+from darkbloom.p2p.yamux import QueuedWriteFailed
 from darkbloom.p2p.relay import DIALBACK_PROTOCOL, DarkbloomHop, RelayClient, relay_limits, serve_dialback
 from darkbloom.wire.caps import DialBackReply, DialBackRequest
 from darkbloom.wire.codec import FrameDecoder
@@ -69,7 +70,7 @@ class LibP2PStream:
         self.protocol = protocol
         self.route: Route = route
         self.decoder = FrameDecoder(max_frame)
-        self._write_lock = trio.Lock()
+        self._write_lock = QuickLock()  # free: no yield (a token write passes no checkpoint)
         self.early = b""  # bytes read with the negotiation answers, returned first
 
     async def read(self, n: int = 65536) -> bytes:
@@ -112,6 +113,8 @@ class LibP2PStream:
     async def close(self) -> None:
         try:
             await self.raw.close()  # type: ignore[attr-defined]
+        except QueuedWriteFailed as exc:  # written data never left: the caller must know
+            raise StreamClosed(self.peer_id, "connection failed before queued data was sent") from exc
         except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # already gone
 

@@ -40,6 +40,7 @@ from darkbloom.errors import PeerUnreachable
 from darkbloom.log import short_id
 from darkbloom.p2p.api import Stream, recv_message, send_message
 from darkbloom.p2p.host import drop_closed_connections
+from darkbloom.p2p.yamux import DarkbloomYamux, when_on_socket
 from darkbloom.wire.caps import DialBackReply, DialBackRequest
 
 __all__ = [
@@ -129,6 +130,17 @@ def _stamp_arrivals(stream: object) -> _StampedBuffer | None:
     return stamped
 
 
+def _record_delay(delays: list[tuple[float, float]], dst_stream: object, arrived: float, began: float) -> None:
+    """Append (arrival -> on the socket, write began -> on the socket) once the forwarded chunk
+    is on the socket (a write returns once its frame is queued; darkbloom.p2p.yamux)."""
+    conn = getattr(getattr(dst_stream, "muxed_stream", None), "conn", None)
+    if isinstance(conn, DarkbloomYamux):
+        when_on_socket(conn, lambda now: delays.append((now - arrived, now - began)))
+    else:
+        done = time.perf_counter()
+        delays.append((done - arrived, done - began))
+
+
 class DarkbloomHop(CircuitV2Protocol):
     """Circuit relay v2 hop with our forwarder (defects 5 and 6) and limits (defect 7)."""
 
@@ -136,7 +148,8 @@ class DarkbloomHop(CircuitV2Protocol):
     circuits_total = 0
     # Benchmarks set a list here: each forwarded chunk then appends the relay's own delay
     # (seconds from its oldest byte's arrival in the relay's Yamux buffer to the forwarded
-    # write reaching the socket) and the part of it spent writing (Yamux, Noise, send()).
+    # write reaching the socket) and the part of it spent writing (queued for the
+    # connection's flusher, Noise, send()).
     # Off (None) in production: no per-chunk work.
     forward_delays: list[tuple[float, float]] | None = None
 
@@ -175,8 +188,7 @@ class DarkbloomHop(CircuitV2Protocol):
                 began = time.perf_counter() if stamped is not None else 0.0
                 await write_all(dst_stream, data)  # waits for a slow reader (defect 6)
                 if stamped is not None and delays is not None:
-                    done = time.perf_counter()
-                    delays.append((done - stamped.taken, done - began))
+                    _record_delay(delays, dst_stream, stamped.taken, began)
         except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("circuit direction ended: %s", exc)
         finally:

@@ -1,4 +1,4 @@
-"""Our Yamux layer (darkbloom.p2p.host): defects 16, 17 and 18 of py-libp2p 0.8.1, each shown and worked around."""
+"""Our Yamux layer (darkbloom.p2p.yamux): defects 16, 17 and 18 of py-libp2p 0.8.1, each shown and worked around."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import struct
 
 import trio
 
-from darkbloom.p2p import host as host_module
-from darkbloom.p2p.host import DarkbloomYamux
+from darkbloom.p2p import yamux as yamux_module
+from darkbloom.p2p.yamux import DarkbloomYamux
 from darkbloom.p2p.testing import swarm
 
 TIMEOUT = 30
@@ -70,7 +70,7 @@ async def test_defect18_reader_returns_credit_in_batches_not_per_read(monkeypatc
     results = {}
     for variant in ("ours", "stock"):
         if variant == "stock":
-            monkeypatch.setattr(host_module, "_batch_credit", lambda stream: None)
+            monkeypatch.setattr(yamux_module, "_batch_credit", lambda stream: None)
         with trio.fail_after(TIMEOUT):
             async with swarm(nodes=1, relays=0, clients=1) as s:
                 node, client = s.nodes[0].net, s.clients[0].net
