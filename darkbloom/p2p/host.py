@@ -24,7 +24,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.host.basic_host import BasicHost
-from libp2p.io.exceptions import IOException
+from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
@@ -203,6 +203,10 @@ class _ReadAhead(IRawConnection):
         self._buf = b""
         self._pos = 0
         self.is_initiator = conn.is_initiator
+        tcp = getattr(conn, "stream", None)  # 0.8.1's TrioTCPStream on a TCP connection
+        sock = getattr(getattr(tcp, "stream", None), "socket", None)
+        lock = getattr(tcp, "write_lock", None)
+        self._tcp = (sock, lock) if isinstance(sock, trio.socket.SocketType) and isinstance(lock, trio.Lock) else None
 
     async def read(self, n: int | None = None) -> bytes:
         if self._pos < len(self._buf):
@@ -217,6 +221,22 @@ class _ReadAhead(IRawConnection):
         return chunk[:n]
 
     async def write(self, data: bytes) -> None:
+        """On TCP, first a non-blocking send (found here): 0.8.1's write takes a trio lock and
+        trio's `send_all` yields after sending, two checkpoints per Noise message, each a wait
+        behind every runnable task. When no write is in flight (its lock is free) the kernel
+        takes the bytes at once and nothing yields; what it does not take goes the library's
+        way (waiting for the socket), in order."""
+        fd = self._tcp[0].fileno() if self._tcp is not None and not self._tcp[1].locked() else -1
+        if fd != -1:  # -1: closed (never write to a number the kernel may have given to another file)
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # reset, broken pipe, closed: as 0.8.1's TCP stream reports it
+                raise ConnectionClosedError(f"TCP write failed: {exc}", transport="tcp") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         await self._conn.write(data)
 
     async def close(self) -> None:

@@ -8,6 +8,9 @@ socket write off the writing task's path (docs/P2P-RELAY-CAPACITY.md, finding 7)
   reader), drains the queue into one Noise write per pass. The writer passes no trio
   checkpoint: with 200 token tasks runnable, every checkpoint used to cost a full pass of the
   run queue (Noise write, TCP write lock, send_all), several per token and per Yamux layer.
+- On a relayed connection the circuit's flusher, having queued its batch on the relay
+  connection (the Yamux below), writes that connection's queue itself when its flusher is
+  not mid-write: one task wake per token batch instead of two.
 - Bounded: a DATA frame waits while the connection holds `max_queued_bytes` not yet on the
   socket (the batch being written counts), unless the queue is empty; so queued bytes never
   exceed the bound plus one frame. Control frames (12 bytes: credit, ACK, ping) never wait,
@@ -67,11 +70,14 @@ class DarkbloomYamux(Yamux):
         self._queue: list[bytes] = []
         self._queued_bytes = 0  # queued + being written
         self.peak_queued_bytes = 0  # highest `_queued_bytes` seen (tests check the bound)
+        self.room_waits = 0  # DATA frames that waited for the queue to drain
         self._enqueued_seq = 0  # frames queued so far
         self._written_seq = 0  # frames handed to the socket so far
         self._wake = trio.Event()  # set: the flusher has frames to write
         self._progress = trio.Event()  # set (and replaced) after each write or on failure
         self._flusher_on = False
+        self._writing = False  # a batch is being written (by our flusher or a circuit's above)
+        self._below_cache: DarkbloomYamux | None | bool = False  # False: not looked up yet
         self._error: QueuedWriteFailed | None = None
         self._flushed_callbacks: collections.deque[tuple[int, Callable[[float], None]]] = collections.deque()
 
@@ -131,6 +137,7 @@ class DarkbloomYamux(Yamux):
     async def _wait_for_room(self, data: bytes, sid: int) -> None:
         """Backpressure for a DATA frame; gives the frame's window back if its writer is cancelled."""
         queued = False
+        self.room_waits += 1
         try:
             while self._queued_bytes and self._queued_bytes + len(data) > self.max_queued_bytes:
                 await self._progress.wait()
@@ -152,41 +159,68 @@ class DarkbloomYamux(Yamux):
         """Write queued frames, everything queued in one Noise write per pass, until cancelled."""
         try:
             while True:
-                while not self._queue:
+                while (not self._queue or self._writing) and self._error is None:  # (a circuit above may be writing for us)
                     self._wake = trio.Event()
                     await self._wake.wait()
-                frames, self._queue = self._queue, []
-                last = self._enqueued_seq
-                data = b"".join(frames) if len(frames) > 1 else frames[0]
-                with trio.move_on_after(_WRITE_STALL_S) as stall:
-                    if self._write_lock.locked():  # a write from before start() still in flight
-                        await self._write_lock.acquire()
-                    else:
-                        self._write_lock.acquire_nowait()
-                    try:
-                        await self.secured_conn.write(data)
-                    finally:
-                        self._write_lock.release()
-                if stall.cancelled_caught:
-                    raise trio.BrokenResourceError(f"Yamux write stalled for {_WRITE_STALL_S:.0f} s")
-                self._written_seq = last
-                self._queued_bytes -= len(data)
-                progress, self._progress = self._progress, trio.Event()
-                progress.set()
-                if self._flushed_callbacks:
-                    now = time.perf_counter()
-                    while self._flushed_callbacks and self._flushed_callbacks[0][0] <= last:
-                        self._flushed_callbacks.popleft()[1](now)
+                if self._error is not None:
+                    return
+                await self._write_batch()
+                below = self._below()
+                if below is not None and below._queue and not below._writing and below._error is None:
+                    # A relayed connection: our batch is now queued on the relay connection.
+                    # Write it from here instead of waiting for that flusher's turn to run.
+                    await below._write_batch()
+        finally:
+            self._fail("connection closed", None)
+
+    def _below(self) -> DarkbloomYamux | None:
+        if self._below_cache is False:
+            self._below_cache = _yamux_below(self)
+        return self._below_cache  # type: ignore[return-value]
+
+    async def _write_batch(self) -> None:
+        """Write everything queued as one Noise write; on failure mark the connection failed and
+        close it (the library's reader then tears it down)."""
+        self._writing = True
+        frames, self._queue = self._queue, []
+        last = self._enqueued_seq
+        data = b"".join(frames) if len(frames) > 1 else frames[0]
+        try:
+            # Shielded: cut short, it would leave half a Noise message on the wire (and a
+            # circuit's flusher may be writing the relay connection's batch). Bounded, so a
+            # peer that stops reading cannot pin this task forever.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _WRITE_STALL_S) as stall:
+                if self._write_lock.locked():  # a write from before start() still in flight
+                    await self._write_lock.acquire()
+                else:
+                    self._write_lock.acquire_nowait()
+                try:
+                    await self.secured_conn.write(data)
+                finally:
+                    self._write_lock.release()
+            if stall.cancelled_caught:
+                raise trio.BrokenResourceError(f"Yamux write stalled for {_WRITE_STALL_S:.0f} s")
         except Exception as exc:  # the socket write failed: fail every queued and later write, then close
+            self._writing = False
             self._fail(f"connection write failed: {exc}", exc)
             log.debug("Yamux write to %s failed: %s", str(self.peer_id)[-8:], exc)
             with trio.move_on_after(2, shield=True):
                 try:
-                    await self.secured_conn.close()  # the reader sees it and tears the connection down
+                    await self.secured_conn.close()
                 except Exception:  # already closed or broken: nothing more to do
                     pass
-        finally:
-            self._fail("connection closed", None)
+            return
+        self._writing = False
+        self._written_seq = last
+        self._queued_bytes -= len(data)
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
+        if self._flushed_callbacks:
+            now = time.perf_counter()
+            while self._flushed_callbacks and self._flushed_callbacks[0][0] <= last:
+                self._flushed_callbacks.popleft()[1](now)
+        if self._queue:
+            self._wake.set()  # frames queued meanwhile (our flusher may have been waiting for us)
 
     def _fail(self, reason: str, cause: Exception | None) -> None:
         if self._error is not None:
@@ -197,6 +231,7 @@ class DarkbloomYamux(Yamux):
         self._queue.clear()
         self._flushed_callbacks.clear()
         self._progress.set()
+        self._wake.set()
 
 
 _PATH = ("muxed_stream", "conn", "read_writer", "read_write_closer", "_conn", "_wrapped", "stream")
