@@ -520,12 +520,21 @@ class Worker:
         if tuning:
             gen = m.generator
             # mlx-lm keeps prompts still to prefill in these (private; absent means none).
-            prefill = bool(getattr(gen, "_unprocessed_sequences", None)) or bool(len(getattr(gen, "_prompt_batch", ()) or ()))
+            prompts = len(getattr(gen, "_unprocessed_sequences", ()) or ()) + len(getattr(gen, "_prompt_batch", ()) or ())
+            prefill = prompts > 0
             batch = len(m.running)
-            want = self.tuner.choose(batch, prefill)
+            want = self.tuner.choose(batch, prefill, prompts=prompts)
             settled = want == self.threads_now
             if not settled:
                 self._set_threads(want)
+            elif prefill:
+                # Start a prefill step with nothing queued ahead, as after a thread change, so its
+                # time is its own work under either choice (it costs one step's pipelining).
+                import mlx.core as mx
+
+                mx.synchronize()
+            counters = getattr(gen, "_counters", None)
+            prompt_tokens0 = getattr(counters, "prompt_tokens", 0)
             t0 = time.perf_counter()
         try:
             _, responses = m.generator.next()
@@ -539,7 +548,12 @@ class Worker:
                 self._fail(job, EngineFailed(f"the engine failed while generating with {m.id}"))
             return
         if tuning:
-            self.tuner.record(batch, prefill, want, time.perf_counter() - t0, settled=settled)
+            elapsed = time.perf_counter() - t0
+            if prefill:  # the prompt tokens this step processed (mlx-lm's private counters; 0: unknown)
+                processed = getattr(counters, "prompt_tokens", 0) - prompt_tokens0
+                self.tuner.record(batch, True, want, elapsed, prompts=prompts, prompt_tokens=processed)
+            else:
+                self.tuner.record(batch, False, want, elapsed, settled=settled)
         finished: list[int] = []
         for r in responses:
             entry = m.running.get(r.uid)

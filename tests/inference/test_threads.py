@@ -42,15 +42,53 @@ def test_it_follows_a_machine_that_becomes_busy() -> None:
     assert tuner.best(4) == 1
 
 
-def test_classes_are_independent_and_prefill_follows_the_largest_measured() -> None:
+def test_decode_classes_are_independent() -> None:
     tuner = ThreadTuner(2)
-    assert tuner.choose(3, prefill=True) == 2  # nothing measured: more threads for a big multiplication
     feed(tuner, 1, {1: 0.05, 2: 0.06}, 50)
     feed(tuner, 16, {1: 0.14, 2: 0.11}, 50)
     assert (tuner.best(1), tuner.best(16)) == (1, 2)
-    assert tuner.choose(1, prefill=True) == 2
     summary = tuner.summary()
     assert set(summary) == {1, 16} and set(summary[16]) == {1, 2}
+
+
+def feed_prefill(tuner: ThreadTuner, prompts: int, per_token: dict[int, float], lengths: list[int]) -> list[int]:
+    """Prefill steps of the given prompt lengths, costing `per_token[threads]` per prompt token."""
+    used = []
+    for n in lengths:
+        t = tuner.choose(1, prefill=True, prompts=prompts)
+        tuner.record(1, True, t, per_token[t] * n, prompts=prompts, prompt_tokens=n)
+        used.append(t)
+    return used
+
+
+def test_prefill_is_tuned_apart_from_decode() -> None:
+    # A node that only decodes one sequence at a time learns one thread is best for that, and
+    # still prefills with two when two prefill faster (they used to follow the decode choice).
+    tuner = ThreadTuner(2)
+    feed(tuner, 1, {1: 0.05, 2: 0.06}, 50)
+    assert tuner.best(1) == 1
+    used = feed_prefill(tuner, 1, {1: 0.0010, 2: 0.0007}, [30] * 100)
+    assert used[:2] == [2, 1]  # nothing measured: the most threads first, then the other
+    assert tuner.best(1, prefill=True) == 2 and used[-30:].count(2) > 25
+    assert tuner.best(1) == 1  # decode's choice is untouched
+
+
+def test_prefill_compares_cost_per_prompt_token() -> None:
+    # Two threads measured on long prompts, one thread on short ones: the raw step times favour
+    # the short prompts, the per-token cost favours two threads, and that is what counts.
+    tuner = ThreadTuner(2)
+    assert tuner.choose(1, prefill=True, prompts=4) == 2
+    tuner.record(1, True, 2, 0.050, prompts=4, prompt_tokens=100)
+    assert tuner.choose(1, prefill=True, prompts=4) == 1
+    tuner.record(1, True, 1, 0.010, prompts=4, prompt_tokens=10)
+    assert tuner.best(4, prefill=True) == 2
+    assert tuner.best(1, prefill=True) is None  # another class: one prompt at a time
+
+
+def test_prefill_with_an_unknown_token_count_is_not_averaged() -> None:
+    tuner = ThreadTuner(2)
+    tuner.record(1, True, 2, 0.05, prompts=1, prompt_tokens=0)
+    assert tuner.best(1, prefill=True) is None and tuner.choose(1, prefill=True) == 2
 
 
 def test_unsettled_steps_and_prefill_do_not_enter_the_averages() -> None:
