@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     install = sub.add_parser("install-service", help="write a systemd unit (Linux) or launchd agent (macOS)")
     install.add_argument("--output", metavar="PATH", help="where to write it (default: the system's place)")
+    install.add_argument("--user", metavar="NAME", dest="run_as",
+                         help="the account a system unit runs the node as (default: the data directory's owner, "
+                              "or the user who ran sudo)")
 
 
 def run(args: argparse.Namespace, config) -> int:
@@ -138,9 +141,15 @@ def _install(args, config) -> int:
     import os
 
     config_file = args.config or os.environ.get("DARKBLOOM_CONFIG")  # the service must read the same file
-    path, enable = write_service(
-        platform.system(), config=config_file, data_dir=config.data_path, path=Path(args.output) if args.output else None
+    path, enable, user = write_service(
+        platform.system(), config=config_file, data_dir=config.data_path, path=Path(args.output) if args.output else None,
+        run_as=getattr(args, "run_as", None),
     )
     print(f"wrote {path}")
+    if path.suffix == ".service" and "/systemd/user/" not in str(path):
+        if user:
+            print(f"the node runs as {user}; {config.data_path} must be theirs to write")
+        else:
+            print("the node runs as root: pass --user NAME to run it as an unprivileged account (recommended)")
     print(f"enable it with: {enable}")
     return 0
