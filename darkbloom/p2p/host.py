@@ -35,7 +35,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from darkbloom.errors import ConfigError, MalformedMessage
 from darkbloom.identity import Identity
 from darkbloom.p2p import multistream
-from darkbloom.p2p.yamux import DarkbloomYamux
+from darkbloom.p2p.yamux import DarkbloomYamux, QuickLock
 
 __all__ = ["DarkbloomHost", "DarkbloomNoise", "DarkbloomYamux", "QuickLock", "build_host", "key_pair_from_identity",
            "quick_state_lock", "tcp_sockets"]
@@ -148,32 +148,6 @@ class _Prefixed:
 INBOUND_NEGOTIATE_S = 10.0  # as py-libp2p's inbound negotiation timeout
 
 
-class QuickLock:
-    """A trio lock whose uncontended acquire does not yield to the scheduler (found here).
-
-    `async with trio.Lock()` is a checkpoint even when the lock is free: the task goes to the
-    back of the run queue, behind every runnable task (200 token tasks on a busy node). Where a
-    lock is free it is taken at once; where it is held, the caller waits on it as before.
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self, lock: trio.Lock | None = None) -> None:
-        self._lock = lock if lock is not None else trio.Lock()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
 def quick_state_lock(net_stream: object) -> None:
     """0.8.1's NetStream takes its state lock (a checkpoint) on every read and write, only
     around synchronous state checks and updates: the same lock, without the yield when free."""
@@ -183,6 +157,7 @@ def quick_state_lock(net_stream: object) -> None:
 
 
 _READ_AHEAD = 65536  # bytes asked of the connection below Noise per receive
+_QUICK_READS = 16  # non-blocking receives in a row before one through trio (which yields)
 
 
 class _ReadAhead(IRawConnection):
@@ -205,8 +180,10 @@ class _ReadAhead(IRawConnection):
         self.is_initiator = conn.is_initiator
         tcp = getattr(conn, "stream", None)  # 0.8.1's TrioTCPStream on a TCP connection
         sock = getattr(getattr(tcp, "stream", None), "socket", None)
-        lock = getattr(tcp, "write_lock", None)
-        self._tcp = (sock, lock) if isinstance(sock, trio.socket.SocketType) and isinstance(lock, trio.Lock) else None
+        locks = (getattr(tcp, "write_lock", None), getattr(tcp, "read_lock", None))
+        self._tcp = ((sock, *locks) if isinstance(sock, trio.socket.SocketType)
+                     and all(isinstance(lock, trio.Lock) for lock in locks) else None)
+        self._quick_reads = 0
 
     async def read(self, n: int | None = None) -> bytes:
         if self._pos < len(self._buf):
@@ -214,11 +191,33 @@ class _ReadAhead(IRawConnection):
             data = self._buf[self._pos:end]
             self._pos = end
             return data
-        chunk = await self._conn.read(max(n or 0, _READ_AHEAD))
+        chunk = self._read_now(max(n or 0, _READ_AHEAD))
+        if chunk is None:
+            chunk = await self._conn.read(max(n or 0, _READ_AHEAD))
         if n is None or n < 0 or len(chunk) <= n:
             return chunk
         self._buf, self._pos = chunk, n
         return chunk[:n]
+
+    def _read_now(self, size: int) -> bytes | None:
+        """On TCP, what the kernel already holds, without a trio checkpoint (found here): 0.8.1's
+        read takes a trio lock and trio's receive yields after receiving, two waits behind every
+        runnable task per receive. None: nothing there (or every `_QUICK_READS`th time, so a
+        reader fed without pause still lets other tasks run): the library's awaiting read."""
+        if self._tcp is None or self._tcp[2].locked() or self._quick_reads >= _QUICK_READS:
+            self._quick_reads = 0
+            return None
+        fd = self._tcp[0].fileno()
+        if fd == -1:  # closed: never read a number the kernel may have given to another file
+            return None
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:  # reset: as 0.8.1's TCP stream reports it
+            raise ConnectionClosedError(f"TCP read failed: {exc}", transport="tcp") from exc
+        self._quick_reads += 1
+        return data
 
     async def write(self, data: bytes) -> None:
         """On TCP, first a non-blocking send (found here): 0.8.1's write takes a trio lock and

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from darkbloom.errors import StreamClosed
 from darkbloom.p2p.host import tcp_sockets
@@ -150,10 +151,16 @@ async def test_big_writes_respect_the_bound_and_arrive_intact():
             assert conn.peak_queued_bytes <= bound + MAX_FRAME, conn.peak_queued_bytes
 
 
+def tcp_write_lock(conn) -> trio.Lock:
+    """0.8.1's TCP write lock under a direct connection: held, a socket write is in flight."""
+    read_ahead = conn.secured_conn.conn.read_writer.read_write_closer
+    return read_ahead._conn.stream.write_lock
+
+
 async def test_write_queued_on_a_dead_connection_is_reported_by_close():
-    """The peer resets the TCP connection; a write queued after that returns (it only queues),
-    and the stream's close raises instead of reporting success: nothing is lost silently.
-    The next write on another stream raises too."""
+    """Data is queued while a socket write is in flight; the peer resets the TCP connection
+    before it goes out. The write itself returned (it only queued); the stream's close raises
+    instead of reporting success (nothing lost silently), and so does the next write."""
     with trio.fail_after(TIMEOUT):
         async with swarm(nodes=1, relays=0, clients=1) as s:
             node, client = s.nodes[0].net, s.clients[0].net
@@ -164,8 +171,12 @@ async def test_write_queued_on_a_dead_connection_is_reported_by_close():
             await second.write(b"delivered")
             conn = muxer(client, node.peer_id)
             await conn._wait_written(conn._enqueued_seq)  # both on the socket before the reset
+            lock = tcp_write_lock(conn)
+            await lock.acquire()  # a send in flight: the flusher must wait behind it
+            await first.write(b"x" * 1000)  # queued, returns at once
             kill_with_reset(node, client)
-            await first.write(b"x" * 1000)  # queued: nobody knows yet that the socket is dead
+            await conn.event_shutting_down.wait()  # the reader saw the reset
+            lock.release()
             with pytest.raises(StreamClosed):
                 await first.close()
             with pytest.raises(StreamClosed):
@@ -186,10 +197,24 @@ async def test_writer_waiting_for_room_fails_when_the_connection_dies():
             conn = muxer(client, node.peer_id)
             await conn._wait_written(conn._enqueued_seq)
             conn.max_queued_bytes = 1
-            kill_with_reset(node, client)
-            await first.write(b"queued")  # the queue is not empty now
-            with pytest.raises(StreamClosed):
-                await second.write(b"must wait for room, then fail")
+            lock = tcp_write_lock(conn)
+            await lock.acquire()
+            await first.write(b"queued")  # the queue is not empty now, and cannot drain
+            failed = []
+
+            async def waiter() -> None:
+                with pytest.raises(StreamClosed):
+                    await second.write(b"must wait for room, then fail")
+                failed.append(True)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert conn.room_waits == 1  # the waiter is waiting for room
+                kill_with_reset(node, client)
+                await conn.event_shutting_down.wait()
+                lock.release()
+            assert failed == [True]
 
 
 async def test_cancelled_writer_gives_back_its_window_and_corrupts_nothing():
