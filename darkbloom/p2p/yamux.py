@@ -289,7 +289,7 @@ def _yamux_below(conn: DarkbloomYamux) -> DarkbloomYamux | None:
 def when_on_socket(conn: DarkbloomYamux, callback: Callable[[float], None]) -> None:
     """Call `callback(time.perf_counter())` once every frame queued on `conn` so far is on
     the TCP socket: through every Yamux layer below it on a relayed connection (benchmarks)."""
-    below = _yamux_below(conn)
+    below = conn._below()
 
     def done(now: float) -> None:
         if below is None:
