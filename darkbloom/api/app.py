@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -100,10 +100,61 @@ def _node_headers(session: Session, request_id: str) -> dict[str, str]:
     return {"x-darkbloom-node": session.node_id, "x-darkbloom-route": session.route, "x-request-id": request_id}
 
 
+def _parts_headers(sessions: list[Session], request_id: str) -> dict[str, str]:
+    """One answer's node headers; for a list of prompts, each distinct node and route in order."""
+    nodes = list(dict.fromkeys(s.node_id for s in sessions))
+    routes = list(dict.fromkeys(s.route for s in sessions))
+    return {"x-darkbloom-node": ", ".join(nodes), "x-darkbloom-route": ", ".join(routes), "x-request-id": request_id}
+
+
+def _usage_sum(usages: list[dict[str, int]]) -> dict[str, int]:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {k: sum(u.get(k, 0) for u in usages) for k in keys}
+
+
+def _offset(chunk: dict[str, Any], by: int) -> dict[str, Any]:
+    """A chunk whose choices are renumbered `by` on (the answer to a later prompt of a list)."""
+    return {**chunk, "choices": [{**c, "index": c["index"] + by} for c in chunk.get("choices", ())]}
+
+
+def _merged(bodies: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Whole answers to a list of prompts as one: prompt i's choice j is choice i*n+j."""
+    out = dict(bodies[0])
+    out["choices"] = [{**c, "index": c["index"] + i * n} for i, body in enumerate(bodies) for c in body["choices"]]
+    out["usage"] = _usage_sum([body["usage"] for body in bodies])
+    return out
+
+
+async def _all(tasks: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run `tasks` together; the first failure cancels the rest and is raised as itself (an API
+    error, not a group), so the error handlers see what they would for one request."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+
+        def walk(exc: BaseException) -> None:
+            if isinstance(exc, BaseExceptionGroup):
+                for inner in exc.exceptions:
+                    walk(inner)
+            else:
+                leaves.append(exc)
+
+        walk(group)
+        meaningful = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if len(meaningful) >= 1:
+            raise meaningful[0] from None
+        raise
+
+
 def _estimate_tokens(body: dict[str, Any]) -> int:
     """Rough pre-admission estimate for tokens/min limits: bytes/4 plus the output cap."""
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 256
-    return len(json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")) // 4 + int(cap)
+    cap = int(body.get("max_completion_tokens") or body.get("max_tokens") or 256)
+    prompt = body.get("prompt")
+    answers = len(prompt) if isinstance(prompt, list) and prompt else 1  # a list of prompts: an answer each
+    return len(json.dumps(body.get("messages") or prompt or body.get("input") or "")) // 4 + cap * answers
 
 
 def create_app(
@@ -229,6 +280,8 @@ def create_app(
         who = await principal()
         body = await read_body()
         parsed = parse_completion_request(body)
+        if parsed.prompts:
+            return await generate_many(who, parsed, body, t_in=t_in)
         return await generate(who, parsed, body, prefix="cmpl", t_in=t_in)
 
     @app.post("/v1/embeddings")
@@ -265,6 +318,26 @@ def create_app(
                     session.node_id[-8:], frame.count, frame.prompt_tokens, (trio.current_time() - started) * 1000)
         return _json(out, headers=_node_headers(session, request_id))
 
+    def new_infer(parsed: ShimRequest, request_id: str) -> InferRequest:
+        # Spot checks: a sampled request gets a seed (replayable draws) and every request a secret nonce
+        # that salts the nodes' commitments to its token ids (darkbloom.api.trust.seeding, trust.token_hash).
+        return InferRequest(request_id=request_id, kind=parsed.kind, model=parsed.model,  # type: ignore[arg-type]
+                            digest=parsed.hints.digest, params=replay_seeded(parsed.params, parsed.kind),
+                            nonce=secrets.token_bytes(16))
+
+    def new_completion(parsed: ShimRequest, response_id: str, session: Session) -> Completion:
+        return Completion(
+            kind=parsed.kind,  # type: ignore[arg-type]
+            id=response_id,
+            model=parsed.model,
+            created=int(time.time()),
+            n=parsed.n,
+            include_usage=parsed.include_usage,
+            want_logprobs=bool(parsed.params.get("logprobs")),
+            fingerprint=fingerprint(session.node_id, session.accepted.digest),
+            prompt_tokens=session.accepted.prompt_tokens,
+        )
+
     async def generate(who: Principal, parsed: ShimRequest, body: dict[str, Any], *, prefix: str,
                        t_in: float | None = None) -> Response:
         if auth is not None:
@@ -274,30 +347,24 @@ def create_app(
             if t_in is not None:
                 _tl.mark(request_id, "http_in", at=t_in)
             _tl.mark(request_id, "parsed")
-        # Spot checks: a sampled request gets a seed (replayable draws) and every request a secret nonce
-        # that salts the nodes' commitments to its token ids (darkbloom.api.trust.seeding, trust.token_hash).
-        infer = InferRequest(request_id=request_id, kind=parsed.kind, model=parsed.model,  # type: ignore[arg-type]
-                             digest=parsed.hints.digest, params=replay_seeded(parsed.params, parsed.kind),
-                             nonce=secrets.token_bytes(16))
-        want_logprobs = bool(parsed.params.get("logprobs"))
+        infer = new_infer(parsed, request_id)
         started = trio.current_time()
+        if parsed.stream:
+            session = await backend.open_session(infer, parsed.hints)
+            stats.first_token(trio.current_time() - started)
+            return stream_response(who, request_id, [(parsed, session, new_completion(parsed, request_id, session), infer)],
+                                   started)
+        session, comp = await answer(who, parsed, request_id, infer, started)
+        return _json(comp.response(), headers=_node_headers(session, request_id))
+
+    async def answer(who: Principal, parsed: ShimRequest, response_id: str, infer: InferRequest,
+                     started: float) -> tuple[Session, Completion]:
+        """A whole (non-streamed) answer: a failure before it is complete starts it over on another node."""
         tried: set[str] = set()
         while True:
             session = await backend.open_session(infer, parsed.hints, exclude=frozenset(tried))
             stats.first_token(trio.current_time() - started)
-            comp = Completion(
-                kind=parsed.kind,  # type: ignore[arg-type]
-                id=request_id,
-                model=parsed.model,
-                created=int(time.time()),
-                n=parsed.n,
-                include_usage=parsed.include_usage,
-                want_logprobs=want_logprobs,
-                fingerprint=fingerprint(session.node_id, session.accepted.digest),
-                prompt_tokens=session.accepted.prompt_tokens,
-            )
-            if parsed.stream:
-                return stream_response(who, parsed, session, comp, started, infer)
+            comp = new_completion(parsed, response_id, session)
             try:
                 while (frame := await next_frame(session, started)) is not None:
                     feed(comp, frame)
@@ -309,7 +376,7 @@ def create_app(
                     raise
                 tried.add(session.node_id)
                 stats.failover()
-                logger.warning("%s node %s failed mid-answer (%s); retrying elsewhere", request_id,
+                logger.warning("%s node %s failed mid-answer (%s); retrying elsewhere", infer.request_id,
                                session.node_id[-8:], type(exc).__name__)
                 if len(tried) >= cfg.max_attempts:
                     raise api_errors.upstream_failed(parsed.model, len(tried), type(exc).__name__) from None
@@ -317,8 +384,49 @@ def create_app(
             close_later(session)
             if not comp.finished:
                 raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
-            await finish(who, parsed, request_id, session, comp, started, infer)
-            return _json(comp.response(), headers=_node_headers(session, request_id))
+            await finish(who, parsed, infer.request_id, session, comp, started, infer)
+            return session, comp
+
+    async def generate_many(who: Principal, parsed: ShimRequest, body: dict[str, Any], *,
+                            t_in: float | None = None) -> Response:
+        """/v1/completions with a list of prompts: each prompt is its own request to the network (in
+        parallel, possibly on different nodes); the answers come back as one response whose choice
+        i*n+j is prompt i's j-th, as OpenAI numbers them, with usage summed."""
+        if auth is not None:
+            await auth.admit(who, estimated_tokens=_estimate_tokens(body))
+        request_id = f"cmpl-{secrets.token_hex(12)}"
+        parts = [replace(parsed, params={**parsed.params, "prompt": text}, prompts=()) for text in parsed.prompts]
+        infers = [new_infer(part, f"{request_id}-{i}") for i, part in enumerate(parts)]
+        started = trio.current_time()
+        if _tl.enabled and t_in is not None:
+            for infer in infers:
+                _tl.mark(infer.request_id, "http_in", at=t_in)
+        if parsed.stream:
+            opened: list[tuple[ShimRequest, Session, Completion, InferRequest] | None] = [None] * len(parts)
+
+            async def open_one(i: int) -> None:
+                session = await backend.open_session(infers[i], parts[i].hints)
+                opened[i] = (parts[i], session, new_completion(parts[i], request_id, session), infers[i])
+
+            try:
+                await _all([partial(open_one, i) for i in range(len(parts))])
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for entry in opened:
+                        if entry is not None:
+                            await entry[1].aclose()
+                raise
+            stats.first_token(trio.current_time() - started)
+            return stream_response(who, request_id, [e for e in opened if e is not None], started)
+        answers: list[tuple[Session, Completion] | None] = [None] * len(parts)
+
+        async def answer_one(i: int) -> None:
+            answers[i] = await answer(who, parts[i], request_id, infers[i], started)
+
+        await _all([partial(answer_one, i) for i in range(len(parts))])
+        done = [a for a in answers if a is not None]
+        return _json(_merged([comp.response() for _, comp in done], parsed.n),
+                     headers=_parts_headers([session for session, _ in done], request_id))
 
     def close_later(session: Session) -> None:
         """Close after the answer is sent: a paid lane's final countersign needs no client waiting."""
@@ -363,24 +471,31 @@ def create_app(
                     parsed.model, session.node_id[-8:], session.route, comp.prompt_tokens, comp.completion_tokens,
                     (trio.current_time() - started) * 1000)
 
-    def stream_response(who: Principal, parsed: ShimRequest, session: Session, comp: Completion,
-                        started: float, infer: InferRequest) -> Response:
-        request_id = comp.id
+    def stream_response(who: Principal, request_id: str,
+                        parts: list[tuple[ShimRequest, Session, Completion, InferRequest]], started: float) -> Response:
+        """The SSE answer: each part's chunks in turn (one part, unless a list of prompts was sent,
+        whose choices are numbered on after the previous prompt's), then the usage of all."""
 
         async def events() -> AsyncIterator[bytes]:
             ended = False
             first = True
+            current = parts[0]
             stats.inflight += 1
             try:
-                while (frame := await next_frame(session, started)) is not None:
-                    chunks = feed(comp, frame)
-                    if chunks:  # one body write per frame (e.g. the role chunk and the first content together)
-                        if first:
-                            first = False
-                            _tl.mark(request_id, "sse_first")
-                        yield b"".join(sse_data(chunk) for chunk in chunks)
-                usage = comp.usage_chunk()
+                for p, current in enumerate(parts):
+                    parsed, session, comp, _ = current
+                    while (frame := await next_frame(session, started)) is not None:
+                        chunks = feed(comp, frame)
+                        if chunks:  # one body write per frame (e.g. the role chunk and the first content together)
+                            if first:
+                                first = False
+                                _tl.mark(request_id, "sse_first")
+                            if p:
+                                chunks = [_offset(chunk, p * parsed.n) for chunk in chunks]
+                            yield b"".join(sse_data(chunk) for chunk in chunks)
+                usage = parts[0][2].usage_chunk()
                 if usage is not None:
+                    usage["usage"] = _usage_sum([comp.usage() for _, _, comp, _ in parts])
                     yield sse_data(usage)
                 yield DONE
                 ended = True
@@ -389,23 +504,31 @@ def create_app(
                 ended = True
                 stats.stream_error()
                 err = api_errors.to_api_error(exc)
-                logger.warning("%s node %s failed mid-stream: %s", request_id, session.node_id[-8:],
+                logger.warning("%s node %s failed mid-stream: %s", request_id, current[1].node_id[-8:],
                                type(exc).__name__)
                 yield sse_error(api_errors.error_body(err))
             finally:
                 stats.inflight -= 1
                 with trio.CancelScope(shield=True):
-                    await session.aclose()
+                    for parsed, session, comp, infer in parts:
+                        await session.aclose()
                     if not ended:
                         stats.client_disconnect()
-                        logger.info("%s client disconnected after %d tokens", request_id, comp.completion_tokens)
-                    await finish(who, parsed, request_id, session, comp, started, infer if ended else None)
+                        logger.info("%s client disconnected after %d tokens", request_id,
+                                    sum(comp.completion_tokens for _, _, comp, _ in parts))
+                    for parsed, session, comp, infer in parts:
+                        await finish(who, parsed, infer.request_id, session, comp, started, infer if ended else None)
 
         response = Response(events(), content_type="text/event-stream",
-                            headers={**_node_headers(session, request_id), "Cache-Control": "no-cache",
-                                     "X-Accel-Buffering": "no"})
+                            headers={**_parts_headers([session for _, session, _, _ in parts], request_id),
+                                     "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         response.timeout = None
-        response.darkbloom_cleanup = session.aclose  # type: ignore[attr-defined]
+
+        async def cleanup() -> None:
+            for _, session, _, _ in parts:
+                await session.aclose()
+
+        response.darkbloom_cleanup = cleanup  # type: ignore[attr-defined]
         return response
 
     # --- errors outside handlers (routing, body size) -------------------------------------

@@ -55,7 +55,8 @@ _COMPLETION_REQUEST = {
     "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string"},
-        "prompt": {"type": "string"},
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                                   "maxItems": 16}]},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object"},
         "max_tokens": {"type": "integer"},

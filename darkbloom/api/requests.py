@@ -51,6 +51,7 @@ _WHY = {
 }
 _SHIM_ONLY = ("stream", "stream_options", "user", "darkbloom", "safety_identifier", "prompt_cache_key", "metadata")
 _DARKBLOOM_KEYS = {"region", "node_class", "max_price", "digest", "prefer"}
+MAX_PROMPTS = 16  # a /v1/completions list: each prompt is its own answer from the network
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +65,7 @@ class ShimRequest:
     hints: RouteHints
     encoding_format: Literal["float", "base64"] = "float"  # embeddings only
     inputs: tuple[str, ...] = ()  # embeddings only
+    prompts: tuple[str, ...] = ()  # completions given a list of prompts: one answer each, merged by the shim
 
 
 def _bad(message: str, param: str) -> ApiError:
@@ -232,16 +234,25 @@ def parse_completion_request(body: Any) -> ShimRequest:
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "you must provide a prompt", code="missing_required_parameter", param="prompt")
+    prompts: tuple[str, ...] = ()
     if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise unsupported("prompt", "send one prompt string per request")
+        if prompt and all(isinstance(x, (int, list)) and not isinstance(x, bool) for x in prompt):
+            raise unsupported("prompt", "token-id prompts; send text")
+        if not prompt or not all(isinstance(x, str) for x in prompt):
+            raise _bad("prompt must be a string or a non-empty array of strings", "prompt")
+        if len(prompt) > MAX_PROMPTS:
+            raise _bad(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}; split the list", "prompt")
+        if len(prompt) > 1:
+            prompts = tuple(prompt)
+        body = {**body, "prompt": prompt[0]}  # each answer is asked of a node as one prompt
     elif not isinstance(prompt, str):
-        raise _bad("prompt must be a string", "prompt")
+        raise _bad("prompt must be a string or a non-empty array of strings", "prompt")
     features = frozenset({"logprobs"}) if body.get("logprobs") else frozenset()
     hints = _hints(body, model, features)
-    _engine_check("completion", _forward(body))
+    for text in prompts or (body["prompt"],):
+        _engine_check("completion", {**_forward(body), "prompt": text})
     return ShimRequest(kind="completion", model=model, stream=stream, include_usage=include_usage, n=n,
-                       params=_forward(body), hints=hints)
+                       params=_forward(body), hints=hints, prompts=prompts)
 
 
 def parse_embedding_request(body: Any) -> ShimRequest:

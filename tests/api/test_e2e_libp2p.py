@@ -71,6 +71,45 @@ async def test_models_chat_streaming_and_completions(tiny_model_dir):
             assert net.metrics.failovers == 0
 
 
+async def test_a_list_of_prompts_is_answered_prompt_by_prompt_as_openai_numbers_them(tiny_model_dir):
+    prompts = ["Once upon a time", "The weather today", "In the beginning"]
+    with trio.fail_after(TIMEOUT):
+        async with network(tiny_model_dir, [{}, {}]) as net:
+            async with aclient(net.url) as client:
+                alone = [await client.completions.create(model=CHAT, prompt=p, max_tokens=6, temperature=0,
+                                                         logit_bias=NO_END) for p in prompts]
+                raw = await client.completions.with_raw_response.create(
+                    model=CHAT, prompt=prompts, n=2, max_tokens=6, temperature=0, logit_bias=NO_END)
+                together = raw.parse()
+                stream = await client.completions.create(model=CHAT, prompt=prompts, n=2, max_tokens=6, temperature=0,
+                                                         logit_bias=NO_END, stream=True,
+                                                         stream_options={"include_usage": True})
+                chunks = [c async for c in stream]
+    # prompt i's j-th answer is choice i*n+j; greedy, so each is what the prompt alone gets
+    assert [c.index for c in together.choices] == list(range(6))
+    for i, single in enumerate(alone):
+        for j in range(2):
+            assert together.choices[2 * i + j].text == single.choices[0].text
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert together.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    assert together.usage.total_tokens == together.usage.prompt_tokens + together.usage.completion_tokens
+    nodes = raw.headers["x-darkbloom-node"].split(", ")
+    assert nodes and set(nodes) <= {n.peer_id for n in net.nodes} and raw.headers["x-darkbloom-route"] == "direct"
+    # streamed: one id, every choice's text and finish, then the summed usage
+    assert len({c.id for c in chunks}) == 1
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in together.choices}
+    assert set(finished) == set(range(6))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == together.usage.prompt_tokens
+
+
 async def test_tools_json_and_embeddings(tiny_model_dir, minilm_dir):
     with trio.fail_after(TIMEOUT):
         async with network(tiny_model_dir, [{"embed_dir": minilm_dir}]) as net:

@@ -174,6 +174,14 @@ def test_completion_and_embedding_requests():
     with pytest.raises(ApiError) as e:
         parse_completion_request({"model": "m", "prompt": "x", "suffix": "y"})
     assert e.value.param == "suffix"
+    many = parse_completion_request({"model": "m", "prompt": ["x", "y", "z"]})
+    assert many.prompts == ("x", "y", "z") and many.params["prompt"] == "x"
+    assert parse_completion_request({"model": "m", "prompt": ["x"]}).prompts == ()  # a list of one is one prompt
+    for bad, status_text in [([], "non-empty array"), ([1, 2], "token-id"), (["x", 3], "non-empty array"),
+                             (["x"] * 17, "at most 16 prompts")]:
+        with pytest.raises(ApiError) as e:
+            parse_completion_request({"model": "m", "prompt": bad})
+        assert e.value.status == 400 and e.value.param == "prompt" and status_text in str(e.value)
     one = parse_embedding_request({"model": "e", "input": "a"})
     assert one.inputs == ("a",) and one.encoding_format == "float" and one.hints.features == {"embeddings"}
     assert parse_embedding_request({"model": "e", "input": ["a", "b"], "encoding_format": "base64"}).inputs == ("a", "b")
