@@ -157,20 +157,27 @@ def tcp_write_lock(conn) -> trio.Lock:
     return read_ahead._conn.stream.write_lock
 
 
+async def two_sink_streams_written(s):
+    """Node and client of a one-node swarm, two client streams to the node's sink that have each
+    written a little, and the client's Yamux connection once both writes are on the socket."""
+    node, client = s.nodes[0].net, s.clients[0].net
+    node.serve(SINK, sink)
+    first = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
+    second = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
+    await first.write(b"delivered")
+    await second.write(b"delivered")
+    conn = muxer(client, node.peer_id)
+    await conn._wait_written(conn._enqueued_seq)  # both on the socket
+    return node, client, first, second, conn
+
+
 async def test_write_queued_on_a_dead_connection_is_reported_by_close():
     """Data is queued while a socket write is in flight; the peer resets the TCP connection
     before it goes out. The write itself returned (it only queued); the stream's close raises
     instead of reporting success (nothing lost silently), and so does the next write."""
     with trio.fail_after(TIMEOUT):
         async with swarm(nodes=1, relays=0, clients=1) as s:
-            node, client = s.nodes[0].net, s.clients[0].net
-            node.serve(SINK, sink)
-            first = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
-            second = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
-            await first.write(b"delivered")
-            await second.write(b"delivered")
-            conn = muxer(client, node.peer_id)
-            await conn._wait_written(conn._enqueued_seq)  # both on the socket before the reset
+            node, client, first, second, conn = await two_sink_streams_written(s)
             lock = tcp_write_lock(conn)
             await lock.acquire()  # a send in flight: the flusher must wait behind it
             await first.write(b"x" * 1000)  # queued, returns at once
@@ -188,14 +195,7 @@ async def test_writer_waiting_for_room_fails_when_the_connection_dies():
     """A writer held back by the bound is woken with an error, not left waiting forever."""
     with trio.fail_after(TIMEOUT):
         async with swarm(nodes=1, relays=0, clients=1) as s:
-            node, client = s.nodes[0].net, s.clients[0].net
-            node.serve(SINK, sink)
-            first = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
-            second = await client.open_stream(node.peer_id, SINK, addrs=node.listen_addrs)
-            await first.write(b"a")
-            await second.write(b"b")
-            conn = muxer(client, node.peer_id)
-            await conn._wait_written(conn._enqueued_seq)
+            node, client, first, second, conn = await two_sink_streams_written(s)
             conn.max_queued_bytes = 1
             lock = tcp_write_lock(conn)
             await lock.acquire()
