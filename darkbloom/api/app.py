@@ -97,11 +97,11 @@ def _error_response(err: ApiError) -> Response:
 
 
 def _node_headers(session: Session, request_id: str) -> dict[str, str]:
-    return {"x-darkbloom-node": session.node_id, "x-darkbloom-route": session.route, "x-request-id": request_id}
+    return _parts_headers([session], request_id)
 
 
 def _parts_headers(sessions: list[Session], request_id: str) -> dict[str, str]:
-    """One answer's node headers; for a list of prompts, each distinct node and route in order."""
+    """An answer's node headers; for a list of prompts, each distinct node and route in order."""
     nodes = list(dict.fromkeys(s.node_id for s in sessions))
     routes = list(dict.fromkeys(s.route for s in sessions))
     return {"x-darkbloom-node": ", ".join(nodes), "x-darkbloom-route": ", ".join(routes), "x-request-id": request_id}
@@ -144,7 +144,7 @@ async def _all(tasks: list[Callable[[], Awaitable[None]]]) -> None:
 
         walk(group)
         meaningful = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if len(meaningful) >= 1:
+        if meaningful:
             raise meaningful[0] from None
         raise
 
