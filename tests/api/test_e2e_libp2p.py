@@ -71,6 +71,27 @@ async def test_models_chat_streaming_and_completions(tiny_model_dir):
             assert net.metrics.failovers == 0
 
 
+async def test_the_sdks_structured_output_helper_parses_a_schema_valid_answer(tiny_model_dir):
+    # client.chat.completions.parse sends the pydantic model as a strict json_schema and parses the
+    # answer back into it; constrained decoding makes even a random-weight model's answer valid.
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: Literal["Paris", "Rome"]
+        sunny: bool
+
+    with trio.fail_after(TIMEOUT):
+        async with network(tiny_model_dir, [{}]) as net:
+            async with aclient(net.url) as client:
+                r = await client.chat.completions.parse(model=CHAT, messages=MSG, response_format=Weather,
+                                                        max_tokens=60, temperature=0)
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, Weather) and parsed.city in ("Paris", "Rome")
+    assert r.choices[0].finish_reason == "stop"
+
+
 async def test_a_list_of_prompts_is_answered_prompt_by_prompt_as_openai_numbers_them(tiny_model_dir):
     prompts = ["Once upon a time", "The weather today", "In the beginning"]
     with trio.fail_after(TIMEOUT):
