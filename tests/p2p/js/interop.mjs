@@ -28,7 +28,10 @@ const peer = await createLibp2p({
   connectionEncrypters: [noise()],
   streamMuxers: [yamux()],
   services: {
-    identify: identify(),
+    // js-libp2p identifies every new connection by itself, and this script then asks once more,
+    // explicitly: allow both at once (the default of one made the explicit call fail whenever the
+    // automatic one was still running, a race seen under load).
+    identify: identify({ maxOutboundStreams: 2 }),
     ping: ping({ maxOutboundStreams: 4 }),
     dht: kadDHT({ protocol: '/ipfs/kad/1.0.0', clientMode: true, peerInfoMapper: passthroughMapper })
   }
