@@ -71,9 +71,9 @@ class ThreadTuner:
         else:
             table, key = self.classes, batch_class(batch)
         c = table.setdefault(key, _Class())
-        missing = [t for t in reversed(self.choices) if t not in c.avg]  # the most threads first
-        if missing:
-            return missing[0] if prefill else missing[-1]
+        missing = [t for t in self.choices if t not in c.avg]
+        if missing:  # measure each once: prefill the most threads first, decode the fewest
+            return missing[-1] if prefill else missing[0]
         if c.exploring:
             return c.explore_with
         best = min(self.choices, key=lambda t: c.avg[t])

@@ -136,7 +136,7 @@ def format_status(data: dict) -> list[str]:
 def _install(args, config) -> int:
     from pathlib import Path
 
-    from darkbloom.node.service import write_service
+    from darkbloom.node.service import is_system_unit, write_service
 
     import os
 
@@ -146,7 +146,7 @@ def _install(args, config) -> int:
         run_as=getattr(args, "run_as", None),
     )
     print(f"wrote {path}")
-    if path.suffix == ".service" and "/systemd/user/" not in str(path):
+    if is_system_unit(path):
         if user:
             print(f"the node runs as {user}; {config.data_path} must be theirs to write")
         else:

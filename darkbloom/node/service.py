@@ -10,7 +10,7 @@ from pathlib import Path
 
 from darkbloom.errors import ConfigError
 
-__all__ = ["default_service_path", "render_launchd", "render_systemd", "service_command", "service_user", "write_service"]
+__all__ = ["default_service_path", "is_system_unit", "render_launchd", "render_systemd", "service_command", "service_user", "write_service"]
 
 LAUNCHD_LABEL = "net.darkbloom.node"
 
@@ -81,6 +81,11 @@ def default_service_path(system: str) -> Path:
     return home / ".config" / "systemd" / "user" / "darkbloom-node.service"
 
 
+def is_system_unit(path: Path) -> bool:
+    """A systemd unit for the whole system (not a per-user unit, not a launchd agent)."""
+    return path.suffix == ".service" and "/systemd/user/" not in str(path)
+
+
 def service_user(data_dir: Path, explicit: str | None = None) -> str | None:
     """Who a system unit runs the node as: `explicit`, else the data directory's owner when that is
     not root, else the user who ran sudo; None means root."""
@@ -114,7 +119,7 @@ def write_service(system: str, *, config: str | None, data_dir: Path, path: Path
     if system == "Darwin":
         path.write_bytes(render_launchd(cmd, log_dir=Path(data_dir).resolve()))
         return path, f"launchctl load -w {shlex.quote(str(path))}", None
-    user_unit = "/systemd/user/" in str(path)
+    user_unit = not is_system_unit(path)
     user = None if user_unit else service_user(data_dir, run_as)
     path.write_text(render_systemd(cmd, user_unit=user_unit, run_as=user))
     scope = "--user " if user_unit else ""

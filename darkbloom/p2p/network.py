@@ -32,9 +32,9 @@ from darkbloom.p2p import multistream
 from darkbloom.p2p.api import Route, recv_message, send_message
 from darkbloom.p2p.core import NetworkCore
 from darkbloom.p2p.dht import CapsValidator, DarkbloomDHT, DHTMode
-from darkbloom.p2p.host import DarkbloomHost, QuickLock, build_host, drop_closed_connections
-from darkbloom.p2p.yamux import QueuedWriteFailed
+from darkbloom.p2p.host import DarkbloomHost, build_host, drop_closed_connections
 from darkbloom.p2p.relay import DIALBACK_PROTOCOL, DarkbloomHop, RelayClient, relay_limits, serve_dialback
+from darkbloom.p2p.yamux import QueuedWriteFailed, QuickLock
 from darkbloom.wire.caps import DialBackReply, DialBackRequest
 from darkbloom.wire.codec import FrameDecoder
 
