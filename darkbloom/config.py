@@ -75,6 +75,7 @@ class InferenceConfig:
     prefill_step_size: int = 512
     prompt_cache_mb: int = 256  # KV caches kept for prefix reuse, per model; counted against node.max_memory_mb
     openblas: bool = True  # Linux: load OpenBLAS before MLX when present
+    native_jit: bool = True  # Linux: MLX builds its fused CPU kernels for this CPU (inference/cpujit.py)
     blas_threads: int = 0  # OpenBLAS threads (process-wide); 0: measured per step between 1 and the core count
     self_benchmark: bool = True
 

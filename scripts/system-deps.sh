@@ -3,12 +3,12 @@
 # Debian/Ubuntu as root: apt-get. macOS: nothing needed (Metal MLX, no OpenBLAS).
 # Elsewhere: one line saying what to install by hand. Never fails the build by itself.
 set -u
-packages=(libopenblas0-pthread libgmp-dev iptables iproute2 chromium postgresql)
+packages=(libopenblas0-pthread g++ libgmp-dev iptables iproute2 chromium postgresql)
 case "$(uname -s)" in
   Darwin) exit 0 ;;
 esac
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "note: install OpenBLAS (pthread), GMP headers, iptables, Chromium, PostgreSQL and Node.js with your package manager" >&2
+  echo "note: install OpenBLAS (pthread), g++ (MLX compiles its CPU kernels with it), GMP headers, iptables, Chromium, PostgreSQL and Node.js with your package manager" >&2
   exit 0
 fi
 missing=()

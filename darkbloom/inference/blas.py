@@ -12,6 +12,8 @@ import logging
 import sys
 import threading
 
+from darkbloom.inference.cpujit import use_native_jit
+
 __all__ = ["OPENBLAS_PATHS", "ensure_blas", "blas_status", "set_blas_threads", "blas_threads"]
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,11 @@ _status = "not checked"
 _lib: ctypes.CDLL | None = None
 
 
-def ensure_blas(enabled: bool = True) -> str:
+def ensure_blas(enabled: bool = True, native_jit: bool = True) -> str:
     """Load OpenBLAS globally before the first `import mlx.core`; return what happened.
+
+    With `native_jit`, also have MLX build its fused CPU kernels for this CPU
+    (`cpujit.use_native_jit`; its outcome is `cpujit.jit_status()`).
 
     Returns "loaded <path>", "not needed" (macOS: MLX uses Accelerate/Metal), "disabled",
     "missing" or "too late" (mlx was already imported, so loading it now would not help).
@@ -42,6 +47,8 @@ def ensure_blas(enabled: bool = True) -> str:
         if _done:
             return _status
         _done = True
+        if "mlx.core" not in sys.modules:  # later, MLX may have compiled kernels already
+            use_native_jit(native_jit)
         if not sys.platform.startswith("linux"):
             _status = "not needed"
         elif not enabled:

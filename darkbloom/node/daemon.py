@@ -478,7 +478,7 @@ async def open_node(
     """
     from darkbloom.inference.blas import ensure_blas
 
-    ensure_blas(config.inference.openblas)
+    ensure_blas(config.inference.openblas, native_jit=config.inference.native_jit)
     from darkbloom.inference.catalog import resolve_models
     from darkbloom.inference.engine import engine_options, open_engine
     from darkbloom.p2p.network import open_network
