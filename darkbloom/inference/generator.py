@@ -18,12 +18,30 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["new_generator"]
+__all__ = ["new_generator", "prompts_to_prefill"]
 
 
 def new_generator(model: Any, **kwargs: Any) -> Any:
     """A batch generator for `model` (kwargs as for mlx-lm's `BatchGenerator`)."""
     return _generator_class()(model, **kwargs)
+
+
+def prompts_to_prefill(gen: Any) -> int:
+    """How many prompts the next step of `gen` prefills; 0 for a step that only decodes.
+
+    Waiting prompts count, and prompts in the prompt batch with more than their last token left:
+    a prompt down to its last token only starts generating, which is a decode-sized pass (the
+    engine's thread tuner must not time that step as a prefill)."""
+    waiting = len(getattr(gen, "_unprocessed_sequences", ()) or ())
+    processing = getattr(gen, "_currently_processing", None)
+    if processing is None:  # not mlx-lm 0.32.2's layout: count the whole prompt batch
+        return waiting + len(getattr(gen, "_prompt_batch", ()) or ())
+    return waiting + sum(1 for seq in processing if not _ready(seq))
+
+
+def _ready(seq: Any) -> bool:
+    """A prompt in processing with only its last token left (one segment of length one)."""
+    return len(seq[0]) == 1 and len(seq[0][0]) == 1
 
 
 _CLASS: Any = None
@@ -45,9 +63,9 @@ def _generator_class() -> Any:
                 processing = getattr(self, "_currently_processing", None)
                 if not processing or not hasattr(self, "_prompt_batch") or not hasattr(self, "_generation_batch"):
                     return
-                # A prompt is done with prefill when all that is left is its last token (one
-                # segment of length one): that token's forward pass gives the first output token.
-                ready = [i for i, seq in enumerate(processing) if len(seq[0]) == 1 and len(seq[0][0]) == 1]
+                # A prompt is done with prefill when all that is left is its last token: that
+                # token's forward pass gives the first output token.
+                ready = [i for i, seq in enumerate(processing) if _ready(seq)]
                 if not ready:
                     return
                 last_tokens = [processing[i][0][0] for i in ready]

@@ -29,6 +29,7 @@ from darkbloom.errors import (
 )
 from darkbloom.inference import batching
 from darkbloom.inference.detok import IncrementalDecoder
+from darkbloom.inference.generator import prompts_to_prefill
 from darkbloom.inference.events import Admitted, ChoiceFinished, TextDelta, TokenScore
 from darkbloom.inference.params import GenerationRequest, Sampling
 from darkbloom.inference.selfbench import BenchResult
@@ -519,8 +520,7 @@ class Worker:
         tuning = self.tuner is not None and self.threads_now > 0  # 0: OpenBLAS is not loaded
         if tuning:
             gen = m.generator
-            # mlx-lm keeps prompts still to prefill in these (private; absent means none).
-            prompts = len(getattr(gen, "_unprocessed_sequences", ()) or ()) + len(getattr(gen, "_prompt_batch", ()) or ())
+            prompts = prompts_to_prefill(gen)
             prefill = prompts > 0
             batch = len(m.running)
             want = self.tuner.choose(batch, prefill, prompts=prompts)
