@@ -3,6 +3,7 @@
     .venv/bin/python bench/engine.py [--models smollm2,small] [--concurrency 1,4,16]
                                      [--max-tokens 48] [--rounds 2] [--trials 3]
                                      [--blas-threads 0] [--server-blas-threads 1,2]
+                                     [--server-jit stock|native|stock,native]
                                      [--embeddings/--no-embeddings]
                                      [--out bench/results/engine.json]
 
@@ -14,11 +15,17 @@ LD_PRELOAD. The server's OpenBLAS thread count is fixed per process, so one serv
 count in `--server-blas-threads` (1 and 2: one is faster on busy cores, two on idle ones) and
 its best per concurrency is compared; our engine runs at its default (threads tuned per step).
 
+MLX's CPU kernels: our engine builds the kernels MLX fuses for this CPU (inference/cpujit.py;
+BENCH_OUR_JIT=stock turns that off). `--server-jit stock` (the default) runs mlx_lm.server as
+shipped: the stock environment (`cpujit.stock_env`) and a fresh kernel cache of its own, so it
+never loads a kernel we built. `--server-jit native` gives it our setup too (our PATH and kernel
+cache); with both, the table also shows the ratio to that server, the like-for-like figure.
+
 Fairness: at each concurrency C, C clients each send `rounds` streaming chat requests one after
 another; both sides get the same prompts, the same max_tokens and the same sampling (greedy).
 Each trial uses prompts neither side has seen before (so no prompt-cache hits beyond the chat
-template's shared prefix, which both sides can reuse), and one warm-up round per side with
-other prompts runs first and is not measured. The two sides alternate `trials` times per level
+template's shared prefix, which both sides can reuse), and two warm-up rounds per side with
+other prompts run first and are not measured. The two sides alternate `trials` times per level
 (load from other processes hits both) and the median trial (by tokens/s) of each side is
 reported; TTFT p50/p95 are over every request of every trial of that side. Measured: aggregate
 completion tokens/s over the wall time (usage counts from each side; prefill included), aggregate
@@ -44,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from darkbloom.inference.blas import OPENBLAS_PATHS, blas_status, ensure_blas
+from darkbloom.inference.cpujit import jit_status, stock_env
 
-ensure_blas()
+ensure_blas(native_jit=os.environ.get("BENCH_OUR_JIT", "native") != "stock")
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
@@ -135,8 +143,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlx_server(model_dir: Path, port: int, concurrency: int, blas_threads: int, log: Any) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def start_mlx_server(model_dir: Path, port: int, concurrency: int, blas_threads: int, jit: str, kernel_dir: Path,
+                     log: Any) -> subprocess.Popen[bytes]:
+    """`jit` "stock": as shipped, its kernels built by MLX's own flags into `kernel_dir`;
+    "native": with this process's environment (our g++ flags and our kernel cache)."""
+    if jit == "stock":
+        env = dict(stock_env(), HF_HUB_OFFLINE="1", TMPDIR=str(kernel_dir))
+    else:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
     if blas_threads > 0:
         env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
     blas = next((p for p in OPENBLAS_PATHS if Path(p).exists()), None)
@@ -281,46 +295,61 @@ def median_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def bench_model(
     name: str, path: Path, levels: list[int], max_tokens: int, rounds: int, trials: int, blas_threads: int,
-    server_threads: list[int], log: Any,
+    server_threads: list[int], server_jits: list[str], log: Any,
 ) -> list[dict[str, Any]]:
     rows = []
-    servers: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+    servers: dict[tuple[str, int], tuple[subprocess.Popen[bytes], str]] = {}
+    kernels = tempfile.TemporaryDirectory(prefix="darkbloom-bench-server-kernels-")
     try:
-        for th in server_threads:  # one mlx_lm.server per OpenBLAS thread count (it is fixed per process)
-            port = free_port()
-            servers[th] = (start_mlx_server(path, port, max(levels), th, log), f"http://127.0.0.1:{port}")
+        for jit in server_jits:
+            for th in server_threads:  # one mlx_lm.server per OpenBLAS thread count (it is fixed per process)
+                port = free_port()
+                proc = start_mlx_server(path, port, max(levels), th, jit, Path(kernels.name), log)
+                servers[(jit, th)] = (proc, f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
             for proc, base in servers.values():
                 await wait_healthy(client, base, proc)
             async with open_engine(
                 [(name, path)], max_concurrent=max(levels), max_queue=256, self_benchmark=False, blas_threads=blas_threads
             ) as eng:
-                # Warm-up every side (first-call compilation, page-in), not measured.
-                warm = prompts(max(levels), "warm-up ")
+                # Warm-up every side, not measured: first-call compilation, page-in, and our engine's
+                # first timing of each OpenBLAS thread choice (a prefill takes the most threads
+                # first and the other at the next one: two rounds at the highest concurrency).
+                warm = prompts(2 * max(levels), "warm-up ")
                 await run_ours(eng, name, warm, max(levels), 8)
                 for proc, base in servers.values():
                     await run_theirs(client, base, warm, max(levels), 8, proc.pid)
                 for c in levels:
                     ours_trials: list[dict[str, Any]] = []
-                    theirs_trials: dict[int, list[dict[str, Any]]] = {th: [] for th in servers}
+                    theirs_trials: dict[tuple[str, int], list[dict[str, Any]]] = {key: [] for key in servers}
                     for t in range(trials):  # interleaved, so load from other processes hits every side
                         texts = prompts(c * rounds, f"c{c}t{t}-")  # fresh for this trial, the same for every side
                         ours_trials.append(await run_ours(eng, name, texts, c, max_tokens))
-                        for th, (proc, base) in servers.items():
-                            theirs_trials[th].append(await run_theirs(client, base, texts, c, max_tokens, proc.pid))
+                        for key, (proc, base) in servers.items():
+                            theirs_trials[key].append(await run_theirs(client, base, texts, c, max_tokens, proc.pid))
                     ours = median_trial(ours_trials)
-                    by_threads = {th: median_trial(tr) for th, tr in theirs_trials.items()}
-                    best_th = max(by_threads, key=lambda th: by_threads[th]["tok_s"])
-                    theirs = dict(by_threads[best_th], blas_threads=best_th)
+                    by_key = {key: median_trial(tr) for key, tr in theirs_trials.items()}
+
+                    def best(jit: str) -> dict[str, Any] | None:
+                        keys = [k for k in by_key if k[0] == jit]
+                        if not keys:
+                            return None
+                        k = max(keys, key=lambda k: by_key[k]["tok_s"])
+                        return dict(by_key[k], blas_threads=k[1], jit=jit)
+
+                    theirs = best(server_jits[0])
+                    native = best("native") if server_jits[0] != "native" else None
                     row = {
                         "model": name,
                         "concurrency": c,
                         "ours": ours,
-                        "mlx_lm_server": theirs,  # its best thread count at this level
+                        "mlx_lm_server": theirs,  # its best thread count at this level (first --server-jit)
                         "mlx_lm_server_by_threads": {
-                            str(th): {k: r[k] for k in ("tok_s", "decode_tok_s", "ttft_p50_s", "ttft_p95_s", "tok_per_cpu_s")}
-                            for th, r in by_threads.items()
+                            f"{jit}/{th}": {k: r[k] for k in ("tok_s", "decode_tok_s", "ttft_p50_s", "ttft_p95_s", "tok_per_cpu_s")}
+                            for (jit, th), r in by_key.items()
                         },
+                        "mlx_lm_server_native_jit": native,
+                        "speedup_vs_native_jit_server": ours["tok_s"] / native["tok_s"] if native else None,
                         "speedup": ours["tok_s"] / theirs["tok_s"],
                         "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
                         # Tokens per CPU-second, median trial each: less sensitive to other load.
@@ -328,7 +357,7 @@ async def bench_model(
                         "load_avg_1m": os.getloadavg()[0],
                     }
                     rows.append(row)
-                    others = ", ".join(f"{th} thr {r['tok_s']:.1f}" for th, r in by_threads.items())
+                    others = ", ".join(f"{jit} {th} thr {r['tok_s']:.1f}" for (jit, th), r in by_key.items())
                     print(
                         f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s "
                         f"({others}) x{row['speedup']:.2f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
@@ -342,6 +371,7 @@ async def bench_model(
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        kernels.cleanup()
     return rows
 
 
@@ -386,10 +416,17 @@ def main() -> int:
         "--server-blas-threads", default="1,2",
         help="mlx_lm.server runs once per listed OpenBLAS thread count; its best per level is compared",
     )
+    ap.add_argument(
+        "--server-jit", default="stock",
+        help="stock: mlx_lm.server as shipped; native: with our MLX kernel flags; stock,native: both (ratios to each)",
+    )
     ap.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    server_jits = [x.strip() for x in args.server_jit.split(",") if x.strip()]
+    if not server_jits or set(server_jits) - {"stock", "native"}:
+        raise SystemExit("--server-jit takes stock, native or stock,native")
     dirs = model_dirs([m.strip() for m in args.models.split(",") if m.strip()])
     rows: list[dict[str, Any]] = []
     load_start = os.getloadavg()
@@ -398,7 +435,7 @@ def main() -> int:
         for name, path in dirs.items():
             rows += trio.run(
                 bench_model, name, path, levels, args.max_tokens, args.rounds, args.trials, args.blas_threads,
-                [int(x) for x in args.server_blas_threads.split(",")], log,
+                [int(x) for x in args.server_blas_threads.split(",")], server_jits, log,
             )
     emb = bench_embeddings(args.trials) if args.embeddings else None
     load_end = os.getloadavg()
@@ -416,6 +453,13 @@ def main() -> int:
             f"{o['decode_tok_s']:>11.1f} {t['decode_tok_s']:>13.1f} {r['decode_speedup']:>6.2f}x | "
             f"{r['cpu_efficiency_ratio']:>14.2f}x | {r['load_avg_1m']:>7.1f}"
         )
+    if any(r["mlx_lm_server_native_jit"] for r in rows):
+        print("\nlike for like: mlx_lm.server given our MLX kernel flags too")
+        for r in rows:
+            n = r["mlx_lm_server_native_jit"]
+            if n:
+                print(f"{r['model']:9} {r['concurrency']:>4} | server+native {n['tok_s']:>7.1f} tok/s "
+                      f"(decode {n['decode_tok_s']:.1f}) | ours x{r['speedup_vs_native_jit_server']:.2f}")
     if emb:
         print(
             f"\nembeddings (all-MiniLM-L6-v2, ours): batch 1 {emb['batch_1_sentences_s']:.1f} sentences/s, "
@@ -425,14 +469,17 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in rows:  # per-request TTFTs are summarised; keep the JSON small
-        for side in ("ours", "mlx_lm_server"):
-            r[side].pop("ttfts", None)
+        for side in ("ours", "mlx_lm_server", "mlx_lm_server_native_jit"):
+            if r[side]:
+                r[side].pop("ttfts", None)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "blas": blas_status(),
+            "mlx_cpu_kernels_ours": jit_status(),
+            "mlx_cpu_kernels_server": server_jits,
             "blas_threads_ours": args.blas_threads or "tuned per step",
             "blas_threads_server_tried": args.server_blas_threads,
             "load_avg_start": load_start,
