@@ -5,7 +5,7 @@ sequence) to 1.3x (16 sequences) faster and prefill 1.4-1.65x; on the same cores
 other work, two threads were slower than one (their spin-waiting: random 20M model 36/103/138
 against 55/117/202 tok/s at 1/4/16 sequences). No fixed setting is right for both, so the
 engine measures: for each decode batch size class it keeps a moving average of the step time
-under each thread count, uses the faster, and now and then spends a few steps on the other to
+under each thread count, uses the faster (leaving the one in use only for one clearly faster), and now and then spends a few steps on the other to
 notice when the machine changes.
 
 Steps with prefill work are tuned apart, in classes by the number of prompts being prefilled,
@@ -39,6 +39,7 @@ def batch_class(batch: int) -> int:
 class _Class:
     avg: dict[int, float] = field(default_factory=dict)  # threads -> moving average step seconds
     steps: int = 0  # decode steps seen in this class
+    current: int = 0  # the choice in use outside exploration (0: none yet)
     exploring: int = 0  # steps left on the other choice
     explore_with: int = 0
 
@@ -46,8 +47,14 @@ class _Class:
 class ThreadTuner:
     """Per decode batch class: the thread count with the lower moving-average step time."""
 
-    def __init__(self, max_threads: int, *, explore_every: int = 64, explore_steps: int = 4, alpha: float = 0.25) -> None:
+    def __init__(self, max_threads: int, *, explore_every: int = 64, explore_steps: int = 4, alpha: float = 0.25,
+                 margin: float = 0.05) -> None:
         self.choices = (1, max_threads) if max_threads > 1 else (1,)
+        # Leave the choice in use only for one measured `margin` faster: where both are about as
+        # fast, step-time noise would otherwise flip between them, and every change restarts
+        # mlx-lm's one-step pipeline (SmolLM2, one sequence, 2 idle cores: 61 vs 66 ms a step
+        # measured apart; flipping on noise, 13.3-16.8 tok/s against 15.4-15.9 fixed at two).
+        self.margin = margin
         self.explore_every = explore_every
         self.explore_steps = explore_steps
         self.alpha = alpha
@@ -77,6 +84,9 @@ class ThreadTuner:
         if c.exploring:
             return c.explore_with
         best = min(self.choices, key=lambda t: c.avg[t])
+        if c.current in c.avg and c.avg[best] > c.avg[c.current] * (1 - self.margin):
+            best = c.current  # not clearly faster: stay
+        c.current = best
         if c.steps and c.steps % self.explore_every == 0:
             c.exploring = self.explore_steps
             c.explore_with = next(t for t in self.choices if t != best)
