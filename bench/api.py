@@ -8,7 +8,8 @@ Arms, all on the same model directory, the same prompts, greedy decoding and the
 streaming HTTP client (httpx, one SSE parser) for every HTTP arm:
 
   engine    our engine in this process, no HTTP and no network (the TTFT reference for `direct`);
-  mlx       client -> `mlx_lm.server` 0.32.2 (a subprocess, OpenBLAS preloaded);
+  mlx       client -> `mlx_lm.server` 0.32.2 (a subprocess, OpenBLAS preloaded, as shipped
+            otherwise: MLX's stock kernel flags and its own kernel cache; see bench/engine.py);
   direct    client -> shim -> libp2p direct -> node, each role its own `python -m darkbloom`
             process with its own identity (relay, public node, private node, shim; paid serving
             with the shim's funded ledger account, as deployed);
@@ -586,7 +587,9 @@ async def main_async(args: argparse.Namespace, model_dir: Path, root: Path) -> d
         if "mlx" in arms:  # mlx_lm.server
             port = free_port()
             with open(root / "mlx_server.log", "wb") as log:
-                proc = start_mlx_server(model_dir, port, max(levels), 0, log)  # 0: BLAS threads as our nodes get them
+                # 0: BLAS threads as our nodes get them; "stock": as shipped, its own kernel cache
+                (root / "mlx-kernels").mkdir(exist_ok=True)
+                proc = start_mlx_server(model_dir, port, max(levels), 0, "stock", root / "mlx-kernels", log)
                 try:
                     base = f"http://127.0.0.1:{port}"
                     await wait_healthy(client, base, proc)

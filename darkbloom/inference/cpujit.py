@@ -41,8 +41,7 @@ log = logging.getLogger(__name__)
 FLAGS = ("-march=native", "-ffp-contract=off")
 
 _status = "not checked"
-_saved: dict[str, str | None] = {}  # PATH and TMPDIR as they were before use_native_jit changed them
-_bin_dir = ""
+_saved: dict[str, str | None] = {}  # PATH and TMPDIR without our changes
 
 
 def jit_status() -> str:
@@ -92,27 +91,39 @@ def _flags_work(compiler: str) -> bool:
     return out.returncode == 0
 
 
+def _ours(entry: str) -> bool:
+    """A PATH entry holding our wrapper (inherited from a darkbloom parent process)."""
+    p = Path(entry)
+    return p.name == "bin" and p.parent.name.startswith(f"darkbloom-mlx-{os.getuid()}-")
+
+
 def use_native_jit(enabled: bool = True) -> str:
     """Have MLX build its CPU kernels for this CPU (see the module docstring); return what happened.
 
     "on <dir>", "disabled", "not needed" (not Linux), "no compiler" (MLX will not compile
     either), "flags refused" (the compiler rejects -march=native) or "no private directory".
-    Only the first call acts.
+    Only the first call acts. A process started by one that did this inherits the wrapper and
+    the kernel directory and keeps them.
     """
-    global _status, _bin_dir
+    global _status
     if _status != "not checked":
         return _status
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if not _ours(p)]
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    inherited = tmp.name.startswith(f"darkbloom-mlx-{os.getuid()}-")
+    stock_tmp = str(tmp.parent) if inherited else os.environ.get("TMPDIR")
     if not enabled:
         _status = "disabled"
     elif not sys.platform.startswith("linux"):
         _status = "not needed"
-    elif (compiler := shutil.which("g++")) is None:
+    elif (compiler := shutil.which("g++", path=os.pathsep.join(path))) is None:
         _status = "no compiler"
     elif not _flags_work(compiler):
         _status = "flags refused"
         log.warning("g++ refuses %s; MLX's CPU kernels stay built for baseline x86-64", " ".join(FLAGS))
     else:
-        root = Path(os.environ.get("TMPDIR") or "/tmp") / f"darkbloom-mlx-{os.getuid()}-{_cpu_signature(compiler)}"
+        name = f"darkbloom-mlx-{os.getuid()}-{_cpu_signature(compiler)}"
+        root = (tmp.parent if inherited else tmp) / name
         bin_dir = root / "bin"
         if not (_private_dir(root) and _private_dir(bin_dir)):
             _status = "no private directory"
@@ -122,20 +133,27 @@ def use_native_jit(enabled: bool = True) -> str:
         script = f"#!/bin/sh\nexec '{compiler}' {' '.join(FLAGS)} \"$@\"\n"
         try:
             if not wrapper.exists() or wrapper.read_text() != script:
-                tmp = bin_dir / f".g++.{os.getpid()}"
-                tmp.write_text(script)
-                tmp.chmod(0o700)
-                tmp.replace(wrapper)
+                staged = bin_dir / f".g++.{os.getpid()}"
+                staged.write_text(script)
+                staged.chmod(0o700)
+                staged.replace(wrapper)
         except OSError as exc:
             _status = "no private directory"
             log.warning("cannot write %s (%s); MLX's CPU kernels stay generic", wrapper, exc)
             return _status
-        _saved.update(PATH=os.environ.get("PATH"), TMPDIR=os.environ.get("TMPDIR"))
-        _bin_dir = str(bin_dir)
-        os.environ["PATH"] = _bin_dir + os.pathsep + os.environ.get("PATH", "")
+        _saved.update(PATH=os.pathsep.join(path), TMPDIR=stock_tmp)
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), *path])
         os.environ["TMPDIR"] = str(root)
         _status = f"on {root}"
         log.debug("MLX CPU kernels are built with %s in %s", " ".join(FLAGS), root)
+        return _status
+    if inherited:  # told not to (or cannot) here, though a parent did: stock kernels, stock cache
+        _saved.update(PATH=os.pathsep.join(path), TMPDIR=stock_tmp)
+        os.environ["PATH"] = os.pathsep.join(path)
+        if stock_tmp is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = stock_tmp
     return _status
 
 
@@ -143,13 +161,12 @@ def stock_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """`env` (default: this process's) without what `use_native_jit` changed: for starting a
     program, such as a reference server in a benchmark, exactly as it runs elsewhere."""
     out = dict(os.environ if env is None else env)
-    if not _saved:
-        return out
-    parts = [p for p in out.get("PATH", "").split(os.pathsep) if p != _bin_dir]
-    out["PATH"] = os.pathsep.join(parts)
-    for key in ("TMPDIR",):
-        if _saved[key] is None:
-            out.pop(key, None)
+    out["PATH"] = os.pathsep.join(p for p in out.get("PATH", "").split(os.pathsep) if not _ours(p))
+    tmp = out.get("TMPDIR")
+    if tmp and Path(tmp).name.startswith(f"darkbloom-mlx-{os.getuid()}-"):
+        stock = _saved.get("TMPDIR") if _saved else str(Path(tmp).parent)
+        if stock is None:
+            out.pop("TMPDIR")
         else:
-            out[key] = _saved[key]  # type: ignore[assignment]
+            out["TMPDIR"] = stock
     return out

@@ -106,3 +106,30 @@ def test_stock_env_takes_back_only_what_the_jit_setup_changed(monkeypatch) -> No
         assert env == dict(os.environ)
     monkeypatch.setenv("DARKBLOOM_SOMETHING", "kept")
     assert stock_env()["DARKBLOOM_SOMETHING"] == "kept"
+
+
+@needs_gxx
+def test_a_child_process_keeps_its_parent_s_kernel_directory(tmp_path) -> None:
+    """A darkbloom process started by one with native kernels (a node started by `darkbloom up`,
+    a benchmark's roles) uses the same wrapper and kernel cache, and does not nest or repeat them;
+    told not to, it goes back to the stock setup."""
+    script = ("import os; from darkbloom.inference.cpujit import use_native_jit, stock_env; import sys; "
+              "print(use_native_jit(sys.argv[1] == 'on')); print(os.environ['PATH']); print(os.environ.get('TMPDIR', '-')); "
+              "print(stock_env().get('TMPDIR', '-'))")
+    env = dict(stock_env(), TMPDIR=str(tmp_path))
+
+    def run(mode: str, env: dict[str, str]) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()
+
+    status, path, tmpdir, stock_tmp = run("on", env)
+    assert status.startswith(f"on {tmp_path}/darkbloom-mlx-"), status
+    private = status.removeprefix("on ")
+    assert tmpdir == private and stock_tmp == str(tmp_path)
+    child_env = dict(env, PATH=path, TMPDIR=tmpdir)  # what the parent's children inherit
+    status2, path2, tmpdir2, stock_tmp2 = run("on", child_env)
+    assert status2 == status and tmpdir2 == private and stock_tmp2 == str(tmp_path)
+    assert path2.split(os.pathsep).count(f"{private}/bin") == 1 and path2 == path
+    status3, path3, tmpdir3, _ = run("off", child_env)
+    assert status3 == "disabled" and tmpdir3 == str(tmp_path) and f"{private}/bin" not in path3.split(os.pathsep)
