@@ -14,7 +14,7 @@ hands ours to one. The directory name carries a digest of the CPU model, its fla
 compiler's version. `-ffp-contract=off` forbids multiply-adds the source did not write, so the
 results are bitwise those of the stock build (tests/inference/test_cpujit.py checks logits).
 
-Measured (2-core Xeon, 16 prompts of 69 tokens): prefill 1.23-1.31x faster on the random 20M
+Measured (2 cores of an AMD EPYC with AVX-512, 16 prompts of 69 tokens): prefill 1.23-1.31x faster on the random 20M
 model and 1.22-1.27x on SmolLM2; mlx-lm's raw `BatchGenerator` at 16 requests of 48 tokens
 went from 339-356 to 455-470 tokens/s. See docs/BENCHMARKS.md.
 
