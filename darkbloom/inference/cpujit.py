@@ -97,11 +97,19 @@ def _ours(entry: str) -> bool:
     return p.name == "bin" and p.parent.name.startswith(f"darkbloom-mlx-{os.getuid()}-")
 
 
+def _runs(program: Path) -> bool:
+    try:
+        return subprocess.run([str(program), "--version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def use_native_jit(enabled: bool = True) -> str:
     """Have MLX build its CPU kernels for this CPU (see the module docstring); return what happened.
 
     "on <dir>", "disabled", "not needed" (not Linux), "no compiler" (MLX will not compile
-    either), "flags refused" (the compiler rejects -march=native) or "no private directory".
+    either), "flags refused" (the compiler rejects -march=native), "no private directory" or
+    "wrapper cannot run".
     Only the first call acts. A process started by one that did this inherits the wrapper and
     the kernel directory and keeps them.
     """
@@ -140,6 +148,10 @@ def use_native_jit(enabled: bool = True) -> str:
         except OSError as exc:
             _status = "no private directory"
             log.warning("cannot write %s (%s); MLX's CPU kernels stay generic", wrapper, exc)
+            return _status
+        if not _runs(wrapper):  # e.g. a noexec $TMPDIR: MLX would fail every kernel build
+            _status = "wrapper cannot run"
+            log.warning("cannot run %s (is %s mounted noexec?); MLX's CPU kernels stay generic", wrapper, root)
             return _status
         _saved.update(PATH=os.pathsep.join(path), TMPDIR=stock_tmp)
         os.environ["PATH"] = os.pathsep.join([str(bin_dir), *path])
