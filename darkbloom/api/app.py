@@ -358,8 +358,9 @@ def create_app(
         return _json(comp.response(), headers=_node_headers(session, request_id))
 
     async def answer(who: Principal, parsed: ShimRequest, response_id: str, infer: InferRequest,
-                     started: float) -> tuple[Session, Completion]:
-        """A whole (non-streamed) answer: a failure before it is complete starts it over on another node."""
+                     started: float, *, record: bool = True) -> tuple[Session, Completion]:
+        """A whole (non-streamed) answer: a failure before it is complete starts it over on another node.
+        `record` False leaves `finish` (usage per key, metrics, the log line) to the caller."""
         tried: set[str] = set()
         while True:
             session = await backend.open_session(infer, parsed.hints, exclude=frozenset(tried))
@@ -384,7 +385,8 @@ def create_app(
             close_later(session)
             if not comp.finished:
                 raise ApiError(502, "the provider ended the answer early", type="server_error", code="provider_failed")
-            await finish(who, parsed, infer.request_id, session, comp, started, infer)
+            if record:
+                await finish(who, parsed, infer.request_id, session, comp, started, infer)
             return session, comp
 
     async def generate_many(who: Principal, parsed: ShimRequest, body: dict[str, Any], *,
@@ -421,10 +423,19 @@ def create_app(
         answers: list[tuple[Session, Completion] | None] = [None] * len(parts)
 
         async def answer_one(i: int) -> None:
-            answers[i] = await answer(who, parts[i], request_id, infers[i], started)
+            answers[i] = await answer(who, parts[i], request_id, infers[i], started, record=False)
 
+        # Usage is the key's only once the client gets the answers: when one prompt fails, the
+        # client gets an error and none of them, so none is counted (the nodes that answered
+        # the others were still paid through their lanes: they did the work).
         await _all([partial(answer_one, i) for i in range(len(parts))])
         done = [a for a in answers if a is not None]
+        for i, (session, comp) in enumerate(done):
+            await finish(who, parts[i], infers[i].request_id, session, comp, started, infers[i], key_usage=False)
+        if auth is not None:  # one request for the key, as it was admitted
+            with trio.CancelScope(shield=True):
+                await auth.record(who, model=parsed.model, prompt_tokens=sum(c.prompt_tokens for _, c in done),
+                                  completion_tokens=sum(c.completion_tokens for _, c in done))
         return _json(_merged([comp.response() for _, comp in done], parsed.n),
                      headers=_parts_headers([session for session, _ in done], request_id))
 
@@ -456,14 +467,14 @@ def create_app(
                        code="provider_failed")
 
     async def finish(who: Principal, parsed: ShimRequest, request_id: str, session: Session, comp: Completion,
-                     started: float, infer: InferRequest | None = None) -> None:
+                     started: float, infer: InferRequest | None = None, *, key_usage: bool = True) -> None:
         stats.add_tokens(parsed.model, comp.prompt_tokens, comp.completion_tokens)
         wanted = getattr(backend, "spot_check_wanted", None)
         if infer is not None and comp.finished and wanted is not None and wanted(infer):
             # After the answer: a second node scores these tokens; the client does not wait.
             app.add_background_task(backend.spot_check, infer, session.node_id,  # type: ignore[attr-defined]
                                     session.accepted.digest, comp.choices[0].token_ids, comp.choices[0].attestation)
-        if auth is not None:
+        if auth is not None and key_usage:
             with trio.CancelScope(shield=True):
                 await auth.record(who, model=parsed.model, prompt_tokens=comp.prompt_tokens,
                                   completion_tokens=comp.completion_tokens)

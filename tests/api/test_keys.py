@@ -120,3 +120,50 @@ async def test_hosted_mode_serves_tls(tmp_path):
                 r = await client.chat.completions.create(model="fake-chat", messages=MSG)
     assert r.choices[0].message.content
     store.close()
+
+
+async def test_a_list_of_prompts_that_fails_counts_no_usage_for_the_key(tmp_path):
+    """/v1/completions with two prompts: the first is answered, the second's node dies (on every
+    retry). The client gets an error and no answer, so the key is charged nothing; when both are
+    answered, both count."""
+    from darkbloom.errors import StreamClosed
+
+    first_done = trio.Event()
+
+    class FakeEngineBackendSecondPromptDies(FakeEngineBackend):
+        async def open_session(self, request, hints, *, exclude=frozenset()):
+            session = await super().open_session(request, hints, exclude=exclude)
+            if "second" not in str(request.params.get("prompt")):
+                original = session.receive
+
+                async def receive_then_mark():
+                    frame = await original()
+                    if frame is None:
+                        first_done.set()
+                    return frame
+
+                session.receive = receive_then_mark
+                return session
+
+            async def die_after_the_first_is_answered():
+                await first_done.wait()
+                raise StreamClosed(session.node_id, "fake node died")
+
+            session.receive = die_after_the_first_is_answered
+            return session
+
+    store = KeyStore(tmp_path)
+    secret, key = store.create_sync("app")
+    auth = KeyAuthenticator(store, clock=ManualClock())
+    with trio.fail_after(30):
+        async with running_shim(FakeEngineBackendSecondPromptDies(), auth=auth, require_api_key=True) as url, \
+                openai.AsyncOpenAI(base_url=url, api_key=secret, max_retries=0) as client:
+            with pytest.raises(openai.APIStatusError) as failed:
+                await client.completions.create(model="fake-chat", prompt=["first prompt", "second prompt"])
+            assert failed.value.status_code == 503 and failed.value.body["code"] == "providers_failed"
+            assert first_done.is_set()  # the first part was answered before the failure
+            assert store.usage_sync(key.id) == {}
+            ok = await client.completions.create(model="fake-chat", prompt=["first prompt", "another first"])
+            assert len(ok.choices) == 2
+    assert store.usage_sync(key.id) == {"fake-chat": (1, ok.usage.prompt_tokens, ok.usage.completion_tokens)}
+    store.close()
