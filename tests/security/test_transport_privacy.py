@@ -50,6 +50,7 @@ ECHO = "/darkbloom/test-echo/1.0.0"
 async def test_relay_forwards_only_ciphertext(tiny_model_dir, monkeypatch):
     forwarded: list[bytes] = []
     sent_by_shim: list[bytes] = []
+    requests: list[bytes] = []  # the shim's requests, which ride with the stream open
     real_write_all = p2p_relay.write_all
     real_stream_write = p2p_network.LibP2PStream.write
 
@@ -67,6 +68,7 @@ async def test_relay_forwards_only_ciphertext(tiny_model_dir, monkeypatch):
     async def tapped_open(self, peer_id, protocol, *, addrs=(), first=b""):  # the request rides with the open
         if protocol.startswith("/darkbloom/infer/") and first:
             sent_by_shim.append(bytes(first))
+            requests.append(bytes(first))
         return await real_open(self, peer_id, protocol, addrs=addrs, first=first)
 
     monkeypatch.setattr(p2p_relay, "write_all", tapped_write_all)
@@ -99,7 +101,12 @@ async def test_relay_forwards_only_ciphertext(tiny_model_dir, monkeypatch):
     wire = b"".join(forwarded)
     clear = b"".join(sent_by_shim)
     assert CANARY.encode() in clear  # the prompt really crossed this circuit, in frames the shim wrote
-    assert len(wire) > len(clear)  # and the relay forwarded all of it (plus Noise and Yamux overhead)
+    # The tap saw the circuit's traffic: both requests crossed the relay before their answers came
+    # back, so it forwarded at least their bytes (plus Noise and Yamux overhead). Not all of
+    # `clear`: a write returns once queued, and the last frames of a finished stream may still be
+    # queued when the swarm is torn down (seen once in CI: 7221 bytes forwarded of 7227 written).
+    assert len(requests) == 2 and CANARY.encode() in b"".join(requests)
+    assert len(wire) > len(b"".join(requests))
     assert CANARY.encode() not in wire
     assert CANARY[:12].encode() not in wire  # not even a fragment split across frames
     assert len(answer) >= 8 and len(streamed) >= 8
