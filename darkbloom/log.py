@@ -17,6 +17,23 @@ _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _configured = False
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each record, not the one it was created with: a
+    program that swaps stderr (pytest's capture does, per test) would otherwise leave the handler
+    writing to a closed file, and every later record would print a "Logging error"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def configure(level: str | int = "INFO", *, stream=None) -> None:
     """Install one stderr handler on the root logger and on `libp2p`. Idempotent."""
     global _configured
@@ -33,7 +50,7 @@ def configure(level: str | int = "INFO", *, stream=None) -> None:
     # could be found for logger ..." once per such logger instead.
     logging.lastResort = logging.NullHandler()
     if not _configured:
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
         lib = logging.getLogger("libp2p")
