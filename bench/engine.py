@@ -360,7 +360,7 @@ async def bench_model(
                     others = ", ".join(f"{jit} {th} thr {r['tok_s']:.1f}" for (jit, th), r in by_key.items())
                     print(
                         f"  {name:8} c={c:<3} ours {ours['tok_s']:7.1f} tok/s  mlx_lm.server {theirs['tok_s']:7.1f} tok/s "
-                        f"({others}) x{row['speedup']:.2f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
+                        f"({others}) x{row['speedup']:.3f}; decode {ours['decode_tok_s']:7.1f} vs {theirs['decode_tok_s']:7.1f} "
                         f"x{row['decode_speedup']:.2f}",
                         flush=True,
                     )
@@ -449,7 +449,7 @@ def main() -> int:
         o, t = r["ours"], r["mlx_lm_server"]
         print(
             f"{r['model']:9} {r['concurrency']:>4} | {o['tok_s']:>10.1f} {o['ttft_p50_s']:>8.2f}s {o['ttft_p95_s']:>6.2f}s | "
-            f"{t['tok_s']:>12.1f} {t['ttft_p50_s']:>8.2f}s {t['ttft_p95_s']:>6.2f}s | {r['speedup']:>6.2f}x | "
+            f"{t['tok_s']:>12.1f} {t['ttft_p50_s']:>8.2f}s {t['ttft_p95_s']:>6.2f}s | {r['speedup']:>6.3f}x | "
             f"{o['decode_tok_s']:>11.1f} {t['decode_tok_s']:>13.1f} {r['decode_speedup']:>6.2f}x | "
             f"{r['cpu_efficiency_ratio']:>14.2f}x | {r['load_avg_1m']:>7.1f}"
         )

@@ -6,17 +6,17 @@ each library under `$TMPDIR/mlx/<version>/cpu`. Without `-march` the compiler ta
 x86-64: the kernels run one float at a time and each fused multiply-add is a call into libm
 (`__fmaf_fma3` and `simd::exp<float, 1>` were 17 % of a prefill profile).
 
-`use_native_jit()` makes a private temporary directory (`$TMPDIR/darkbloom-mlx-<uid>-<cpu>`, 0700)
-holding a `g++` that adds `-march=native -ffp-contract=off` before the real compiler, puts it
+`use_native_jit()` makes a private temporary directory (`$TMPDIR/darkbloom-mlx-<uid>-<cpu>`,
+mode 0700) holding a `g++` that adds `-march=native -ffp-contract=off` before the real compiler, puts it
 first on PATH and points TMPDIR at that directory, so MLX's kernel cache for these kernels is
 ours alone: it never loads a library another MLX process built with other flags, and never
 hands ours to one. The directory name carries a digest of the CPU model, its flags and the
 compiler's version. `-ffp-contract=off` forbids multiply-adds the source did not write, so the
 results are bitwise those of the stock build (tests/inference/test_cpujit.py checks logits).
 
-Measured (2 cores of an AMD EPYC with AVX-512, 16 prompts of 69 tokens): prefill 1.23-1.31x faster on the random 20M
-model and 1.22-1.27x on SmolLM2; mlx-lm's raw `BatchGenerator` at 16 requests of 48 tokens
-went from 339-356 to 455-470 tokens/s. See docs/BENCHMARKS.md.
+Measured (2 cores of an AMD EPYC with AVX-512, 16 prompts of 69 tokens): prefill 1.23-1.31x
+faster on the random 20M model and 1.22-1.27x on SmolLM2; mlx-lm's raw `BatchGenerator` at 16
+requests of 48 tokens went from 339-422 to 455-470 tokens/s. See docs/BENCHMARKS.md.
 
 It must run before MLX compiles its first kernel; `blas.ensure_blas` calls it before MLX is
 imported. macOS needs none of this (Metal kernels), and without a `g++` MLX does not compile

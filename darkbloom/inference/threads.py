@@ -5,8 +5,8 @@ sequence) to 1.3x (16 sequences) faster and prefill 1.4-1.65x; on the same cores
 other work, two threads were slower than one (their spin-waiting: random 20M model 36/103/138
 against 55/117/202 tok/s at 1/4/16 sequences). No fixed setting is right for both, so the
 engine measures: for each decode batch size class it keeps a moving average of the step time
-under each thread count, uses the faster (leaving the one in use only for one clearly faster), and now and then spends a few steps on the other to
-notice when the machine changes.
+under each thread count, uses the faster (leaving the one in use only for one clearly faster),
+and now and then spends a few steps on the other to notice when the machine changes.
 
 Steps with prefill work are tuned apart, in classes by the number of prompts being prefilled,
 on the step time per prompt token (prompt lengths vary, the per-token cost under each choice is
