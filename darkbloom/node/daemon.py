@@ -388,7 +388,8 @@ BENCHMARK_KEEP_S = 7 * 86400  # a measured speed is reused this long (start-up i
 def _benchmark_key(config: Config, model: object) -> str:
     """What a measured speed depends on: the weights, this software and the engine's settings."""
     inf = config.inference
-    return f"{model.digest}|{__version__}|blas={inf.blas_threads}|prefill_step={inf.prefill_step_size}"  # type: ignore[attr-defined]
+    return (f"{model.digest}|{__version__}|blas={inf.blas_threads}|prefill_step={inf.prefill_step_size}"  # type: ignore[attr-defined]
+            f"|native_jit={inf.native_jit}")
 
 
 class BenchmarkFile:
@@ -479,6 +480,10 @@ async def open_node(
     from darkbloom.inference.blas import ensure_blas
 
     ensure_blas(config.inference.openblas, native_jit=config.inference.native_jit)
+    from darkbloom.inference.cpujit import jit_status
+
+    if jit_status().startswith("on "):
+        log.info("MLX CPU kernels are built for this CPU (kernel cache %s)", jit_status().removeprefix("on "))
     from darkbloom.inference.catalog import resolve_models
     from darkbloom.inference.engine import engine_options, open_engine
     from darkbloom.p2p.network import open_network

@@ -39,6 +39,7 @@ def test_the_key_changes_with_the_weights_and_the_engine_settings():
 
     config = Config()
     slower = dataclasses.replace(config, inference=dataclasses.replace(config.inference, blas_threads=4))
+    stock = dataclasses.replace(config, inference=dataclasses.replace(config.inference, native_jit=False))
     keys = {_benchmark_key(config, Model("sha256:aa")), _benchmark_key(config, Model("sha256:bb")),
-            _benchmark_key(slower, Model("sha256:aa"))}
-    assert len(keys) == 3
+            _benchmark_key(slower, Model("sha256:aa")), _benchmark_key(stock, Model("sha256:aa"))}
+    assert len(keys) == 4
