@@ -101,7 +101,7 @@ def test_stock_env_takes_back_only_what_the_jit_setup_changed(monkeypatch) -> No
         assert os.environ["PATH"].split(os.pathsep)[0] == f"{private}/bin"
         assert env.get("TMPDIR") != private
         assert f"{private}/bin" not in env["PATH"].split(os.pathsep)
-        assert [p for p in os.environ["PATH"].split(os.pathsep)[1:]] == env["PATH"].split(os.pathsep)
+        assert os.environ["PATH"].split(os.pathsep)[1:] == env["PATH"].split(os.pathsep)
     else:
         assert env == dict(os.environ)
     monkeypatch.setenv("DARKBLOOM_SOMETHING", "kept")
